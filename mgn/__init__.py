@@ -1,0 +1,1 @@
+"""Multimodal Guidance Network: train with image + caption, deploy the image-only student."""

@@ -1,0 +1,200 @@
+"""The Multimodal Guidance Network (arXiv 2309.03452, section II) and its image-only student.
+
+    caption -> text encoder -> [B, L, H] -> block [B, H, sqrt L, sqrt L] -> resized to the image grid --+
+    image -> MobileOne -> image embedding [B, C, h, w] ----------------------------------------------+--> concat
+    concat -> 3 x (conv3x3 -> ReLU -> BatchNorm) -> fusion [B, D, h, w] -> self-attention -> map
+    map applied to the ORIGINAL image embedding -> pooled -> head -> logits
+
+The student is `ImageClassifier` (image encoder -> pool -> the same head). The guided network
+owns one, so the deployed model is the very module that was trained, with nothing to copy.
+Design choices are explained in mgn/DESIGN.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import ClassifierHead
+from torch import nn
+
+from mgn.config import ModelConfig, resolve_text_model
+
+
+class ImageClassifier(nn.Module):
+    """MobileOne feature map -> global average pool -> linear head. The baseline and the student."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = create_image_encoder(cfg)
+        self.num_features = self.encoder.num_features
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, pool_type="avg", drop_rate=cfg.drop_rate)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(image))
+
+
+def create_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """A timm MobileOne returning its final feature map [B, C, h, w]; downloads only if asked."""
+    kwargs = dict(num_classes=0, global_pool="")
+    if cfg.image_pretrained == "hub":
+        return timm.create_model(cfg.image_model, pretrained=True, **kwargs)
+    if cfg.image_pretrained:
+        return timm.create_model(cfg.image_model, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=cfg.image_pretrained), **kwargs)
+    return timm.create_model(cfg.image_model, pretrained=False, **kwargs)
+
+
+class TextBlockEncoder(nn.Module):
+    """Token embeddings [B, L, H] as a spatial block [B, H, sqrt L, sqrt L] (paper II-A)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import AutoModel  # noqa: PLC0415 - heavy import, guided mode only
+
+        self.side = math.isqrt(cfg.seq_len)
+        if self.side * self.side != cfg.seq_len:
+            raise ValueError(f"model.seq_len={cfg.seq_len} is not a perfect square")
+        self.model = AutoModel.from_pretrained(resolve_text_model(cfg.text_model))
+        self.hidden_size = self.model.config.hidden_size
+        self.frozen = cfg.freeze_text
+        if self.frozen:
+            self.model.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "TextBlockEncoder":
+        # A frozen encoder stays in eval mode (no dropout), whatever the caller asks.
+        return super().train(mode and not self.frozen)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        if length != self.side * self.side:
+            raise ValueError(f"got {length} tokens per caption, expected seq_len={self.side ** 2}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Padding positions carry no caption content: zero them so the block depends on real tokens only.
+        tokens = tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return tokens.transpose(1, 2).reshape(batch, self.hidden_size, self.side, self.side)
+
+
+class Fusion(nn.Module):
+    """Three conv3x3 layers, each followed by ReLU and BatchNorm (paper II-B)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        layers = []
+        for i in range(3):
+            layers += [nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
+                       nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TokenAttention(nn.Module):
+    """The paper's reading: full self-attention over the h*w fusion tokens.
+
+    Queries and keys come from the fusion; the resulting [N, N] map mixes the image tokens.
+    Uniform attention turns every token into the spatial mean, so pooling it equals the student's pooling.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, fusion: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = fusion.shape
+        tokens = fusion.flatten(2).transpose(1, 2)  # [B, N, D]
+        _, weights = self.attn(tokens, tokens, tokens, need_weights=True, average_attn_weights=True)
+        mixed = torch.bmm(weights, values.flatten(2).transpose(1, 2))  # [B, N, N] @ [B, N, C]
+        spatial = weights.mean(dim=1).reshape(b, h, w)  # how much each position feeds the pooled output
+        return mixed.transpose(1, 2).reshape(values.shape), spatial
+
+
+class PoolAttention(nn.Module):
+    """The authors' released code, corrected: a mean-token query attends over the spatial keys.
+
+    Their code keeps `attn[:, 0, :-1]`, which drops the last position and keeps the mean token's own
+    weight, shifting the map by one. Here keys are the spatial tokens only, so the map has exactly
+    h*w entries aligned with the grid and sums to 1. Values are scaled by N so a uniform map is identity.
+    """
+
+    def __init__(self, dim: int, heads: int, grid: int):
+        super().__init__()
+        self.heads = heads
+        self.position = nn.Parameter(torch.randn(grid + 1, dim) / dim ** 0.5)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+
+    def forward(self, fusion: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, d, h, w = fusion.shape
+        n = h * w
+        if n + 1 != self.position.shape[0]:
+            raise ValueError(f"attention was built for a {self.position.shape[0] - 1}-cell grid, got {h}x{w}")
+        tokens = fusion.flatten(2).transpose(1, 2)  # [B, N, D]
+        query = self.query(tokens.mean(dim=1, keepdim=True) + self.position[:1])  # [B, 1, D]
+        keys = self.key(tokens + self.position[1:])
+        q = query.reshape(b, 1, self.heads, -1).transpose(1, 2)  # [B, heads, 1, D/heads]
+        k = keys.reshape(b, n, self.heads, -1).transpose(1, 2)  # [B, heads, N, D/heads]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)  # [B, heads, 1, N]
+        spatial = scores.softmax(dim=-1).mean(dim=1).reshape(b, h, w)  # sums to 1 over the grid
+        return values * spatial.unsqueeze(1) * n, spatial
+
+
+@dataclass
+class GuidedOutput:
+    logits: torch.Tensor  # guided (teacher) logits: trained with the labels
+    student_logits: torch.Tensor  # image-only logits from the same encoder and head
+    attention: torch.Tensor  # [B, h, w] spatial attention map, sums to 1
+
+
+class GuidanceNetwork(nn.Module):
+    """MGN for training; `self.student` is the deployable image-only model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.student = ImageClassifier(cfg)
+        self.text = TextBlockEncoder(cfg)
+        self.grid = grid_size(cfg)
+        self.fusion = Fusion(self.student.num_features + self.text.hidden_size, cfg.fusion_dim)
+        if cfg.attention == "token":
+            self.attention = TokenAttention(cfg.fusion_dim, cfg.attention_heads)
+        else:
+            self.attention = PoolAttention(cfg.fusion_dim, cfg.attention_heads, self.grid[0] * self.grid[1])
+        # Ablation of mechanism 3: the map re-weights the fusion, which then needs its own head.
+        self.fusion_head = (ClassifierHead(cfg.fusion_dim, cfg.num_classes, pool_type="avg")
+                            if cfg.attend_to == "fusion" else None)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GuidedOutput:
+        image_embedding = self.student.encoder(image)  # [B, C, h, w]
+        text_block = self.text(input_ids, attention_mask)  # [B, H, s, s]
+        # Bring the text block onto the image grid (11x11 -> 7x7 for S4 at 224 px): the map must live
+        # on the image embedding's own grid so it re-weights the original, unresized embedding.
+        text_block = F.adaptive_avg_pool2d(text_block, image_embedding.shape[-2:])
+        fusion = self.fusion(torch.cat([image_embedding, text_block.to(image_embedding.dtype)], dim=1))
+        if self.fusion_head is None:
+            attended, spatial = self.attention(fusion, image_embedding)
+            logits = self.student.head(attended)
+        else:
+            attended, spatial = self.attention(fusion, fusion)
+            logits = self.fusion_head(attended)
+        return GuidedOutput(logits=logits, student_logits=self.student.head(image_embedding), attention=spatial)
+
+
+def grid_size(cfg: ModelConfig) -> tuple[int, int]:
+    """Spatial size of the image embedding: MobileOne downsamples by 32."""
+    side = math.ceil(cfg.image_size / 32)
+    return side, side
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """`GuidanceNetwork` in guided mode, the bare `ImageClassifier` in baseline mode."""
+    return GuidanceNetwork(cfg) if cfg.mode == "guided" else ImageClassifier(cfg)
+
+
+def student_of(model: nn.Module) -> ImageClassifier:
+    """The image-only model inside either kind of training model."""
+    return model.student if isinstance(model, GuidanceNetwork) else model

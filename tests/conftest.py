@@ -1,0 +1,59 @@
+"""Shared fixtures: no hub access, tiny text encoders built locally, realistic BatchNorm statistics."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# 99 lower-case words + BERT's special tokens: enough for a tokenizer that really splits captions.
+SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    w for w in ("a an the of in on with and or to stream game gaming call duty fps shooter live irl chat music "
+                "cooking travel news sports fight fighting weapon gun blood police crowd street night camera "
+                "mobile phone pc console streamer history strikes clean reported title category device "
+                "viewers just chatting art painting dog cat walk city park car race kitchen recipe beach "
+                "mountain tour concert dance piano guitar talk show podcast review unboxing tech build craft "
+                "morning evening friends family fun chill relax study quiet loud violent safe real fake "
+                "scene red blue green box").split()]
+
+
+def _tiny_bert(directory, hidden: int, heads: int):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(SMALL_VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(SMALL_VOCAB), hidden_size=hidden, num_hidden_layers=1,
+                        num_attention_heads=heads, intermediate_size=64, max_position_embeddings=160)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def bert768(tmp_path_factory):
+    """A random-init one-layer BERT with DistilBERT's hidden size (768) and a small vocabulary."""
+    return _tiny_bert(tmp_path_factory.mktemp("bert768"), hidden=768, heads=12)
+
+
+@pytest.fixture(scope="session")
+def bert32(tmp_path_factory):
+    """A random-init BERT small enough for multi-process training tests."""
+    return _tiny_bert(tmp_path_factory.mktemp("bert32"), hidden=32, heads=2)
+
+
+def calibrate_batchnorm(model: torch.nn.Module, image_size: int, batches: int = 2) -> None:
+    """Give BatchNorm running statistics of real-looking inputs (random init leaves logits near 1e7)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(16, 3, image_size, image_size, generator=generator) * 4 - 2)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()

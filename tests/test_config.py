@@ -1,0 +1,51 @@
+"""One typed config: presets, CLI overrides, validation with the offending flag named, save/load."""
+import argparse
+
+import pytest
+
+from mgn.config import PRESETS, Config, add_config_args, config_from_args
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = Config()
+    assert (cfg.model.seq_len, cfg.model.fusion_dim, cfg.model.image_model) == (121, 1024, "mobileone_s4")
+    assert cfg.model.text_model == "distilbert-base-uncased" and cfg.model.image_pretrained == ""
+
+
+def test_preset_then_flags_override_in_order():
+    cfg = parse("--preset", "tiny", "--train.epochs", "7", "--model.freeze_text", "false",
+                "--model.mode", "baseline")
+    assert cfg.train.epochs == 7 and cfg.model.freeze_text is False and cfg.model.mode == "baseline"
+    assert cfg.model.image_model == PRESETS["tiny"]["model"]["image_model"]
+
+
+def test_config_file_round_trip(tmp_path):
+    cfg = parse("--preset", "demo", "--train.seed", "3")
+    cfg.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == cfg
+    assert parse("--preset", "tiny", "--config", str(tmp_path / "config.json")) == cfg
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model.mode", "teacher"], "model.mode='teacher'"),
+    (["--model.attention", "cross"], "model.attention='cross'"),
+    (["--train.zero_stage", "3"], "train.zero_stage=3"),
+    (["--model.image_model", "resnet50"], "model.image_model='resnet50'"),
+    (["--model.seq_len", "50"], "model.seq_len=50 is not a perfect square"),
+    (["--model.fusion_dim", "30", "--model.attention_heads", "4"], "divisible"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(*argv)
+
+
+def test_unknown_keys_in_a_config_file_are_rejected(tmp_path):
+    (tmp_path / "bad.json").write_text('{"model": {"sequence_length": 64}}')
+    with pytest.raises(ValueError, match="sequence_length"):
+        parse("--config", str(tmp_path / "bad.json"))

@@ -1,0 +1,165 @@
+"""The guidance network follows paper section II; the student is the baseline architecture."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mgn.config import PACKAGED_MINILM, Config, ModelConfig, validate
+from mgn.model import GuidanceNetwork, ImageClassifier, PoolAttention, TokenAttention, build_model, student_of
+
+
+def tiny(text_model: str, **overrides) -> ModelConfig:
+    base = dict(image_model="mobileone_s0", image_size=64, text_model=text_model, seq_len=16, fusion_dim=64,
+                attention_heads=4)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def captions(batch: int, seq_len: int, vocab: int = 50):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (batch, seq_len), generator=generator)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[:, seq_len // 2:] = 0  # half of each caption is padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("seq_len,hidden_fixture", [(121, "bert768"), (64, "minilm")])
+def test_shapes_paper_and_minilm(request, seq_len, hidden_fixture):
+    text_model = request.getfixturevalue("bert768") if hidden_fixture == "bert768" else PACKAGED_MINILM
+    cfg = tiny(text_model, seq_len=seq_len, image_size=224, fusion_dim=1024, attention_heads=8)
+    model = GuidanceNetwork(cfg)
+    side = int(seq_len ** 0.5)
+    expected_hidden = 768 if hidden_fixture == "bert768" else 384
+    ids, mask = captions(2, seq_len)
+    block = model.text(ids, mask)
+    assert block.shape == (2, expected_hidden, side, side)
+    out = model(torch.randn(2, 3, 224, 224), ids, mask)
+    assert out.logits.shape == out.student_logits.shape == (2, 2)
+    assert out.attention.shape == (2, 7, 7)  # MobileOne at 224 px: a 7x7 grid
+    assert model.fusion.layers[-1].num_features == 1024
+
+
+def test_text_block_is_the_token_sequence_reshaped(bert768):
+    model = GuidanceNetwork(tiny(bert768, seq_len=121)).eval()
+    ids, mask = captions(1, 121)
+    tokens = model.text.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]  # [L, H]
+    block = model.text(ids, mask)[0]  # [H, 11, 11]
+    # token t sits at row t // 11, column t % 11; padding tokens are zeroed
+    assert torch.allclose(block[:, 0, 0], tokens[0])
+    assert torch.allclose(block[:, 5, 3], tokens[5 * 11 + 3] * mask[0, 58])
+    assert torch.count_nonzero(block[:, 10, 10]) == 0  # the last token is padding here
+
+
+def test_non_square_seq_len_is_rejected():
+    cfg = Config()
+    cfg.model.seq_len = 120
+    with pytest.raises(ValueError, match=r"model.seq_len=120 is not a perfect square"):
+        validate(cfg)
+
+
+def _one_hot_fusion(position: int, dim: int = 8, side: int = 3) -> torch.Tensor:
+    fusion = torch.zeros(1, dim, side, side)
+    fusion.view(1, dim, -1)[0, :, position] = 5.0
+    return fusion
+
+
+@pytest.mark.parametrize("position", [0, 4, 8])  # 8: the last cell, the one the authors' code dropped
+def test_pool_attention_map_sums_to_one_and_points_at_the_salient_cell(position):
+    attention = PoolAttention(dim=8, heads=2, grid=9)
+    with torch.no_grad():
+        attention.position.zero_()
+        for layer in (attention.query, attention.key):
+            layer.weight.copy_(torch.eye(8))
+            layer.bias.zero_()
+    values = torch.randn(1, 4, 3, 3)
+    attended, spatial = attention(_one_hot_fusion(position), values)
+    assert torch.allclose(spatial.sum(dim=(1, 2)), torch.ones(1))
+    assert spatial.flatten().argmax().item() == position
+    # pooling the re-weighted embedding is the map-weighted sum of the original embedding
+    expected = (values * spatial.unsqueeze(1)).sum(dim=(2, 3))
+    assert torch.allclose(attended.mean(dim=(2, 3)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", [0, 8])
+def test_token_attention_rows_sum_to_one_and_mix_image_values(position):
+    attention = TokenAttention(dim=8, heads=2)
+    with torch.no_grad():
+        attention.attn.in_proj_weight.copy_(torch.cat([torch.eye(8)] * 3))
+        attention.attn.in_proj_bias.zero_()
+    values = torch.randn(1, 4, 3, 3)
+    attended, spatial = attention(_one_hot_fusion(position), values)
+    assert torch.allclose(spatial.sum(), torch.tensor(1.0))
+    assert spatial.flatten().argmax().item() == position
+    assert attended.shape == values.shape
+    assert torch.allclose(attended.mean(dim=(2, 3)), (values * spatial.unsqueeze(1)).sum(dim=(2, 3)), atol=1e-6)
+
+
+def test_uniform_attention_reduces_to_the_student():
+    """With no text signal (uniform map) the guided logits equal the student's: one head serves both."""
+    values = torch.randn(2, 4, 3, 3)
+    uniform = torch.full((2, 3, 3), 1 / 9)
+    reweighted = values * uniform.unsqueeze(1) * 9
+    assert torch.allclose(reweighted.mean(dim=(2, 3)), values.mean(dim=(2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["token", "pool"])
+def test_gradients_reach_the_image_encoder_through_the_guided_path(attention):
+    model = GuidanceNetwork(tiny(PACKAGED_MINILM, attention=attention)).train()
+    ids, mask = captions(4, 16)
+    out = model(torch.randn(4, 3, 64, 64), ids, mask)
+    out.logits.sum().backward()  # guided logits only: no student loss term
+    encoder_grads = [p.grad for p in model.student.encoder.parameters() if p.grad is not None]
+    assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+
+
+def test_frozen_text_encoder_gets_no_gradients_and_stays_in_eval():
+    model = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=True)).train()
+    assert not model.text.model.training
+    ids, mask = captions(4, 16)
+    out = model(torch.randn(4, 3, 64, 64), ids, mask)
+    (out.logits.sum() + out.student_logits.sum()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.text.parameters())
+
+
+def test_unfrozen_text_encoder_is_trained():
+    model = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=False)).train()
+    assert model.text.model.training
+    ids, mask = captions(4, 16)
+    model(torch.randn(4, 3, 64, 64), ids, mask).logits.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())
+
+
+def test_attend_to_fusion_ablation_uses_its_own_head():
+    model = GuidanceNetwork(tiny(PACKAGED_MINILM, attend_to="fusion")).train()
+    ids, mask = captions(4, 16)
+    out = model(torch.randn(4, 3, 64, 64), ids, mask)
+    out.logits.sum().backward()
+    assert model.fusion_head is not None
+    assert all(p.grad is None for p in model.student.head.parameters())  # student head: student loss only
+    assert any(p.grad is not None for p in model.fusion_head.parameters())
+
+
+def test_attend_to_fusion_without_student_loss_is_rejected():
+    cfg = Config()
+    cfg.model.attend_to, cfg.model.student_loss_weight = "fusion", 0.0
+    with pytest.raises(ValueError, match="student_loss_weight"):
+        validate(cfg)
+
+
+def test_baseline_and_student_have_identical_parameters_and_flops():
+    guided = build_model(tiny(PACKAGED_MINILM, num_classes=3))
+    baseline = build_model(tiny(PACKAGED_MINILM, num_classes=3, mode="baseline"))
+    assert isinstance(baseline, ImageClassifier) and isinstance(student_of(guided), ImageClassifier)
+    student = student_of(guided)
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    def flops(model):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(torch.randn(1, 3, 64, 64))
+        return counter.get_total_flops()
+
+    assert count(student) == count(baseline) > 0
+    assert flops(student) == flops(baseline) > 0
+    assert count(guided) > count(student)  # the guidance parts exist only at training time
