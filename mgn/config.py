@@ -28,6 +28,7 @@ class ModelConfig:
     text_model: str = "distilbert-base-uncased"  # hub name, local folder, or PACKAGED_MINILM
     seq_len: int = 121  # tokens per caption; must be a perfect square (121 -> 11x11 block)
     freeze_text: bool = True
+    text_cache: int = 0  # frozen text only: keep this many captions' token blocks (LRU); 0 = off
     fusion_dim: int = 1024
     attention: str = "token"  # token: self-attention over fusion tokens; pool: attention pooling
     attention_heads: int = 8
@@ -118,7 +119,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The embedded default: a few minutes on 2 CPU cores, no downloads.
     "demo": {
         "model": {"image_model": "mobileone_s0", "image_size": 96, "text_model": PACKAGED_MINILM,
-                  "seq_len": 16, "fusion_dim": 128, "attention_heads": 4},
+                  "seq_len": 16, "fusion_dim": 128, "attention_heads": 4, "text_cache": 4096},
         "data": {"train_shards": "shards/demo/train-*.tar", "test_shards": "shards/demo/test-*.tar",
                  "num_workers": 2, "shuffle_buffer": 500, "synthetic_samples": 2400},
         "train": {"epochs": 3, "micro_batch": 32, "lr_image": 1e-3, "lr_head": 2e-3,
@@ -213,6 +214,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             raw[section][name] = value
+    cfg = Config.from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def preset_config(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """A validated config from a preset plus {section: {field: value}} overrides (for scripts and tests)."""
+    raw = Config().to_dict()
+    _merge(raw, PRESETS[preset])
+    _merge(raw, overrides or {})
     cfg = Config.from_dict(raw)
     validate(cfg)
     return cfg

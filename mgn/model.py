@@ -12,6 +12,7 @@ Design choices are explained in mgn/DESIGN.md.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import timm
@@ -62,15 +63,33 @@ class TextBlockEncoder(nn.Module):
         self.frozen = cfg.freeze_text
         if self.frozen:
             self.model.requires_grad_(False)
+        # A frozen encoder maps a caption to the same block every epoch: remember recent ones.
+        self.cache_size = cfg.text_cache if self.frozen else 0
+        self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def train(self, mode: bool = True) -> "TextBlockEncoder":
         # A frozen encoder stays in eval mode (no dropout), whatever the caller asks.
         return super().train(mode and not self.frozen)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch, length = input_ids.shape
-        if length != self.side * self.side:
-            raise ValueError(f"got {length} tokens per caption, expected seq_len={self.side ** 2}")
+        if input_ids.shape[1] != self.side * self.side:
+            raise ValueError(f"got {input_ids.shape[1]} tokens per caption, expected seq_len={self.side ** 2}")
+        if not self.cache_size:
+            return self.encode(input_ids, attention_mask)
+        keys = [row.tobytes() for row in torch.cat([input_ids, attention_mask], dim=1).cpu().numpy()]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            for i, block in zip(missing, self.encode(input_ids[missing], attention_mask[missing])):
+                self.cache[keys[i]] = block.clone()  # not a view: evicting frees it
+        blocks = torch.stack([self.cache[key] for key in keys])
+        for key in keys:
+            self.cache.move_to_end(key)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return blocks
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch = input_ids.shape[0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Padding positions carry no caption content: zero them so the block depends on real tokens only.

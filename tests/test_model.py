@@ -163,3 +163,23 @@ def test_baseline_and_student_have_identical_parameters_and_flops():
     assert count(student) == count(baseline) > 0
     assert flops(student) == flops(baseline) > 0
     assert count(guided) > count(student)  # the guidance parts exist only at training time
+
+
+def test_frozen_text_cache_returns_the_same_blocks_without_re_encoding():
+    cached = GuidanceNetwork(tiny(PACKAGED_MINILM, text_cache=3)).text
+    calls = []
+    cached.model.register_forward_hook(lambda module, args, output: calls.append(len(args) or 1))
+    ids, mask = captions(2, 16)
+    first = cached(ids, mask)
+    second = cached(ids, mask)
+    assert len(calls) == 1  # the second batch came from the cache
+    assert torch.equal(first, second) and torch.allclose(first, cached.encode(ids, mask), atol=1e-6)
+    more_ids, more_mask = captions(4, 16, vocab=80)
+    cached(more_ids, more_mask)
+    assert len(cached.cache) == 3  # bounded: least recently used captions evicted
+
+
+def test_unfrozen_text_is_never_cached():
+    text = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=False, text_cache=100)).text
+    text(*captions(2, 16))
+    assert text.cache_size == 0 and len(text.cache) == 0

@@ -1,0 +1,135 @@
+"""Where this process sits in the job, and the few collectives the trainer needs.
+
+The rank environment comes from, in order: a launcher (torchrun, deepspeed, submitit's export:
+RANK/WORLD_SIZE/LOCAL_RANK), an `srun` step (SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS,
+master = first host of the node list, port from the job id), or a single local process. DeepSpeed
+alone reads none of the Slurm variables and falls back to MPI discovery, so this module always
+exports the five variables it needs before calling it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # launcher | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_world(env: dict[str, str] | None = None) -> World:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]),
+                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "launcher")
+    # SLURM_STEP_NUM_TASKS is set inside an srun step only: a batch script's own shell is not a rank.
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        job_id = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")))
+        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
+                     env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])),
+                     int(env.get("MASTER_PORT") or slurm_port(job_id)), "slurm")
+    return World(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_port(job_id: int) -> int:
+    """Same port on every task of a job, different for jobs likely to share a node."""
+    return 20000 + job_id % 20000
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(world: World, timeout_s: int) -> torch.device:
+    """Export the rank variables, pick the device, and start the process group through DeepSpeed."""
+    import deepspeed  # noqa: PLC0415 - heavy import
+
+    os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
+                      MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~25 s of g++) used only by its
+        # inference kernels; training over gloo does not need it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a small float tensor (a copy; the input is untouched)."""
+    out = values.detach().clone().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out)
+        out /= dist.get_world_size()
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on at least one."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def sync_batchnorm_buffers(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics across ranks.
+
+    DeepSpeed broadcasts parameters once and never BatchNorm buffers, so each rank's running stats
+    drift with its own data. On GPU SyncBatchNorm keeps them equal; on CPU (no SyncBatchNorm) this
+    runs before every evaluation and checkpoint, like timm's `--dist-bn reduce`.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer /= dist.get_world_size()
+
+
+def gather_objects(obj):
+    """List of `obj` from every rank (in rank order), on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

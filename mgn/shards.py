@@ -1,0 +1,475 @@
+"""Write WebDataset shards from a manifest, a folder of images, or the synthetic generator.
+
+    python -m mgn.shards --manifest data.csv --labels non_violent,violent --out shards/mine
+    python -m mgn.shards --folder images/ --out shards/mine         # images/[train|test/]<label>/x.jpg + x.txt
+    python -m mgn.shards --synthetic --out shards/demo --samples 2400 --image-size 96 --seed 0
+
+Output in --out: `train-%06d.tar` and `test-%06d.tar` (samples `{__key__, jpg|png, txt, cls, json}`),
+`sizes.json` (samples per shard, which the reader needs to give every rank the same number of
+batches), `dataset_card.json` (counts per label and split, options, rejects) and `rejects.jsonl`.
+
+Each shard is written under a hidden temporary name and renamed only when complete, and
+`sizes.json` is written last: an interrupted run leaves nothing the reader would accept. Bad
+rows are checked completely before any byte of them is written, so a shard never holds half a
+sample; they go to `rejects.jsonl` with their line and reason, or stop the run with --strict.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from mgn import synthetic
+
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SIZES_FILE, CARD_FILE, REJECTS_FILE = "sizes.json", "dataset_card.json", "rejects.jsonl"
+
+
+@dataclass
+class Row:
+    """One input row before any check; `line` is where to look in the manifest."""
+
+    line: int
+    where: str
+    image: str
+    caption: str
+    label: str
+    id: str | None = None
+    split: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """A fully checked and encoded sample, ready to be written in one piece."""
+
+    key: str
+    split: str
+    label: int
+    caption: str
+    image: bytes
+    ext: str
+    meta: dict
+
+
+@dataclass
+class Reject:
+    line: int
+    where: str
+    kind: str  # missing_file | unreadable_image | empty_caption | unknown_label | duplicate_id | bad_split | bad_row
+    reason: str
+    id: str | None = None
+    image: str | None = None
+
+
+class BadRowError(ValueError):
+    """Raised under --strict on the first bad row."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def read_manifest(path: str | Path) -> list[Row]:
+    """CSV with a header or JSON Lines; columns image, caption, label, optional id and split.
+
+    Image paths are relative to the manifest's folder. Other columns go to the sample's json.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    base = path.parent
+    rows = _jsonl_rows(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path)
+    for row in rows:
+        if row.image and not os.path.isabs(row.image):
+            row.image = str(base / row.image)
+    return rows
+
+
+def _csv_rows(path: Path) -> list[Row]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"image", "caption", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
+        return [_row(reader.line_num, f"{path.name}:{reader.line_num}", values) for values in reader]
+
+
+def _jsonl_rows(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                values = json.loads(text)
+                if not isinstance(values, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                values = {"__error__": f"invalid JSON: {exc}"}
+            rows.append(_row(line_no, f"{path.name}:{line_no}", values))
+    return rows
+
+
+def _row(line: int, where: str, values: dict) -> Row:
+    values = {k: v for k, v in values.items() if k is not None}  # csv puts surplus cells under None
+    known = {"image", "caption", "label", "id", "split"}
+    text = {k: "" if values.get(k) is None else str(values[k]).strip() for k in known}
+    extra = {k: v for k, v in values.items() if k not in known}
+    return Row(line, where, text["image"], text["caption"], text["label"], text["id"] or None,
+               text["split"] or None, extra)
+
+
+def read_folder(root: str | Path) -> tuple[list[Row], list[str]]:
+    """`root/<label>/<name>.jpg` with the caption in `<name>.txt`; or the same under root/train, root/test."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    split_dirs = [(s, root / s) for s in SPLITS if (root / s).is_dir()]
+    rows, labels = [], set()
+    for split, base in split_dirs or [(None, root)]:
+        for label_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            labels.add(label_dir.name)
+            for image in sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                txt = image.with_suffix(".txt")
+                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+                where = str(image.relative_to(root))
+                rows.append(Row(len(rows) + 1, where, str(image), caption, label_dir.name,
+                                f"{label_dir.name}_{image.stem}", split))
+    return rows, sorted(labels)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def sample_key(row_id: str) -> str:
+    """WebDataset splits file names at the first dot, so keys keep only [A-Za-z0-9_-]."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
+
+
+def check_rows(rows: list[Row], labels: list[str], *, test_fraction: float, seed: int
+               ) -> list[tuple[Row, str, str, int] | Reject]:
+    """The cheap, order-dependent checks (ids, labels, captions, splits), done once in this process."""
+    checked, first_line = [], {}
+    for row in rows:
+        key = sample_key(row.id) if row.id else f"row{row.line:07d}"
+
+        def bad(kind: str, reason: str) -> None:
+            checked.append(Reject(row.line, row.where, kind, reason, row.id, row.image or None))
+
+        if "__error__" in row.extra:
+            bad("bad_row", row.extra["__error__"])
+        elif key in first_line:
+            bad("duplicate_id", f"duplicate id {row.id!r} (as key {key!r}; first on line {first_line[key]})")
+        elif not row.caption:
+            bad("empty_caption", "empty caption")
+        elif row.label not in labels:
+            bad("unknown_label", f"label {row.label!r} not in the declared set {labels}")
+        elif row.split is not None and row.split.lower() not in SPLITS:
+            bad("bad_split", f"split {row.split!r} is not one of {list(SPLITS)}")
+        elif not row.image:
+            bad("missing_file", "no image path")
+        else:
+            split = row.split.lower() if row.split else _seeded_split(key, test_fraction, seed)
+            checked.append((row, key, split, labels.index(row.label)))
+        first_line.setdefault(key, row.line)
+    return checked
+
+
+def _seeded_split(key: str, test_fraction: float, seed: int) -> str:
+    """Depends on the key only, so adding rows never moves an existing sample to the other split."""
+    digest = hashlib.sha1(f"{seed}/{key}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def encode_row(item: tuple[Row, str, str, int] | Reject, *, labels: list[str], image_size: int, quality: int,
+               fmt: str) -> Record | Reject:
+    """Read and re-encode one image (runs in the worker processes); rejects pass through in order."""
+    if isinstance(item, Reject):
+        return item
+    row, key, split, label = item
+    path = Path(row.image)
+    if not path.is_file():
+        return Reject(row.line, row.where, "missing_file", f"missing file {row.image}", row.id, row.image)
+    try:
+        data = path.read_bytes()
+        image, ext = _encode_image(data, image_size, quality, fmt)
+    except Exception as exc:  # PIL raises many types for bad files; all mean the same here
+        return Reject(row.line, row.where, "unreadable_image", f"unreadable image: {exc}", row.id, row.image)
+    meta = {"id": row.id or key, "label": labels[label], "source": row.where, **row.extra}
+    return Record(key, split, label, row.caption, image, ext, meta)
+
+
+def _encode_image(data: bytes, image_size: int, quality: int, fmt: str) -> tuple[bytes, str]:
+    """Decode fully (so broken files are caught here, not in training) and re-encode as RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        upright = image.getexif().get(0x0112, 1) == 1
+        small = not image_size or min(image.size) <= image_size
+        if fmt == "jpg" and image.format == "JPEG" and image.mode == "RGB" and upright and small:
+            return data, "jpg"  # already what we want: keep the original bytes, no second loss
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        image = image.convert("RGB")
+        if image_size and min(image.size) > image_size:
+            scale = image_size / min(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
+        out = io.BytesIO()
+        if fmt == "png":
+            image.save(out, format="PNG")
+        else:
+            image.save(out, format="JPEG", quality=quality)
+        return out.getvalue(), fmt
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+class SplitWriter:
+    """`<split>-%06d.tar` shards, each under a hidden temporary name until it is complete."""
+
+    def __init__(self, out_dir: Path, split: str, max_samples: int, max_bytes: int):
+        self.out_dir, self.split = out_dir, split
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.sizes: dict[str, int] = {}
+        self.per_label: Counter = Counter()
+        self._tar = self._file = self._tmp = None
+        self._count = self._bytes = 0
+
+    def write(self, record: Record) -> None:
+        sample = {"__key__": record.key, record.ext: record.image, "txt": record.caption.encode("utf-8"),
+                  "cls": str(record.label).encode(), "json": json.dumps(record.meta, sort_keys=True).encode()}
+        size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")  # + tar headers/padding
+        if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
+            self.finish()
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)  # all of a sample's files go in one call, after every check passed
+        self._count += 1
+        self._bytes += size
+        self.per_label[record.label] += 1
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.sizes):06d}.tar"
+        self._tmp = self.out_dir / f".{name}.partial"
+        self._file = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)  # fixed mtime: same data, same bytes
+        self._name, self._count, self._bytes = name, 0, 0
+
+    def finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.out_dir / self._name)
+        self.sizes[self._name] = self._count
+        self._tar = self._file = self._tmp = None
+
+    def abort(self) -> None:
+        """Drop the shard being written; finished ones are removed by the caller."""
+        if self._file is not None:
+            with contextlib.suppress(Exception):  # may be why we abort (disk full); the file goes anyway
+                self._tar.close()
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+        self._tar = self._file = self._tmp = None
+
+
+def write_records(records: Iterable[Record | Reject], out_dir: str | Path, *, labels: list[str],
+                  max_samples: int, max_bytes: int, strict: bool, card: dict, overwrite: bool = False
+                  ) -> dict:
+    """Stream records into shards; on any error remove everything this run wrote."""
+    out = Path(out_dir)
+    _prepare_out_dir(out, overwrite)
+    writers = {s: SplitWriter(out, s, max_samples, max_bytes) for s in SPLITS}
+    rejects: list[Reject] = []
+    try:
+        for item in records:
+            if isinstance(item, Reject):
+                if strict:
+                    raise BadRowError(f"{item.where}: {item.reason}")
+                rejects.append(item)
+            else:
+                writers[item.split].write(item)
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+            for name in w.sizes:
+                (out / name).unlink(missing_ok=True)
+        raise
+    rejects.sort(key=lambda r: r.line)
+    _write_text(out / REJECTS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in rejects))
+    card = _card(card, labels, writers, rejects)
+    _write_text(out / CARD_FILE, json.dumps(card, indent=2) + "\n")
+    sizes = {name: n for w in writers.values() for name, n in w.sizes.items()}
+    _write_text(out / SIZES_FILE, json.dumps(sizes, indent=2) + "\n")  # last: marks the set complete
+    return card
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in out.iterdir() if re.fullmatch(r"\.?(train|test)-\d{6}\.tar(\.partial)?", p.name)
+            or p.name in (SIZES_FILE, CARD_FILE, REJECTS_FILE)]
+    if ours and not overwrite:
+        raise FileExistsError(f"{out} already holds shards ({ours[0].name}, ...); pass --overwrite to replace them")
+    for p in ours:
+        p.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _card(card: dict, labels: list[str], writers: dict[str, SplitWriter], rejects: list[Reject]) -> dict:
+    splits = {s: {"samples": sum(w.sizes.values()), "shards": len(w.sizes),
+                  "per_label": {labels[i]: w.per_label[i] for i in range(len(labels))}}
+              for s, w in writers.items()}
+    by_kind = Counter(r.kind for r in rejects)
+    return {"labels": labels, "splits": splits,
+            "rejected": {"rows": len(rejects), "by_kind": dict(sorted(by_kind.items())), "file": REJECTS_FILE},
+            **card}
+
+
+def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
+    """Results in input order (so shards are reproducible) from `workers` processes."""
+    if workers <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (4 * workers))))
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+def write_shards(rows: list[Row], out_dir: str | Path, *, labels: list[str], source: str,
+                 image_size: int = 0, quality: int = 90, fmt: str = "jpg", max_samples: int = 1000,
+                 max_bytes: int = 1 << 30, workers: int = 1, test_fraction: float = 0.15, seed: int = 0,
+                 strict: bool = False, overwrite: bool = False) -> dict:
+    """Rows (from `read_manifest` / `read_folder`) to shards; returns the dataset card."""
+    if len(set(labels)) != len(labels) or not labels:
+        raise ValueError(f"labels {labels} must be a non-empty list without repeats")
+    checked = check_rows(rows, labels, test_fraction=test_fraction, seed=seed)
+    encode = partial(encode_row, labels=labels, image_size=image_size, quality=quality, fmt=fmt)
+    card = {"source": source, "created_by": "mgn.shards",
+            "options": {"image_size": image_size, "quality": quality, "format": fmt, "max_samples": max_samples,
+                        "max_bytes": max_bytes, "test_fraction": test_fraction, "seed": seed}}
+    records = _ordered_map(encode, checked, workers)
+    return write_records(records, out_dir, labels=labels, max_samples=max_samples, max_bytes=max_bytes,
+                         strict=strict, card=card, overwrite=overwrite)
+
+
+def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed: int, max_samples: int = 256,
+                    workers: int = 1, overwrite: bool = False, **knobs) -> dict:
+    """The synthetic moderation set (see mgn/synthetic.py for `knobs`); returns the dataset card."""
+    spec = synthetic.SyntheticSpec(samples=samples, image_size=image_size, seed=seed, **knobs)
+    spec.validate()
+    items = list(enumerate(synthetic.assign_splits(spec)))
+
+    def records() -> Iterator[Record]:
+        for s in _ordered_map(partial(synthetic.render, spec), items, workers):
+            meta = {"id": s.key, "label": synthetic.LABELS[s.label], **s.meta}
+            yield Record(s.key, s.split, s.label, s.caption, s.jpeg, "jpg", meta)
+
+    card = {"source": "synthetic", "created_by": "mgn.shards", "generator": spec.to_dict(),
+            "options": {"max_samples": max_samples}}
+    return write_records(records(), out_dir, labels=list(synthetic.LABELS), max_samples=max_samples,
+                         max_bytes=1 << 40, strict=True, card=card, overwrite=overwrite)
+
+
+def _parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)B?", text.strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 500M or 1G, got {text!r}")
+    return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2) or " "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mgn.shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="CSV or JSONL: image, caption, label[, id][, split][, extra columns]")
+    src.add_argument("--folder", help="<root>/[train|test/]<label>/<name>.<ext> with captions in <name>.txt")
+    src.add_argument("--synthetic", action="store_true", help="generate the synthetic moderation set")
+    p.add_argument("--out", default="shards", help="output folder (default: shards)")
+    p.add_argument("--labels", help="comma-separated label set; its order fixes the class indices "
+                                    "(required with --manifest; default for --folder: the sub-folder names)")
+    p.add_argument("--max-samples-per-shard", type=int, default=None,
+                   help="default: 1000, or 256 with --synthetic")
+    p.add_argument("--max-bytes-per-shard", type=_parse_bytes, default=1 << 30, help="e.g. 500M (default 1G)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="re-encode so the shorter side is at most this (default: keep); with --synthetic "
+                        "the rendered size (default 96)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="used where no split column is given")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="any bad row is fatal")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    g = p.add_argument_group("synthetic generator (see shards/README.md)")
+    defaults = synthetic.SyntheticSpec()
+    g.add_argument("--samples", type=int, default=defaults.samples)
+    for name in ("cue_strength", "caption_info", "label_noise", "positive_fraction", "spurious_train",
+                 "spurious_test"):
+        g.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    g.add_argument("--decoys", type=int, default=defaults.decoys)
+    args = p.parse_args(argv)
+
+    try:
+        if args.synthetic:
+            knobs = {k: getattr(args, k) for k in ("cue_strength", "caption_info", "label_noise",
+                                                    "positive_fraction", "spurious_train", "spurious_test", "decoys")}
+            card = write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
+                                   max_samples=args.max_samples_per_shard or 256, workers=args.workers,
+                                   overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)
+        else:
+            if args.manifest:
+                if not args.labels:
+                    p.error("--manifest needs --labels: the declared set fixes class indices across data sets")
+                rows, labels, source = read_manifest(args.manifest), None, f"manifest:{args.manifest}"
+            else:
+                rows, labels = read_folder(args.folder)
+                source = f"folder:{args.folder}"
+            labels = [x.strip() for x in args.labels.split(",")] if args.labels else labels
+            card = write_shards(rows, args.out, labels=labels, source=source, image_size=args.image_size or 0,
+                                quality=args.quality, fmt=args.format,
+                                max_samples=args.max_samples_per_shard or 1000,
+                                max_bytes=args.max_bytes_per_shard, workers=args.workers,
+                                test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
+                                overwrite=args.overwrite)
+    except (BadRowError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split, info in card["splits"].items():
+        print(f"{split}: {info['samples']} samples in {info['shards']} shards {info['per_label']}")
+    rejected = card["rejected"]
+    if rejected["rows"]:
+        print(f"rejected {rejected['rows']} rows {rejected['by_kind']}: see {Path(args.out) / REJECTS_FILE}")
+    print(f"wrote {args.out}/{{train,test}}-*.tar, {SIZES_FILE}, {CARD_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""A synthetic stream-moderation data set: the paper's "in-game vs real violence" problem in miniature.
+
+Every frame shows a red splat. Whether it is "real" (label `violent`) or a stylised in-game
+effect (`non_violent`) shows only in subtle, overlapping cues: a real splat is more jagged,
+throws droplets and is a darker red; a game splat is smooth and bright. `cue_strength` sets how
+far apart the two classes' cue distributions are (0: identical, 1: barely overlapping), so the
+image alone never gives a perfect answer at the default strength. Decoy splats, always drawn
+from the game distribution, sit in other quadrants: a model has to find the one that matters.
+
+The caption is stream metadata (category, title, device, report history) plus a `focus`
+field naming the quadrant of the splat that decides the label. With probability
+`caption_info` a caption is drawn from its label's pools (and its focus is right); otherwise
+from neutral pools with a random focus. So captions correlate with the label and point at the
+region to look at, which is what the guidance network is meant to learn from.
+
+A "LIVE" badge in the top-right corner is a spurious cue: its correlation with the label is
+`spurious_train` in the train split and `spurious_test` in the test split.
+
+Everything is a function of (seed, sample index): any size, any number of worker processes,
+the same bytes. Nothing is downloaded; images are drawn with PIL and numpy.
+"""
+from __future__ import annotations
+
+import colorsys
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+LABELS = ("non_violent", "violent")  # class index = position; 1 is the class to moderate
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+# Caption pools. "neutral" fields carry no label information.
+CATEGORY = {0: ["Shooter", "Battle Royale", "Horror Games", "Fighting Games", "Tactical FPS"],
+            1: ["IRL", "Just Chatting", "Travel & Outdoors", "Street Cam", "News"],
+            "neutral": ["Variety", "Music", "Sports", "Art", "Cooking"]}
+TITLE = {0: ["ranked grind all night", "headshots only challenge", "boss fight tonight",
+             "new season new map", "zombie mode with friends"],
+         1: ["things got heated outside", "caught this on the street", "fight outside the bar",
+             "security stepped in", "crowd got out of hand"],
+         "neutral": ["chill stream", "come hang out", "road to 1k followers", "late night vibes",
+                     "sunday stream"]}
+DEVICE = {0: ["PC capture", "console capture", "capture card"],
+          1: ["phone camera", "body cam", "handheld camera"],
+          "neutral": ["webcam", "tablet", "laptop"]}
+HISTORY = {0: ["0 prior reports", "partner channel", "verified streamer"],
+           1: ["3 prior reports", "flagged last week", "2 strikes this month"],
+           "neutral": ["new account", "1 prior report", "no history"]}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    samples: int = 2400
+    image_size: int = 96
+    seed: int = 0
+    cue_strength: float = 0.5  # 0: the image says nothing about the label; 1: nearly separable
+    caption_info: float = 0.6  # share of captions drawn from their label's pools
+    label_noise: float = 0.02  # share of stored labels flipped after rendering
+    positive_fraction: float = 0.5  # class balance: share of `violent` frames
+    spurious_train: float = 0.5  # badge-label correlation in train, in [-1, 1]
+    spurious_test: float = 0.0  # ... and in test
+    decoys: int = 1  # extra game-like splats per frame (0..3)
+    test_fraction: float = 0.15  # the paper's 85/15 split
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.image_size < 32:
+            raise ValueError(f"samples={self.samples} must be >= 1 and image_size={self.image_size} >= 32")
+        for name in ("cue_strength", "caption_info", "label_noise", "positive_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("spurious_train", "spurious_test"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-1, 1]")
+        if not 0 <= self.decoys <= 3:
+            raise ValueError(f"decoys={self.decoys} must be in 0..3 (one splat per quadrant)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SyntheticSample:
+    key: str
+    split: str
+    label: int  # the stored (possibly noisy) label
+    caption: str
+    jpeg: bytes
+    meta: dict  # ground truth: true label, cue boxes, badge, caption informativeness
+
+
+def assign_splits(spec: SyntheticSpec) -> list[str]:
+    """Exactly round(test_fraction * samples) test samples, chosen by a seeded permutation."""
+    n_test = round(spec.test_fraction * spec.samples)
+    order = np.random.default_rng([spec.seed, 2**31 - 1]).permutation(spec.samples)
+    splits = ["train"] * spec.samples
+    for i in order[:n_test]:
+        splits[i] = "test"
+    return splits
+
+
+def render(spec: SyntheticSpec, item: tuple[int, str]) -> SyntheticSample:
+    """Sample `index` of the data set; depends only on (spec, index, split)."""
+    index, split = item
+    rng = np.random.default_rng([spec.seed, index])
+    label = int(rng.random() < spec.positive_fraction)
+
+    quads = rng.permutation(4)[: 1 + spec.decoys]
+    target = _cue_value(rng, label, spec.cue_strength)
+    splats = [(int(quads[0]), target)] + [(int(q), _cue_value(rng, 0, spec.cue_strength)) for q in quads[1:]]
+    corr = spec.spurious_train if split == "train" else spec.spurious_test
+    badge = bool(rng.random() < 0.5 + 0.5 * corr * (1 if label else -1))
+    scene = "camera" if rng.random() < 0.5 else "game"
+    image, boxes = _draw_frame(rng, spec.image_size, scene, splats, badge)
+
+    informative = bool(rng.random() < spec.caption_info)
+    caption = _caption(rng, label, informative, QUADRANTS[splats[0][0]])
+    flipped = bool(rng.random() < spec.label_noise)
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    meta = {"true_label": label, "label_flipped": flipped, "scene": scene, "badge": badge,
+            "caption_informative": informative, "cue": target, "cue_quadrant": QUADRANTS[splats[0][0]],
+            "cue_box": boxes[0], "decoy_boxes": boxes[1:]}
+    return SyntheticSample(f"syn{index:07d}", split, label ^ flipped, caption, buf.getvalue(), meta)
+
+
+def _cue_value(rng: np.random.Generator, label: int, strength: float) -> float:
+    """How "real" a splat looks, in [0, 1]; the classes' distributions overlap unless strength ~ 1."""
+    centre = 0.5 + (0.4 * strength if label else -0.4 * strength)
+    return float(np.clip(rng.normal(centre, 0.16), 0.0, 1.0))
+
+
+def _caption(rng: np.random.Generator, label: int, informative: bool, quadrant: str) -> str:
+    pool = label if informative else "neutral"
+    focus = quadrant if informative else QUADRANTS[rng.integers(4)]
+    fields = [("category", CATEGORY), ("title", TITLE), ("device", DEVICE), ("history", HISTORY)]
+    parts = [f"{name}: {table[pool][rng.integers(len(table[pool]))]}" for name, table in fields]
+    return " | ".join(parts + [f"focus: {focus}"])
+
+
+def _draw_frame(rng, size: int, scene: str, splats, badge: bool):
+    """Draw at twice the size and box-filter down, so shapes are anti-aliased like real frames."""
+    w = 2 * size
+    image = Image.fromarray(_background(rng, w, scene))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 6)):
+        _clutter(rng, draw, w)
+    boxes = []
+    for quadrant, cue in splats:
+        boxes.append([round(v / 2) for v in _splat(rng, draw, w, quadrant, cue)])
+    if badge:
+        x0, y0 = int(w * 0.80), int(w * 0.04)
+        draw.rectangle([x0, y0, x0 + int(w * 0.15), y0 + int(w * 0.07)], fill=(40, 210, 90))
+        draw.rectangle([x0 + 3, y0 + int(w * 0.03), x0 + int(w * 0.11), y0 + int(w * 0.045)], fill=(255, 255, 255))
+    image = image.resize((size, size), Image.BOX)
+    if scene == "camera":  # sensor noise: real footage is never perfectly flat
+        arr = np.asarray(image, dtype=np.int16) + rng.normal(0, 4, (size, size, 3)).astype(np.int16)
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return image, boxes
+
+
+def _background(rng, w: int, scene: str) -> np.ndarray:
+    top, bottom = _muted(rng), _muted(rng)
+    if scene == "camera":  # smooth lighting gradient
+        t = np.linspace(0.0, 1.0, w)[:, None, None]
+        return np.broadcast_to(top * (1 - t) + bottom * t, (w, w, 3)).astype(np.uint8)
+    arr = np.empty((w, w, 3), np.uint8)  # flat game geometry: floor, wall and a few blocks
+    horizon = int(w * rng.uniform(0.4, 0.7))
+    arr[:horizon], arr[horizon:] = top, bottom
+    for _ in range(rng.integers(2, 5)):
+        x, y = rng.integers(0, w, 2)
+        arr[y : y + rng.integers(w // 8, w // 3), x : x + rng.integers(w // 8, w // 3)] = _muted(rng)
+    return arr
+
+
+def _muted(rng) -> np.ndarray:
+    """A colour far from red, so only the splats are red."""
+    hue = rng.uniform(0.12, 0.88)
+    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.15, 0.6), rng.uniform(0.3, 0.85))
+    return np.array([r, g, b]) * 255
+
+
+def _clutter(rng, draw: ImageDraw.ImageDraw, w: int) -> None:
+    x, y = rng.integers(0, w, 2)
+    dx, dy = rng.integers(w // 16, w // 5, 2)
+    colour = tuple(int(c) for c in _muted(rng))
+    if rng.random() < 0.5:
+        draw.ellipse([x, y, x + dx, y + dy], fill=colour)
+    else:
+        draw.rectangle([x, y, x + dx, y + dy], fill=colour)
+
+
+def _splat(rng, draw: ImageDraw.ImageDraw, w: int, quadrant: int, cue: float) -> list[int]:
+    """A red blob whose jaggedness, droplets and darkness all grow with `cue`."""
+    cx = w * (0.3 + 0.4 * (quadrant % 2) + rng.uniform(-0.05, 0.05))
+    cy = w * (0.3 + 0.4 * (quadrant // 2) + rng.uniform(-0.05, 0.05))
+    radius = w * rng.uniform(0.09, 0.13)
+    n = 72
+    theta = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    r = 1 + 0.12 * rng.normal() * np.cos(2 * theta + rng.uniform(0, 6.3))  # shape variety for both
+    for k in range(5, 10):  # mid-frequency ragged edge
+        r += cue * 0.06 * rng.normal() * np.cos(k * theta + rng.uniform(0, 6.3))
+    r += cue * 0.8 * rng.random(n) ** 4  # occasional sharp spikes
+    r = radius * np.clip(r, 0.4, None)
+    points = list(zip(cx + r * np.cos(theta), cy + r * np.sin(theta)))
+    red = (int(250 - 150 * cue + rng.integers(-12, 13)), int(40 - 30 * cue + rng.integers(0, 10)),
+           int(40 - 25 * cue + rng.integers(0, 10)))
+    draw.polygon(points, fill=red)
+    for _ in range(rng.poisson(8 * cue**2)):  # droplets thrown around a real splat
+        angle, dist = rng.uniform(0, 2 * math.pi), radius * rng.uniform(1.25, 1.9)
+        dr = radius * rng.uniform(0.06, 0.14)
+        x, y = cx + dist * math.cos(angle), cy + dist * math.sin(angle)
+        draw.ellipse([x - dr, y - dr, x + dr, y + dr], fill=red)
+    reach = radius * 2.0
+    return [int(max(cx - reach, 0)), int(max(cy - reach, 0)), int(min(cx + reach, w)), int(min(cy + reach, w))]

@@ -1,0 +1,129 @@
+"""train.py end to end on tiny synthetic shards: outputs, TensorBoard, preemption and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mgn.shards import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic(out, samples=320, image_size=64, seed=0)
+    return out
+
+
+def env() -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_"))}
+    return clean | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["train.py", "--preset", "tiny", "--data.train_shards", str(shards / "train-*.tar"),
+            "--data.test_shards", str(shards / "test-*.tar"), "--data.synthetic_samples", "0",
+            "--train.output_dir", str(out), "--train.run_name", name, *extra]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+def scalars(tb_dir: Path) -> dict[str, list[int]]:
+    """Steps per scalar tag, as TensorBoard itself reads them (purged events dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in tags["scalars"]}
+    steps["__images__"] = tags["images"]
+    return steps
+
+
+def test_single_process_guided_run_writes_everything(shards, tmp_path):
+    result = subprocess.run([sys.executable, *train_args(shards, tmp_path, "guided")], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "guided"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] > 0 and summary["world_size"] == 1
+    assert "MGN: done step=" in result.stdout and str(run / "student" / "student.pt2") in result.stdout
+    for path in ("config.json", "train.log", "checkpoints/latest", "student/student.pt2", "student_best/student.pt2"):
+        assert (run / path).exists(), path
+    assert json.loads((run / "config.json").read_text())["model"]["mode"] == "guided"
+    steps = scalars(run / "tb")
+    for tag in ("train/loss", "train/samples_per_s", "train/data_wait_fraction", "train/peak_memory_mb",
+                "lr/image", "lr/head", "eval/student_accuracy", "eval/student_auroc", "eval/teacher_accuracy",
+                "eval/student_precision", "eval/student_recall", "eval/student_f1"):
+        assert tag in steps, tag
+    assert "attention/cross_modality" in steps["__images__"]
+
+
+def test_baseline_mode_runs_from_the_same_script(shards, tmp_path):
+    result = subprocess.run([sys.executable, *train_args(shards, tmp_path, "base", "--model.mode", "baseline")],
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = scalars(tmp_path / "base" / "tb")
+    assert "eval/student_accuracy" in steps and "eval/teacher_accuracy" not in steps
+
+
+def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(shards, tmp_path):
+    """SIGUSR1 to one rank mid-run: all ranks save and exit 0; `--train.resume auto` finishes the run."""
+    args = train_args(shards, tmp_path, "dist", "--train.epochs", "2", "--train.log_every", "1",
+                      "--train.ckpt_every", "1000")
+    first = subprocess.Popen(torchrun(*args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in first.stdout:  # wait until training is under way, then signal rank 0 only
+            lines.append(line)
+            if "MGN: step 3/" in line:
+                os.kill(_rank0_pid(first.pid), signal.SIGUSR1)
+                break
+        lines += first.communicate(timeout=300)[0].splitlines(keepends=True)
+    finally:
+        first.kill()
+    log = "".join(lines)
+    assert first.returncode == 0, log[-4000:]
+    assert "stop requested by signal" in log
+    run = tmp_path / "dist"
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert stopped_at >= 3 and not (run / "summary.json").exists()
+
+    second = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(), capture_output=True,
+                            text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at:08d}'}" in second.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+    reference = subprocess.run(torchrun(*train_args(shards, tmp_path, "ref", "--train.epochs", "2")), cwd=ROOT,
+                               env=env(), capture_output=True, text=True, timeout=400)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    assert summary["step"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["step"]
+
+    loss_steps = scalars(run / "tb")["train/loss"]
+    assert len(loss_steps) == len(set(loss_steps)), "a step was logged twice across the resume"
+    assert loss_steps == sorted(loss_steps) and loss_steps[-1] == summary["step"]
+
+
+def _rank0_pid(launcher_pid: int, timeout: float = 30) -> int:
+    """The worker torchrun started with RANK=0."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            if b"RANK=0" in environ:
+                return int(child)
+        time.sleep(0.5)
+    raise TimeoutError("rank 0 worker not found")
