@@ -3,7 +3,7 @@
     python train.py                                   # embedded demo: synthetic shards, CPU, a few minutes
     python train.py --preset tiny                     # seconds-long smoke run
     torchrun --standalone --nproc_per_node 2 train.py --preset demo
-    sbatch slurm/train.sh --preset paper              # one srun task per GPU on a Slurm cluster
+    mkdir -p runs/NAME && sbatch -J NAME slurm/train.sh --preset paper   # one srun task per GPU (slurm/README.md)
     python train.py --preset paper --model.mode baseline   # the plain fine-tuned MobileOne, same script
     python train.py --help                            # every config field as --section.field
 

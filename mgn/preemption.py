@@ -3,7 +3,8 @@
 Slurm (sbatch `--signal`, or submitit's USR2) signals before the time limit or on preemption,
 often to one rank only, while DeepSpeed's save is collective. So the handler only sets a flag;
 the train loop asks all ranks at each step boundary (`distributed.any_rank`), all ranks save, and
-the launcher requeues (`requeue_slurm_job` for sbatch, submitit's own checkpoint() for submitit).
+rank 0 requeues the job with `requeue_slurm_job` (train.py for sbatch, slurm/submit.py for submitit:
+`install` replaces submitit's own USR2 handler, which would requeue before the collective save).
 """
 from __future__ import annotations
 

@@ -261,10 +261,11 @@ class Trainer:
                     self.evaluate()
         if stopped_by_signal:
             log.info("MGN: stop requested by signal at step %d; saving and exiting", state.step)
+            # The warning may have reached any one rank; rank 0 requeues, so all must agree on it.
+            requeue = distributed.any_rank(preemption.wants_requeue(), self.device)
             self.save()
             self.tensorboard.flush()
-            return {"step": state.step, "rank": self.world.rank, "preempted": True,
-                    "requeue": preemption.wants_requeue()}
+            return {"step": state.step, "rank": self.world.rank, "preempted": True, "requeue": requeue}
         return self._finish()
 
     def _loss(self, batch: dict) -> torch.Tensor:

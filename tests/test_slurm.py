@@ -1,0 +1,208 @@
+"""The Slurm launch paths against a real local cluster (two nodes x two ranks, CPU only).
+
+  * `sbatch slurm/train.sh`: the job completes with 4 ranks, checkpoints and TensorBoard logs.
+  * a job whose rank on the second node gets Slurm's warning signal (USR2) requeues itself, and a job
+    requeued from outside (`scontrol requeue`) saves and comes back; both resume and end on the
+    uninterrupted step count.
+  * `slurm/submit.py` (submitit): interrupted with submitit's `_interrupt()` (SIGTERM then USR2 to
+    every task, as Slurm delivers them), the job requeues, resumes and its result comes back.
+  * a rank that dies takes the job down at once, with the error in the log, instead of a hang.
+
+The cluster comes from tests/slurm_cluster.py; every wait is bounded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from slurm_cluster import SlurmCluster
+
+pytest_plugins = ["slurm_cluster"]  # the session fixture `slurm_cluster` (tests/slurm_cluster.py)
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+REPO = Path(__file__).resolve().parent.parent
+
+# Two nodes x two tasks, fake GPUs; the tiny preset: 1 epoch, 9 updates of 4 ranks x 8 samples.
+SBATCH_WORLD = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+JOB_TIMEOUT_S = 300  # a whole job, restarts included; far above the ~1-2 min these take
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Shards shared by every run here (at least one per rank), and a folder for the runs."""
+    from mgn.shards import write_synthetic
+
+    root = tmp_path_factory.mktemp("slurm-runs")
+    write_synthetic(root / "shards", samples=320, image_size=64, seed=0, max_samples=32)
+    return root
+
+
+def train_args(work: Path, *extra: str) -> list[str]:
+    """train.py flags shared by every run, so step counts compare."""
+    return ["--preset", "tiny", "--data.train_shards", str(work / "shards" / "train-*.tar"),
+            "--data.test_shards", str(work / "shards" / "test-*.tar"), "--data.synthetic_samples", "0",
+            "--train.log_every", "1", "--train.output_dir", str(work / "runs"), *extra]
+
+
+def submit_train_sh(cluster: SlurmCluster, work: Path, name: str, *sbatch: str) -> tuple[str, Path]:
+    """sbatch slurm/train.sh as a user would (logs in the run dir); returns (job id, run dir)."""
+    run_dir = work / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_id = cluster.sbatch(f"--job-name={name}", *SBATCH_WORLD, "--time=10", f"--output={run_dir}/slurm-%j.out",
+                            f"--error={run_dir}/slurm-%j.err", *sbatch, "slurm/train.sh", *train_args(work))
+    return job_id, run_dir
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_line(cluster: SlurmCluster, path: Path, pattern: str, job_id: str, timeout: float = 180,
+                  start: int = 0) -> re.Match:
+    """First match of `pattern` in the log at `path` after character `start`; fails at once if the
+    job ends first."""
+    def found():
+        match = re.search(pattern, read(path)[start:], re.MULTILINE)
+        if match or not cluster.is_over(job_id):
+            return match
+        match = re.search(pattern, read(path)[start:], re.MULTILINE)  # written just before the end?
+        if not match:
+            info = cluster.job(job_id)
+            pytest.fail(f"job {job_id} ended ({info.get('JobState')}, restarts {info.get('Restarts')}) before "
+                        f"/{pattern}/ appeared in {path}\n--- log tail ---\n{read(path)[-3000:]}", pytrace=False)
+        return match
+
+    return cluster.wait_until(found, timeout, lambda: f"/{pattern}/ in {path}\n--- log tail ---\n{read(path)[-2000:]}")
+
+
+def steps_of(run_dir: Path) -> int:
+    return json.loads((run_dir / "summary.json").read_text())["step"]
+
+
+def ranks_in(log: str) -> set[str]:
+    return set(re.findall(r"^MGN rank (\d+/\d+):", log, re.MULTILINE))
+
+
+def latest_tag(run_dir: Path) -> str:
+    return read(run_dir / "checkpoints" / "latest").strip()
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, work) -> dict:
+    """An uninterrupted `sbatch slurm/train.sh` run; later tests compare their step counts to it."""
+    job_id, run_dir = submit_train_sh(slurm_cluster, work, "reference")
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT_S)
+    return {"job": job_id, "info": info, "run_dir": run_dir, "out": read(run_dir / f"slurm-{job_id}.out"),
+            "err": read(run_dir / f"slurm-{job_id}.err")}
+
+
+def test_sbatch_two_nodes_four_ranks_complete_with_checkpoint_and_tensorboard(reference):
+    run_dir, out = reference["run_dir"], reference["out"]
+    assert reference["info"]["JobState"] == "COMPLETED", out[-3000:] + reference["err"][-3000:]
+    assert re.search(r"MGN slurm: world nodes=2 \(n\[1-2\]\) ranks=4 .* master=n1:\d+", out), out[:2000]
+    assert ranks_in(out) == {"0/4", "1/4", "2/4", "3/4"}
+    assert re.search(r"^\S+ \[rank 0\] MGN: done step=\d+", out, re.MULTILINE)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["step"] > 0
+    assert latest_tag(run_dir) == f"step_{summary['step']:08d}"
+    assert (run_dir / "checkpoints" / latest_tag(run_dir)).is_dir()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.json").exists() and (run_dir / "train.log").exists()
+
+
+def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_steps(slurm_cluster, work, reference):
+    """USR2 to one rank on the other node: all ranks agree, save, rank 0 requeues, the job resumes.
+    Then `scontrol requeue` from outside (SIGTERM to the tasks): save, stop, Slurm restarts it, resume."""
+    cluster = slurm_cluster
+    job_id, run_dir = submit_train_sh(cluster, work, "requeued")
+    out = run_dir / f"slurm-{job_id}.out"
+
+    wait_for_line(cluster, out, r"\[rank 0\] MGN: step 3/", job_id)
+    rank2 = cluster.task_pids(job_id, procid=2)  # on n2; `scancel --signal=USR2` would reach every rank
+    assert rank2, "rank 2's process not found"
+    for pid in rank2:
+        os.kill(pid, signal.SIGUSR2)
+    second_start = wait_for_line(cluster, out, rf"MGN slurm: job {job_id} 'requeued' start 2 ", job_id).end()
+    first_stop = read(out)[:second_start]
+    assert "stop requested by signal" in first_stop and "requeueing Slurm job" in first_stop, first_stop[-3000:]
+    resumed = wait_for_line(cluster, out, r"MGN: resumed from \S+/step_(\d+)", job_id, start=second_start)
+    assert int(resumed.group(1)) >= 3
+
+    wait_for_line(cluster, out, rf"\[rank 0\] MGN: step {int(resumed.group(1)) + 2}/", job_id, start=second_start)
+    cluster.run("scontrol", "requeue", job_id)
+    third_start = wait_for_line(cluster, out, rf"MGN slurm: job {job_id} 'requeued' start 3 ", job_id).end()
+    second_stop = read(out)[second_start:third_start]
+    assert "stop requested by signal" in second_stop, second_stop[-3000:]
+    resumed_again = wait_for_line(cluster, out, r"MGN: resumed from \S+/step_(\d+)", job_id, start=third_start)
+    assert int(resumed_again.group(1)) > int(resumed.group(1))
+
+    info = cluster.wait_job(job_id, JOB_TIMEOUT_S)
+    log = read(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:] + read(out.with_suffix(".err"))[-2000:]
+    assert steps_of(run_dir) == steps_of(reference["run_dir"])
+    assert ranks_in(log[third_start:]) == {"0/4", "1/4", "2/4", "3/4"}
+
+
+def load_submit_module():
+    spec = importlib.util.spec_from_file_location("mgn_slurm_submit", REPO / "slurm" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_cluster, work, reference):
+    submit = load_submit_module()
+    args = submit.build_parser().parse_args([
+        "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+        *train_args(work, "--train.run_name", "submitit")])
+    cfg = submit.job_config(args)
+    job = submit.submit(cfg, args)
+    try:
+        rank0_log = cfg.run_dir / "submitit" / f"{job.job_id}_0_log.out"
+        wait_for_line(slurm_cluster, rank0_log, r"\[rank 0\] MGN: step 3/", job.job_id)
+        job._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
+        restarted = slurm_cluster.wait_until(lambda: slurm_cluster.job(job.job_id).get("Restarts") == "1", 120,
+                                             f"submitit job {job.job_id} to requeue")
+        assert restarted
+        slurm_cluster.wait_until(lambda: job.done(force_check=True), JOB_TIMEOUT_S, f"submitit job {job.job_id}",
+                                 interval=2)
+        results = job.results()  # done: returns at once
+    finally:
+        if not job.done():
+            job.cancel(check=False)
+    logs = "".join(read(cfg.run_dir / "submitit" / f"{job.job_id}_{t}_log.out") for t in range(4))
+    assert "MGN: resumed from" in logs, logs[-3000:]
+    assert ranks_in(logs) >= {"0/4", "1/4", "2/4", "3/4"}
+    assert len(results) == 4 and results[0]["world_size"] == 4 and not results[0]["preempted"]
+    assert results[0]["step"] == steps_of(reference["run_dir"]) == steps_of(cfg.run_dir)
+
+
+def test_a_crashed_rank_fails_the_job_at_once_with_the_error_in_the_log(slurm_cluster, work):
+    cluster = slurm_cluster
+    job_id, run_dir = submit_train_sh(cluster, work, "crash")
+    out, err = run_dir / f"slurm-{job_id}.out", run_dir / f"slurm-{job_id}.err"
+    wait_for_line(cluster, out, r"\[rank 0\] MGN: step 2/", job_id)
+    victims = cluster.task_pids(job_id, procid=1)
+    assert victims, "rank 1's process not found"
+    killed_at = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    # The trainer's collective timeout is 120 s (tiny preset): ending well before it means srun stopped
+    # the other ranks, not a timeout.
+    info = cluster.wait_job(job_id, 60)
+    assert time.monotonic() - killed_at < 60
+    assert info["JobState"] == "FAILED"
+    log = read(err)
+    assert re.search(r"srun: error: n1: task 1: Killed", log), log[-3000:]
+    assert "MGN slurm: FAILED: srun exited with status" in log
+    assert not (run_dir / "summary.json").exists()
