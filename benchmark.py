@@ -1,0 +1,64 @@
+"""Time the deployed student (reparameterized MobileOne + head) against its unfused form and plain timm MobileOne.
+
+    python benchmark.py --model mobileone_s4                 # random init (stated in the output), 224 px
+    python benchmark.py --ckpt runs/demo                     # a trained student, at its own image size
+    python benchmark.py --tiny                               # seconds: S0 at 64 px, few iterations
+    python benchmark.py --model mobileone_s4 --precision bf16 --channels-last --compile   # on a GPU
+
+Before timing, fused and unfused outputs (and student vs plain timm) are compared; a mismatch stops the run.
+CPU: perf_counter per call with --threads torch threads; GPU: CUDA events with synchronisation.
+Writes a JSON report (device, driver, versions, settings, all samples' statistics) to --out.
+"""
+import argparse
+import sys
+
+from mgn.benchmark import BenchmarkError, Settings, run, tiny_settings
+from mgn.evaluate import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", default=None, help="run folder, checkpoint tag/latest, or student.pt2")
+    source.add_argument("--model", default=None, help="timm MobileOne variant with random init (default mobileone_s4)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, or 224 (64 with --tiny)")
+    p.add_argument("--num-classes", type=int, default=2, help="with --model (default 2)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the timed models")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--iters", type=int, default=d.iters, help="timed batch-1 calls per model")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="models take turns over this many rounds")
+    p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)), help="throughput batch sizes")
+    p.add_argument("--throughput-iters", type=int, default=d.throughput_iters)
+    p.add_argument("--matmul-size", type=int, default=d.matmul_size)
+    p.add_argument("--compare-unfused", action=argparse.BooleanOptionalAction, default=d.compare_unfused,
+                   help="also time the unfused student as the reference (default: yes)")
+    p.add_argument("--rtol", type=float, default=d.rtol, help="fused vs unfused: max |diff| / max |logit|")
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (S0, 64 px, few iterations)")
+    p.add_argument("--out", default="benchmarks/results/latency.json", help="JSON report path")
+    a = p.parse_args(argv)
+    settings = Settings(device=a.device, precision=a.precision, channels_last=a.channels_last, compile=a.compile,
+                        threads=a.threads, warmup=a.warmup, iters=a.iters, rounds=a.rounds,
+                        batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",") if b),
+                        throughput_iters=a.throughput_iters, matmul_size=a.matmul_size,
+                        compare_unfused=a.compare_unfused, rtol=a.rtol)
+    variant = a.model or "mobileone_s4"
+    image_size = a.image_size
+    if a.tiny:
+        settings = tiny_settings(settings)
+        variant = a.model or "mobileone_s0"
+        image_size = image_size or (None if a.ckpt else 64)
+    try:
+        run(settings, ckpt=a.ckpt, variant=variant, image_size=image_size, num_classes=a.num_classes, out=a.out)
+    except (BenchmarkError, CheckpointError, ValueError) as error:
+        print(f"benchmark.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Loader throughput against the bare decode-and-transform rate of the same images, in one run.
+
+    python benchmarks/loader_throughput.py                                  # synthetic 96 px shards
+    python benchmarks/loader_throughput.py --image-size 224 --workers 1 2
+    python benchmarks/loader_throughput.py --shards 'shards/demo/train-*.tar' --out loader.json
+
+"bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
+flip) and normalisation into a batch tensor, with the image bytes already in memory: the work a
+worker cannot avoid. The loader adds tar reading, the shuffle buffer, tokenization, batching and
+the hand-over to the main process. `ratio` = loader samples/s / (workers x bare samples/s); the
+goal is >= 0.9. Bare is measured before and after the loader runs and averaged, so that drift in
+a shared machine's load shows up as a gap between the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mgn.config import PACKAGED_MINILM, DataConfig  # noqa: E402
+from mgn.data import Decoder, expand_shards, train_loader  # noqa: E402
+from mgn.shards import write_synthetic  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_seconds: float) -> float:
+    rng = random.Random(0)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for i in range(0, len(images) - batch_size + 1, batch_size):
+            items = [(str(j), decoder.transform(decoder.load_rgb(images[j]), rng), "", 0)
+                     for j in range(i, i + batch_size)]
+            decoder.collate(items, {})
+            done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def loader_rate(cfg: DataConfig, args, workers: int, tokenizer: str | None) -> dict:
+    cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
+    samples = steady_samples = 0
+    steady_time = total_time = 0.0
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        loader = train_loader(cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer_name=tokenizer,
+                              seq_len=args.seq_len, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
+                              epoch=epoch)
+        first = None
+        for batch in loader:
+            n = len(batch["key"])
+            samples += n
+            if first is None:
+                first = time.perf_counter()
+            else:
+                steady_samples += n
+        end = time.perf_counter()
+        steady_time += end - first
+        total_time += end - start
+    return {"workers": workers, "samples": samples, "samples_per_s": steady_samples / steady_time,
+            "samples_per_s_with_startup": samples / total_time}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="train shard spec (default: synthetic shards in a temporary folder)")
+    p.add_argument("--samples", type=int, default=4096, help="synthetic samples to generate")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--epochs", type=int, default=2, help="loader epochs per measurement")
+    p.add_argument("--no-tokenizer", action="store_true", help="image-only loader (no captions tokenized)")
+    p.add_argument("--bare-seconds", type=float, default=5.0)
+    p.add_argument("--out", default="loader_throughput.json")
+    args = p.parse_args()
+
+    tmp = None
+    if args.shards is None:
+        tmp = tempfile.TemporaryDirectory()
+        write_synthetic(tmp.name, samples=args.samples, image_size=args.image_size, seed=0,
+                        test_fraction=0.0, workers=os.cpu_count() or 1)
+        args.shards = f"{tmp.name}/train-*.tar"
+    cfg = DataConfig(train_shards=args.shards, test_shards=args.shards)
+    images = []
+    for shard in expand_shards(args.shards):
+        with tarfile.open(shard) as tar:
+            images += [tar.extractfile(m).read() for m in tar if m.name.endswith((".jpg", ".jpeg", ".png"))]
+    decoder = Decoder(args.image_size, MEAN, STD, None, args.seq_len, train=True)
+    tokenizer = None if args.no_tokenizer else PACKAGED_MINILM
+
+    before = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
+    runs = [loader_rate(cfg, args, w, tokenizer) for w in args.workers]
+    after = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
+    bare = (before + after) / 2
+    for run in runs:
+        run["ratio_per_worker"] = run["samples_per_s"] / (run["workers"] * bare)
+
+    result = {"image_size": args.image_size, "batch_size": args.batch_size, "images": len(images),
+              "tokenizer": tokenizer, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+              "bare_samples_per_s": {"before": before, "after": after, "mean": bare}, "loader": runs}
+    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, tokenizer {tokenizer}")
+    print(f"bare decode+transform, 1 process: {bare:8.0f} samples/s (before {before:.0f}, after {after:.0f})")
+    for run in runs:
+        print(f"train_loader, {run['workers']} worker(s): {run['samples_per_s']:8.0f} samples/s "
+              f"({run['samples_per_s_with_startup']:.0f} with start-up)  ratio per worker {run['ratio_per_worker']:.2f}")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,607 @@
+"""Evaluate a trained model: the image-only student exactly as deployed, optionally beside the guided teacher.
+
+    load_checkpoint(path)  -> Checkpoint      any of: run dir, checkpoints dir, its `latest`, a tag dir
+                                             (ZeRO-0: module states; ZeRO-1/2: consolidated fp32), student.pt2
+    predict(ckpt, batches) -> Predictions     fused student on every sample; teacher and unfused student too
+    summarize(preds, ...)  -> report dict     scikit-learn metrics (mgn.metrics), kept-by-student ratios
+    run(...)               -> report dict     the whole of `python evaluate.py`: table, eval.json, pr_curve.png
+
+The model is always rebuilt from the config saved with the checkpoint, never from command-line options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgn import distributed
+from mgn.config import Config
+from mgn.export import ARTIFACT_NAME, fuse_student, load_student
+from mgn.metrics import classification_metrics
+from mgn.model import ImageClassifier, build_model
+
+log = logging.getLogger("mgn")
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# Metrics shown in the table, in order; "kept" is student / teacher for each.
+TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "recall_at_precision",
+                 "threshold_at_precision")
+
+
+NO_SAMPLES = "no samples were read: the shards are empty, or every sample was skipped as bad"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the config saved with it."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint of any kind, with the deployed student ready to run (fused, eval, fp32, CPU)."""
+    kind: str  # "deepspeed" (module states) | "zero" (ZeRO-1/2, consolidated to fp32) | "student" (student.pt2)
+    path: Path  # the tag folder or the artifact file actually read
+    cfg: Config
+    student: nn.Module  # as deployed: fused MobileOne + head (or the exported program itself)
+    stored_fused: bool  # whether the image encoder was already reparameterized in the file
+    unfused_student: nn.Module | None = None  # the training-time student (None for an artifact or fused file)
+    teacher: nn.Module | None = None  # the whole GuidanceNetwork, built only when asked for
+    step: int | None = None
+    tag: str | None = None
+    zero_stage: int | None = None
+    dtype: str = "float32"  # dtype of the weights as stored
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = {"deepspeed": f"DeepSpeed checkpoint (ZeRO-{self.zero_stage or 0}, module states)",
+                "zero": f"ZeRO-{self.zero_stage} checkpoint (fp32 weights consolidated by zero_to_fp32)",
+                "student": "exported student artifact"}[self.kind]
+        encoder = "stored fused" if self.stored_fused else "stored unfused, fused here for evaluation"
+        step = f", step {self.step}" if self.step is not None else ""
+        return f"{what}{step}; {self.cfg.model.mode} {self.cfg.model.image_model}, encoder {encoder}"
+
+
+# --- finding and loading checkpoints ----------------------------------------------------------------------
+
+def resolve(path: str | Path) -> tuple[str, Path]:
+    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder (expected a run folder, its checkpoints/ folder, "
+                              f"checkpoints/latest, a checkpoints/<tag>/ folder, or {ARTIFACT_NAME})")
+    if path.is_file():
+        if path.suffix == ".pt2":
+            return "artifact", path
+        if path.name == "latest":
+            return "tag", _tag_from_latest(path)
+        if path.name.endswith("model_states.pt"):
+            return "tag", path.parent
+        raise CheckpointError(f"{path}: not a checkpoint file (expected {ARTIFACT_NAME}, a DeepSpeed `latest` file "
+                              f"or {MODEL_STATES})")
+    if (path / MODEL_STATES).exists():
+        return "tag", path
+    if (path / "latest").exists():
+        return "tag", _tag_from_latest(path / "latest")
+    if (path / "checkpoints" / "latest").exists():
+        return "tag", _tag_from_latest(path / "checkpoints" / "latest")
+    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME):
+        if artifact.exists():
+            return "artifact", artifact
+    if any(path.glob("*optim_states.pt")):
+        raise CheckpointError(f"{path}: has optimizer shards but no {MODEL_STATES}; the checkpoint is incomplete")
+    raise CheckpointError(f"{path}: no checkpoint found here (looked for {MODEL_STATES}, latest, checkpoints/latest, "
+                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME})")
+
+
+def _tag_from_latest(latest: Path) -> Path:
+    tag = latest.read_text().strip()
+    folder = latest.parent / tag
+    if not tag or not (folder / MODEL_STATES).exists():
+        raise CheckpointError(f"{latest} points at tag {tag!r}, but {folder / MODEL_STATES} does not exist "
+                              f"(tags present: {sorted(p.name for p in latest.parent.glob('*/') if p.is_dir())})")
+    return folder
+
+
+def load_checkpoint(path: str | Path, *, teacher: bool = False, consolidate_zero: bool | None = None) -> Checkpoint:
+    """Load any checkpoint kind; build the student (and with `teacher`, the guided network) from its own config.
+
+    `consolidate_zero=None` consolidates fp32 weights from the ZeRO shards whenever the tag has them;
+    False reads the module states even then (under bf16 those are bf16 copies of the fp32 masters).
+    """
+    kind, where = resolve(path)
+    if kind == "artifact":
+        if teacher:
+            raise CheckpointError(f"{where}: an exported student holds no text encoder or fusion; pass the training "
+                                  f"checkpoint (run folder or checkpoints/<tag>) to evaluate the guided teacher")
+        return _load_artifact(where)
+    return _load_tag(where, teacher=teacher, consolidate_zero=consolidate_zero)
+
+
+def _load_artifact(path: Path) -> Checkpoint:
+    try:
+        module, cfg, meta = load_student(path)
+    except CheckpointError:
+        raise
+    except Exception as error:  # torch.export raises several types for a damaged archive
+        raise CheckpointError(f"{path}: cannot read the exported student ({type(error).__name__}: {error}); "
+                              f"the file is truncated, corrupt or not a torch.export archive") from error
+    for key, value in (("image_model", cfg.model.image_model), ("num_classes", cfg.model.num_classes)):
+        if key in meta and meta[key] != value:
+            raise CheckpointError(f"{path}: export.json says {key}={meta[key]!r} but the embedded config says "
+                                  f"{value!r}; the artifact was assembled from another model's config")
+    return Checkpoint(kind="student", path=path, cfg=cfg, student=module, stored_fused=bool(meta.get("fused", True)),
+                      notes=[f"export format {meta.get('format_version')}, trained in {meta.get('trained_mode')} mode"])
+
+
+def _read_model_states(tag_dir: Path) -> dict:
+    file = tag_dir / MODEL_STATES
+    try:
+        # DeepSpeed's model-states file holds tensors, plain containers and numbers: safe to load weights-only.
+        states = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{file}: cannot read checkpoint ({type(error).__name__}: {str(error)[:200]}); the file "
+                              f"is truncated or corrupt; re-copy it or evaluate another tag") from error
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{file}: no 'module' state dict inside; not a DeepSpeed model-states file")
+    return states
+
+
+def _config_for(tag_dir: Path, states: dict) -> Config:
+    """The config saved inside the checkpoint; the run's config.json must agree with it where both exist."""
+    run_config = tag_dir.parent.parent / "config.json"
+    embedded = states.get("config")
+    if embedded is None and not run_config.exists():
+        raise CheckpointError(f"{tag_dir}: no config saved with this checkpoint (no client_state 'config' and no "
+                              f"{run_config}); cannot tell which model to build")
+    try:
+        cfg = Config.from_dict(embedded) if embedded is not None else Config.load(run_config)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{tag_dir}: the saved config does not parse ({error}); written by an incompatible "
+                              f"version of mgn?") from error
+    if embedded is not None and run_config.exists():
+        try:
+            other = Config.load(run_config).model
+        except (ValueError, TypeError, json.JSONDecodeError):
+            other = None
+        if other is not None:
+            differ = {k: (v, getattr(other, k)) for k, v in dataclasses.asdict(cfg.model).items()
+                      if getattr(other, k) != v}
+            if differ:
+                lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config.json {b!r}" for k, (a, b) in differ.items())
+                raise CheckpointError(f"{tag_dir}: this checkpoint comes from another model config than {run_config} "
+                                      f"({lines}); was it copied from another run?")
+    return cfg
+
+
+def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool | None) -> Checkpoint:
+    states = _read_model_states(tag_dir)
+    cfg = _config_for(tag_dir, states)
+    zero_stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    weights = dict(states["module"])
+    stored_dtype = _dominant_dtype(weights)
+    has_shards = any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
+    notes = []
+    kind = "deepspeed"
+    if has_shards and zero_stage in (1, 2) and consolidate_zero is not False:
+        weights.update(_consolidate_zero(tag_dir))  # fp32 masters; frozen params and buffers stay from the module
+        kind = "zero"
+    elif stored_dtype != "float32":
+        notes.append(f"weights stored as {stored_dtype} (ZeRO-{zero_stage} keeps its fp32 masters in optimizer state, "
+                     f"not read); evaluated in fp32 after conversion")
+    if teacher and cfg.model.mode != "guided":
+        raise CheckpointError(f"{tag_dir}: a {cfg.model.mode} checkpoint has no guided (teacher) path; drop --teacher")
+    train_state = states.get("train_state") or {}
+    step = states.get("step", train_state.get("step"))
+    stored_fused = any(k.endswith("reparam_conv.weight") for k in weights)
+    prefix = "student." if cfg.model.mode == "guided" else ""
+
+    student_weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    student = ImageClassifier(cfg.model)
+    if stored_fused:
+        student = fuse_student(student)
+    _load_strict(student, student_weights, cfg, tag_dir, what="student")
+    student = student.float().eval()
+    fused = student if stored_fused else fuse_student(student)
+
+    guided = None
+    if teacher:
+        guided = build_model(cfg.model)
+        if stored_fused:
+            guided.student = fuse_student(guided.student)
+        _load_strict(guided, weights, cfg, tag_dir, what="guided model")
+        guided = guided.float().eval()
+    return Checkpoint(kind=kind, path=tag_dir, cfg=cfg, student=fused, stored_fused=stored_fused,
+                      unfused_student=None if stored_fused else student, teacher=guided, step=step,
+                      tag=tag_dir.name, zero_stage=zero_stage, dtype=stored_dtype, notes=notes)
+
+
+def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as error:
+        raise CheckpointError(f"{tag_dir}: the ZeRO optimizer shards cannot be consolidated ({type(error).__name__}: "
+                              f"{str(error)[:200]}); a shard is missing, truncated or from another world size") \
+            from error
+
+
+def _dominant_dtype(weights: dict) -> str:
+    floats = [v.dtype for v in weights.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return str(max(set(floats), key=floats.count)).replace("torch.", "") if floats else "float32"
+
+
+def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, what: str) -> None:
+    """load_state_dict, but a mismatch names the config the model was built from and the first differences."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k}: checkpoint {list(weights[k].shape)} vs model {list(v.shape)}" for k, v in expected.items()
+              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        m = cfg.model
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
+        raise CheckpointError(
+            f"{source}: the weights do not fit the {what} built from the config saved with the checkpoint "
+            f"(model.mode={m.mode!r}, model.image_model={m.image_model!r}, model.num_classes={m.num_classes}): "
+            f"{'; '.join(p for p in parts if p)}. The checkpoint comes from another model config.")
+    model.load_state_dict(weights, strict=True)
+
+
+# --- running the model ------------------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    keys: list[str]
+    labels: np.ndarray  # [N] int
+    student: np.ndarray  # [N, K] probabilities from the deployed (fused) student
+    teacher: np.ndarray | None = None  # [N, K] guided probabilities
+    fusion_max_abs_diff: float | None = None  # max |fused - unfused| student logit over the checked samples
+    fusion_max_logit: float | None = None
+    fusion_pred_agree: float | None = None  # fraction of checked samples with the same argmax
+    fusion_checked: int = 0
+    seconds: float = 0.0
+
+
+@torch.inference_mode()
+def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, teacher: bool = False,
+            fusion_check_batches: int | None = 1, allow_empty: bool = False) -> Predictions:
+    """Run the deployed student on every batch; with `teacher`, the guided path on the same samples.
+
+    Fused and unfused students are compared on the first `fusion_check_batches` batches (all with None,
+    and always all of them with the teacher, which computes the unfused student logits anyway).
+    `allow_empty`: a rank of a distributed evaluation may get no shards; the merged set must not be empty.
+    """
+    num_classes = ckpt.cfg.model.num_classes
+    student = ckpt.student.to(device)
+    unfused = ckpt.unfused_student.to(device) if ckpt.unfused_student is not None else None
+    guided = ckpt.teacher.to(device) if teacher else None
+    if teacher and guided is None:
+        raise ValueError("load the checkpoint with teacher=True to evaluate the teacher")
+    keys, labels, student_probs, teacher_probs = [], [], [], []
+    max_diff, max_logit, agree, checked = 0.0, 0.0, 0, 0
+    start = time.perf_counter()
+    for index, batch in enumerate(batches):
+        batch_labels = _labels_of(batch, num_classes)
+        image = batch["image"].to(device, torch.float32)
+        logits = student(image).float()
+        reference = None
+        if guided is not None:
+            out = guided(image, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            teacher_probs.append(out.logits.float().softmax(-1).cpu())
+            reference = out.student_logits.float()
+        elif unfused is not None and (fusion_check_batches is None or index < fusion_check_batches):
+            reference = unfused(image).float()
+        if reference is not None:
+            max_diff = max(max_diff, (logits - reference).abs().max().item())
+            max_logit = max(max_logit, reference.abs().max().item())
+            agree += (logits.argmax(-1) == reference.argmax(-1)).sum().item()
+            checked += len(image)
+        student_probs.append(logits.softmax(-1).cpu())
+        labels.append(batch_labels)
+        keys.extend(batch.get("key") or [f"#{index}:{i}" for i in range(len(image))])
+    if not labels:
+        if not allow_empty:
+            raise ValueError(NO_SAMPLES)
+        empty = np.zeros((0, num_classes), dtype=np.float32)
+        return Predictions(keys=[], labels=np.zeros(0, dtype=np.int64), student=empty,
+                           teacher=empty.copy() if guided is not None else None)
+    return Predictions(keys=keys, labels=np.concatenate(labels), student=torch.cat(student_probs).numpy(),
+                       teacher=torch.cat(teacher_probs).numpy() if teacher_probs else None,
+                       fusion_max_abs_diff=max_diff if checked else None,
+                       fusion_max_logit=max_logit if checked else None,
+                       fusion_pred_agree=agree / checked if checked else None, fusion_checked=checked,
+                       seconds=time.perf_counter() - start)
+
+
+def _labels_of(batch: dict, num_classes: int) -> np.ndarray:
+    labels = batch.get("label")
+    if labels is None:
+        raise ValueError("these shards have no labels (no 'cls' entry per sample); evaluation needs labelled shards")
+    labels = torch.as_tensor(labels).cpu().numpy().astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][:5].tolist()
+        raise ValueError(f"labels {bad} are outside [0, {num_classes}): the shards are unlabelled (-1) or were made "
+                         f"for another number of classes than model.num_classes={num_classes}")
+    return labels
+
+
+def merge(parts: list[Predictions]) -> Predictions:
+    """Predictions from several ranks as one set; a sample read by two ranks (padding) counts once."""
+    if len(parts) == 1:
+        return parts[0]
+    seen, keep = set(), []
+    keys = [k for p in parts for k in p.keys]
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    checked = sum(p.fusion_checked for p in parts)
+    diffs = [p.fusion_max_abs_diff for p in parts if p.fusion_max_abs_diff is not None]
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])[keep]
+
+    return Predictions(keys=[keys[i] for i in keep], labels=cat("labels"), student=cat("student"),
+                       teacher=cat("teacher") if parts[0].teacher is not None else None,
+                       fusion_max_abs_diff=max(diffs) if diffs else None,
+                       fusion_max_logit=max((p.fusion_max_logit or 0.0) for p in parts) if diffs else None,
+                       fusion_pred_agree=(sum(p.fusion_pred_agree * p.fusion_checked for p in parts
+                                              if p.fusion_checked) / checked) if checked else None,
+                       fusion_checked=checked, seconds=max(p.seconds for p in parts))
+
+
+# --- reporting --------------------------------------------------------------------------------------------
+
+def summarize(preds: Predictions, target_precision: float | None) -> dict:
+    """Metrics for the student (and teacher), the share of each teacher metric the student keeps."""
+    report = {"samples": len(preds.labels),
+              "student": classification_metrics(preds.labels, preds.student, target_precision)}
+    if preds.teacher is not None:
+        report["teacher"] = classification_metrics(preds.labels, preds.teacher, target_precision)
+        report["kept"] = {k: _ratio(report["student"].get(k), report["teacher"].get(k))
+                          for k in TABLE_METRICS if k != "threshold_at_precision"}
+        report["student_teacher_agreement"] = float((preds.student.argmax(1) == preds.teacher.argmax(1)).mean())
+    if preds.fusion_checked:
+        report["fusion_check"] = {"samples": preds.fusion_checked, "max_abs_diff": preds.fusion_max_abs_diff,
+                                  "max_abs_logit": preds.fusion_max_logit,
+                                  "prediction_agreement": preds.fusion_pred_agree}
+    return report
+
+
+def _ratio(a, b):
+    if a is None or b is None or not isinstance(a, float) or not isinstance(b, float) or b == 0 or math.isnan(b):
+        return None
+    return a / b
+
+
+def format_table(report: dict) -> str:
+    """A fixed-width table: metric rows, student / teacher / kept columns, then confusion matrices."""
+    has_teacher = "teacher" in report
+    target = report["student"].get("target_precision")
+    names = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "auroc": "AUROC",
+             "pr_auc": "PR-AUC (average precision)",
+             "recall_at_precision": f"recall at precision >= {target}",
+             "threshold_at_precision": f"threshold for precision >= {target}"}
+    header = f"{'metric':<36}{'student':>10}" + (f"{'teacher':>10}{'kept':>8}" if has_teacher else "")
+    lines = [header, "-" * len(header)]
+    for key in TABLE_METRICS:
+        if key not in report["student"]:
+            continue
+        row = f"{names[key]:<36}{_fmt(report['student'][key]):>10}"
+        if has_teacher:
+            kept = report["kept"].get(key)
+            row += f"{_fmt(report['teacher'].get(key)):>10}{(f'{100 * kept:.1f}%' if kept is not None else '-'):>8}"
+        lines.append(row)
+    lines.append(f"{'samples':<36}{report['samples']:>10}")
+    for role in ("student", "teacher") if has_teacher else ("student",):
+        matrix = report[role]["confusion_matrix"]
+        lines.append(f"confusion matrix, {role} (rows: true class, columns: predicted): "
+                     + " ".join(str(row) for row in matrix))
+    if has_teacher:
+        lines.append(f"student and teacher predict the same class on {100 * report['student_teacher_agreement']:.1f}%"
+                     f" of samples")
+    check = report.get("fusion_check")
+    if check:
+        lines.append(f"fused vs unfused student on {check['samples']} samples: max |logit diff| "
+                     f"{check['max_abs_diff']:.2e} (logits up to {check['max_abs_logit']:.2f}), same class on "
+                     f"{100 * check['prediction_agreement']:.1f}%")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def plot_pr_curves(preds: Predictions, report: dict, path: Path) -> Path:
+    """Precision-recall curves (positive class 1; one-vs-rest micro-average with more classes)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from sklearn.metrics import precision_recall_curve  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    for role, probs in (("student (image only)", preds.student), ("teacher (guided)", preds.teacher)):
+        if probs is None:
+            continue
+        key = "student" if role.startswith("student") else "teacher"
+        if probs.shape[1] == 2:
+            truth, scores = preds.labels == 1, probs[:, 1]
+        else:
+            truth, scores = (np.eye(probs.shape[1])[preds.labels] == 1).ravel(), probs.ravel()
+        if truth.all() or not truth.any():
+            continue
+        precision, recall, _ = precision_recall_curve(truth, scores)
+        ax.plot(recall, precision, label=f"{role}, AP {report[key]['pr_auc']:.3f}")
+        if report[key].get("threshold_at_precision") is not None:
+            ax.plot(report[key]["recall_at_precision"], report[key]["target_precision"], "o", color="black",
+                    label="best recall at the target" if key == "student" else None)
+    target = report["student"].get("target_precision")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target precision {target}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title="precision-recall" + ("" if preds.student.shape[1] == 2 else " (micro-average, one-vs-rest)"))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+def default_out_dir(ckpt: Checkpoint) -> Path:
+    if ckpt.kind == "student":
+        return ckpt.path.parent / "eval"
+    return ckpt.path.parent.parent / "eval" / ckpt.path.name  # <run>/eval/<tag>
+
+
+def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = False,
+        target_precision: float | None = 0.9, batch_size: int | None = None, num_workers: int | None = None,
+        device: str = "auto", out_dir: str | Path | None = None, tensorboard: str | Path | None = None,
+        fusion_check_batches: int | None = 1, consolidate_zero: bool | None = None, quiet: bool = False) -> dict:
+    """Everything `python evaluate.py` does; returns the report written to eval.json (on rank 0)."""
+    from mgn.data import expand_shards  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
+
+    world = distributed.detect_world()
+    torch_device = _pick_device(device, world.local_rank)
+    if world.world_size > 1:  # gloo on CPU, NCCL on GPU; each rank then reads its own shards
+        rank_device = distributed.init_distributed(world, timeout_s=600)
+        torch_device = rank_device if device == "auto" else torch_device
+    ckpt = load_checkpoint(ckpt_path, teacher=teacher, consolidate_zero=consolidate_zero)
+    cfg = ckpt.cfg
+    data_cfg = dataclasses.replace(cfg.data, **({"test_shards": shards} if shards else {}),
+                                   **({"num_workers": num_workers} if num_workers is not None else {}))
+    require_labels(expand_shards(data_cfg.test_shards))
+    preds = predict(ckpt, _batches(cfg, data_cfg, teacher, batch_size, world.rank, world.world_size),
+                    device=torch_device, teacher=teacher, fusion_check_batches=fusion_check_batches,
+                    allow_empty=world.world_size > 1)
+    preds = merge(distributed.gather_objects(preds))
+    if len(preds.labels) == 0:
+        raise ValueError(NO_SAMPLES)
+    if not world.is_main:
+        return {}
+    report = summarize(preds, target_precision)
+    out = Path(out_dir) if out_dir else default_out_dir(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "checkpoint": {"path": str(ckpt.path), "kind": ckpt.kind, "description": ckpt.describe(),
+                       "tag": ckpt.tag, "step": ckpt.step, "zero_stage": ckpt.zero_stage,
+                       "stored_fused": ckpt.stored_fused, "stored_dtype": ckpt.dtype, "notes": ckpt.notes},
+        "evaluated": "image-only student, reparameterized (fused) and in eval mode, fp32: the deployed model"
+                     + ("; teacher: guided network with captions" if teacher else ""),
+        "shards": data_cfg.test_shards, "device": str(torch_device), "world_size": world.world_size,
+        "seconds": round(preds.seconds, 3), **report,
+        "files": {"json": str(out / "eval.json"), "pr_curve": str(out / "pr_curve.png")},
+        "versions": _versions(), "config": cfg.to_dict(),
+    }
+    plot_pr_curves(preds, report, out / "pr_curve.png")
+    (out / "eval.json").write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
+    if tensorboard:
+        _log_tensorboard(Path(tensorboard), report, preds, ckpt.step or 0)
+    if not quiet:
+        print(f"MGN evaluate: {ckpt.path}\n  {ckpt.describe()}\n  shards {data_cfg.test_shards}, "
+              f"{report['samples']} samples, device {torch_device}, {preds.seconds:.1f} s")
+        for note in ckpt.notes:
+            print(f"  note: {note}")
+        print(format_table(report))
+        print(f"wrote {out / 'eval.json'} and {out / 'pr_curve.png'}"
+              + (f"; TensorBoard: {tensorboard}" if tensorboard else ""))
+    return report
+
+
+def require_labels(shards: list[str], members: int = 12) -> None:
+    """Fail before any model runs when shards carry no labels: no `.cls` among each shard's first files."""
+    import tarfile  # noqa: PLC0415
+
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                names = [m.name for _, m in zip(range(members), tar)]
+        except (tarfile.TarError, OSError):
+            continue  # a damaged shard is the reader's to report, with its skip accounting
+        if names and not any(name.endswith(".cls") for name in names):
+            raise ValueError(f"{shard} has no labels (no .cls file among its first samples: {names[:4]}); "
+                             f"evaluation needs labelled shards, e.g. written by `python -m mgn.shards`")
+
+
+def _batches(cfg: Config, data_cfg, teacher: bool, batch_size: int | None, rank: int, world_size: int):
+    import timm  # noqa: PLC0415
+
+    from mgn.config import resolve_text_model  # noqa: PLC0415
+    from mgn.data import eval_loader  # noqa: PLC0415
+
+    pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
+    return eval_loader(data_cfg, image_size=cfg.model.image_size, mean=pretrained["mean"], std=pretrained["std"],
+                       tokenizer_name=resolve_text_model(cfg.model.text_model) if teacher else None,
+                       seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
+                       world_size=world_size)
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device visible")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def _log_tensorboard(log_dir: Path, report: dict, preds: Predictions, step: int) -> None:
+    from mgn.monitor import TensorBoard  # noqa: PLC0415
+
+    board = TensorBoard(log_dir, enabled=True, resume_step=None)
+    for role in ("student", "teacher"):
+        if role not in report:
+            continue
+        board.scalars({f"eval/{role}_{k}": v for k, v in report[role].items()
+                       if isinstance(v, float) and not math.isnan(v)}, step)
+        probs = preds.student if role == "student" else preds.teacher
+        if probs.shape[1] == 2:
+            board.pr_curve(f"eval/{role}_pr", torch.as_tensor(preds.labels), torch.as_tensor(probs[:, 1]), step)
+    board.close()
+
+
+def _versions() -> dict:
+    import platform  # noqa: PLC0415
+
+    import sklearn  # noqa: PLC0415
+    import timm  # noqa: PLC0415
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "scikit-learn": sklearn.__version__}
+
+
+def _finite(value):
+    """NaN (e.g. AUROC with one class present) becomes null, so eval.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)

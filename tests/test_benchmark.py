@@ -1,0 +1,111 @@
+"""benchmark.py: checks equivalence before timing, refuses the wrong model, writes a complete, valid JSON."""
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mgn.benchmark import (
+    PLAIN_FUSED,
+    STUDENT_FUSED,
+    STUDENT_UNFUSED,
+    BenchmarkError,
+    Settings,
+    check_equivalence,
+    guard,
+    prepare,
+    run,
+    summary_stats,
+    tiny_settings,
+)
+from mgn.config import Config, ModelConfig
+from mgn.export import export_student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strict_json(path: Path) -> dict:
+    def no_nan(token):
+        raise ValueError(f"not valid JSON: {token}")
+
+    return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+def entry_main():
+    spec = importlib.util.spec_from_file_location("benchmark_entry", ROOT / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_tiny_cpu_run_writes_valid_json_with_the_equivalence_check(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert entry_main()(["--tiny", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    report = strict_json(out)
+    printed = capsys.readouterr().out
+    assert "check fused vs unfused" in printed and "random init" in printed and "matmul peak" in printed
+
+    eq = report["equivalence"]
+    assert eq["fused_vs_unfused"]["ok"] and eq["fused_vs_unfused"]["same_argmax"]
+    assert eq["fused_vs_unfused"]["relative"] <= 1e-4 and eq["student_vs_plain"]["max_abs_diff"] <= 1e-5
+    assert eq["fused_vs_unfused"]["max_abs_logit"] < 1e4  # warmed BatchNorm: no 1e7 logits from random init
+    assert set(report["models"]) == {STUDENT_UNFUSED, STUDENT_FUSED, PLAIN_FUSED}
+    for entry in report["models"].values():
+        lat = entry["latency_ms_batch1"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["n"] == 12
+        assert entry["throughput"][0]["batch"] == 4 and entry["throughput"][0]["images_per_s"] > 0
+        assert entry["flops_per_image"] > 0 and entry["fraction_of_matmul_peak_batch1"] > 0
+    # the fused network does fewer FLOPs (MobileOne-S0 has 4 training-time branches); same FLOPs as plain timm
+    assert report["models"][STUDENT_FUSED]["flops_per_image"] == report["models"][PLAIN_FUSED]["flops_per_image"]
+    assert report["models"][STUDENT_UNFUSED]["flops_per_image"] > 2 * report["models"][STUDENT_FUSED]["flops_per_image"]
+    assert report["ratios"]["student_over_plain_p50"] > 0 and report["ratios"]["unfused_over_fused_p50"] > 0
+    assert report["matmul_peak"]["gflops"] > 0
+    env, settings = report["environment"], report["settings"]
+    assert env["torch"] == torch.__version__ and env["timm"] and env["device_type"] == "cpu"
+    assert settings["torch_threads"] == env["torch_threads"] == 1 and settings["timer"].startswith("time.perf_counter")
+    assert report["model"]["variant"] == "mobileone_s0" and report["model"]["image_size"] == 64
+
+
+def test_refuses_to_time_a_train_mode_or_unfused_model():
+    models = prepare(variant="mobileone_s0", image_size=64, bn_warmup_batches=1)
+    guard(models.fused, "fused")  # the deployed form passes
+    guard(models.unfused, "unfused reference", allow_unfused=True)
+    with pytest.raises(BenchmarkError, match="not reparameterized"):
+        guard(models.unfused, "unfused")
+    with pytest.raises(BenchmarkError, match="train mode"):
+        guard(models.fused.train(), "fused")
+
+
+def test_a_broken_fusion_stops_the_run_before_timing(monkeypatch):
+    models = prepare(variant="mobileone_s0", image_size=64, bn_warmup_batches=1)
+    with torch.no_grad():
+        models.fused.encoder.stem.reparam_conv.weight.mul_(1.5)
+    eq = check_equivalence(models, rtol=1e-4)
+    assert not eq["fused_vs_unfused"]["ok"] and eq["fused_vs_unfused"]["relative"] > 1e-3
+    monkeypatch.setattr("mgn.benchmark.prepare", lambda **kwargs: models)
+    with pytest.raises(BenchmarkError, match="outputs disagree before timing"):
+        run(tiny_settings(Settings(device="cpu")), variant="mobileone_s0", image_size=64, quiet=True)
+
+
+def test_benchmarks_an_exported_student_with_its_own_config(tmp_path):
+    cfg = Config(model=ModelConfig(mode="baseline", image_model="mobileone_s0", image_size=64, num_classes=3))
+    student = prepare(variant="mobileone_s0", image_size=64, num_classes=3, bn_warmup_batches=1).unfused
+    path = export_student(student, cfg, tmp_path, onnx=False)
+    settings = dataclasses.replace(tiny_settings(Settings(device="cpu")), batch_sizes=(2,), iters=4)
+    report = run(settings, ckpt=str(path), quiet=True)
+    assert report["model"]["num_classes"] == 3 and report["model"]["weights"].startswith("student checkpoint")
+    assert "fused_vs_unfused" not in report["equivalence"] and report["equivalence"]["student_vs_plain"]["ok"]
+    assert set(report["models"]) == {STUDENT_FUSED, PLAIN_FUSED}
+    assert any("fused weights only" in note for note in report["model"]["notes"])
+
+
+def test_latency_summary_statistics():
+    samples = list(np.arange(1, 101, dtype=float))  # 1 .. 100 ms
+    stats = summary_stats(samples)
+    assert stats["p50"] == pytest.approx(50.5) and stats["p90"] == pytest.approx(90.1)
+    assert stats["p99"] == pytest.approx(99.01) and stats["trimmed_mean"] == pytest.approx(50.5)
+    assert stats["min"] == 1 and stats["max"] == 100 and stats["n"] == 100
+    assert summary_stats([1.0] * 9 + [1000.0])["trimmed_mean"] == pytest.approx(1.0)  # one outlier trimmed
