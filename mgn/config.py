@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "seq_len": 16, "fusion_dim": 128, "attention_heads": 4, "text_cache": 4096},
         "data": {"train_shards": "shards/demo/train-*.tar", "test_shards": "shards/demo/test-*.tar",
                  "num_workers": 2, "shuffle_buffer": 500, "synthetic_samples": 2400},
-        "train": {"epochs": 3, "micro_batch": 32, "lr_image": 1e-3, "lr_head": 2e-3,
+        "train": {"epochs": 2, "micro_batch": 32, "lr_image": 1e-3, "lr_head": 2e-3,
                   "warmup_steps": 10, "log_every": 5, "ckpt_every": 50, "attention_images": 3},
     },
     # Seconds-long runs for tests and smoke checks.
