@@ -349,6 +349,15 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
         model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format).eval()
         runners[name] = torch.compile(model) if s.compile else model
 
+    if dtype != torch.float32:  # what the reduced precision costs in accuracy, on the timed device
+        x = realistic_images(4, size, torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            reference = models.fused.float().cpu()(x)
+            low = runners[STUDENT_FUSED](x.to(device, dtype).contiguous(memory_format=memory_format)).float().cpu()
+        equivalence["reduced_precision_vs_fp32"] = {"precision": s.precision,
+                                                    "max_abs_diff": (low - reference).abs().max().item(),
+                                                    "max_abs_logit": reference.abs().max().item(),
+                                                    "same_argmax": bool((low.argmax(1) == reference.argmax(1)).all())}
     timer = Timer(device)
     one = torch.randn(1, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     latency = time_latency(runners, one, timer, s.warmup, s.iters, s.rounds)
@@ -417,9 +426,13 @@ def format_report(r: dict) -> str:
     load = max(env.get("load_average_1min_start") or 0, env.get("load_average_1min") or 0)
     busy = (f"\nWARNING: 1-min load average reached {load} while this run used {s['torch_threads']} threads on "
             f"{env.get('cpus_usable', env['cpu_count'])} CPUs: other processes shared the cores, so the CPU "
-            f"figures are not representative" if env["device_type"] == "cpu" and load > s["torch_threads"] + 1 else "")
+            f"figures are not representative" if env["device_type"] == "cpu" and load > s["torch_threads"] + 0.5 else "")
+    spread = max(e["latency_ms_batch1"]["p99"] / e["latency_ms_batch1"]["p50"] for e in r["models"].values())
+    if spread > 3:
+        busy += (f"\nWARNING: unstable timings (p99 up to {spread:.1f}x p50): something else ran during the "
+                 f"measurement; rerun on a quiet machine")
     where = (f"{env.get('gpu')} (driver {env.get('driver')}, CUDA {env.get('cuda')})" if env["device_type"] == "cuda"
-             else f"CPU {env['cpu']}, {s['torch_threads']} torch threads")
+             else f"CPU {env['cpu']}, {s['torch_threads']} torch thread{'s' if s['torch_threads'] != 1 else ''}")
     options = f"{', channels_last' if s['channels_last'] else ''}{', torch.compile' if s['compile'] else ''}"
     lines = [(f"MGN benchmark: {m['variant']} + head, {m['num_classes']} classes, {m['image_size']} px, "
               f"{s['precision']}{options} on {where}"),
@@ -429,6 +442,10 @@ def format_report(r: dict) -> str:
         e = eq["fused_vs_unfused"]
         lines.append(f"check fused vs unfused: max |diff| {e['max_abs_diff']:.2e} on logits up to {e['max_abs_logit']:.3g}"
                      f" (relative {e['relative']:.1e} <= {e['rtol']:g}) {'OK' if e['ok'] else 'FAIL'}")
+    if "reduced_precision_vs_fp32" in eq:
+        e = eq["reduced_precision_vs_fp32"]
+        lines.append(f"{e['precision']} vs fp32 (fused student): max |diff| {e['max_abs_diff']:.2e} on logits up to "
+                     f"{e['max_abs_logit']:.3g}, same class: {e['same_argmax']}")
     e = eq["student_vs_plain"]
     lines.append(f"check student vs plain timm {m['variant']}: max |diff| {e['max_abs_diff']:.2e} "
                  f"{'OK' if e['ok'] else 'FAIL'}")
