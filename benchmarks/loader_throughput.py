@@ -7,9 +7,14 @@
 "bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
 flip) and normalisation into a batch tensor, with the image bytes already in memory: the work a
 worker cannot avoid. The loader adds tar reading, the shuffle buffer, tokenization, batching and
-the hand-over to the main process. `ratio` = loader samples/s / (workers x bare samples/s); the
-goal is >= 0.9. Bare is measured before and after the loader runs and averaged, so that drift in
-a shared machine's load shows up as a gap between the two.
+the hand-over to the main process (which normalises).
+
+Two ratios, goal >= 0.9:
+- wall: loader samples/s / (workers x bare samples/s), what a training loop sees; on a small
+  machine the main process and anything else running compete with the workers for cores;
+- cpu: bare CPU-us per sample / worker CPU-us per sample (psutil), the efficiency of one
+  worker, which holds still when other jobs load the machine.
+Bare is measured before and after the loader runs; a gap between the two shows load drift.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn.config import PACKAGED_MINILM, DataConfig  # noqa: E402
@@ -32,40 +39,61 @@ from mgn.shards import write_synthetic  # noqa: E402
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_seconds: float) -> float:
+def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_seconds: float) -> tuple[float, float]:
+    """(samples/s, CPU-us per sample) of decode + transform + normalise in this process."""
     rng = random.Random(0)
-    done, start = 0, time.perf_counter()
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < min_seconds:
         for i in range(0, len(images) - batch_size + 1, batch_size):
             items = [(str(j), decoder.transform(decoder.load_rgb(images[j]), rng), "", 0)
                      for j in range(i, i + batch_size)]
-            decoder.collate(items, {})
+            decoder.normalise(decoder.collate(items, {}))
             done += batch_size
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e6
+
+
+def _children_cpu(children) -> float | None:
+    try:
+        return sum(sum(c.cpu_times()[:2]) for c in children)
+    except psutil.Error:  # a worker already finished: keep the last complete reading
+        return None
 
 
 def loader_rate(cfg: DataConfig, args, workers: int, tokenizer: str | None) -> dict:
+    """Steady state: clocks start at the first batch, so worker start-up is reported apart."""
     cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
-    samples = steady_samples = 0
-    steady_time = total_time = 0.0
+    me = psutil.Process()
+    samples = steady = counted = 0
+    steady_time = total_time = main_cpu = worker_cpu = 0.0
     for epoch in range(args.epochs):
         start = time.perf_counter()
         loader = train_loader(cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer_name=tokenizer,
                               seq_len=args.seq_len, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
                               epoch=epoch)
-        first = None
-        for batch in loader:
-            n = len(batch["key"])
-            samples += n
-            if first is None:
-                first = time.perf_counter()
-            else:
-                steady_samples += n
+        batches = iter(loader)
+        samples += len(next(batches)["key"])
+        first, cpu0 = time.perf_counter(), time.process_time()
+        children = me.children()
+        kids0, kids, kid_samples, n = _children_cpu(children) or 0.0, None, 0, 0
+        for batch in batches:
+            n += len(batch["key"])
+            reading = _children_cpu(children)
+            if reading is not None:
+                kids, kid_samples = reading, n
         end = time.perf_counter()
+        samples += n
+        steady += n
         steady_time += end - first
         total_time += end - start
-    return {"workers": workers, "samples": samples, "samples_per_s": steady_samples / steady_time,
-            "samples_per_s_with_startup": samples / total_time}
+        main_cpu += time.process_time() - cpu0
+        if workers and kids is not None:
+            worker_cpu += kids - kids0
+            counted += kid_samples
+    result = {"workers": workers, "samples": samples, "samples_per_s": steady / steady_time,
+              "samples_per_s_with_startup": samples / total_time, "main_cpu_us_per_sample": main_cpu / steady * 1e6}
+    if counted:
+        result["worker_cpu_us_per_sample"] = worker_cpu / counted * 1e6
+    return result
 
 
 def main() -> None:
@@ -96,21 +124,30 @@ def main() -> None:
     decoder = Decoder(args.image_size, MEAN, STD, None, args.seq_len, train=True)
     tokenizer = None if args.no_tokenizer else PACKAGED_MINILM
 
-    before = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
+    (before, cpu_before) = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
     runs = [loader_rate(cfg, args, w, tokenizer) for w in args.workers]
-    after = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
-    bare = (before + after) / 2
+    (after, cpu_after) = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
+    bare, bare_cpu = (before + after) / 2, (cpu_before + cpu_after) / 2
     for run in runs:
-        run["ratio_per_worker"] = run["samples_per_s"] / (run["workers"] * bare)
+        run["ratio_wall_per_worker"] = run["samples_per_s"] / (max(run["workers"], 1) * bare)
+        if "worker_cpu_us_per_sample" in run:
+            run["ratio_cpu_per_worker"] = bare_cpu / run["worker_cpu_us_per_sample"]
 
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "images": len(images),
               "tokenizer": tokenizer, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
-              "bare_samples_per_s": {"before": before, "after": after, "mean": bare}, "loader": runs}
-    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, tokenizer {tokenizer}")
-    print(f"bare decode+transform, 1 process: {bare:8.0f} samples/s (before {before:.0f}, after {after:.0f})")
+              "bare": {"samples_per_s_before": before, "samples_per_s_after": after, "samples_per_s": bare,
+                       "cpu_us_per_sample": bare_cpu},
+              "loader": runs}
+    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, tokenizer {tokenizer}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"bare decode+transform, 1 process: {bare:7.0f} samples/s (before {before:.0f}, after {after:.0f}), "
+          f"{bare_cpu:.0f} CPU-us/sample")
     for run in runs:
-        print(f"train_loader, {run['workers']} worker(s): {run['samples_per_s']:8.0f} samples/s "
-              f"({run['samples_per_s_with_startup']:.0f} with start-up)  ratio per worker {run['ratio_per_worker']:.2f}")
+        cpu = (f", worker {run['worker_cpu_us_per_sample']:.0f} CPU-us/sample -> cpu ratio "
+               f"{run['ratio_cpu_per_worker']:.2f}") if "ratio_cpu_per_worker" in run else ""
+        print(f"train_loader, {run['workers']} worker(s): {run['samples_per_s']:7.0f} samples/s "
+              f"({run['samples_per_s_with_startup']:.0f} with start-up) -> wall ratio per worker "
+              f"{run['ratio_wall_per_worker']:.2f}; main {run['main_cpu_us_per_sample']:.0f} CPU-us/sample{cpu}")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

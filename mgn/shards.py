@@ -269,7 +269,7 @@ class SplitWriter:
         name = f"{self.split}-{len(self.sizes):06d}.tar"
         self._tmp = self.out_dir / f".{name}.partial"
         self._file = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)  # fixed mtime: same data, same bytes
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # fixed: same data, same bytes; int: no pax record per file
         self._name, self._count, self._bytes = name, 0, 0
 
     def finish(self) -> None:

@@ -13,8 +13,9 @@ field naming the quadrant of the splat that decides the label. With probability
 from neutral pools with a random focus. So captions correlate with the label and point at the
 region to look at, which is what the guidance network is meant to learn from.
 
-A "LIVE" badge in the top-right corner is a spurious cue: its correlation with the label is
-`spurious_train` in the train split and `spurious_test` in the test split.
+A green "LIVE" badge near the top edge is a spurious cue: its correlation with the label is
+`spurious_train` in the train split and `spurious_test` in the test split. Everything that
+matters stays inside the area the train crops (scale >= 0.6) and the eval centre crop keep.
 
 Everything is a function of (seed, sample index): any size, any number of worker processes,
 the same bytes. Nothing is downloaded; images are drawn with PIL and numpy.
@@ -150,10 +151,11 @@ def _draw_frame(rng, size: int, scene: str, splats, badge: bool):
     boxes = []
     for quadrant, cue in splats:
         boxes.append([round(v / 2) for v in _splat(rng, draw, w, quadrant, cue)])
-    if badge:
-        x0, y0 = int(w * 0.80), int(w * 0.04)
-        draw.rectangle([x0, y0, x0 + int(w * 0.15), y0 + int(w * 0.07)], fill=(40, 210, 90))
-        draw.rectangle([x0 + 3, y0 + int(w * 0.03), x0 + int(w * 0.11), y0 + int(w * 0.045)], fill=(255, 255, 255))
+    if badge:  # inside the area that train crops (scale >= 0.6) and the eval centre crop keep
+        x0, y0 = int(w * 0.42), int(w * 0.12)
+        draw.rectangle([x0, y0, x0 + int(w * 0.16), y0 + int(w * 0.08)], fill=(40, 210, 90))
+        draw.rectangle([x0 + int(w * 0.03), y0 + int(w * 0.03), x0 + int(w * 0.13), y0 + int(w * 0.05)],
+                       fill=(255, 255, 255))
     image = image.resize((size, size), Image.BOX)
     if scene == "camera":  # sensor noise: real footage is never perfectly flat
         arr = np.asarray(image, dtype=np.int16) + rng.normal(0, 4, (size, size, 3)).astype(np.int16)
@@ -196,7 +198,7 @@ def _splat(rng, draw: ImageDraw.ImageDraw, w: int, quadrant: int, cue: float) ->
     """A red blob whose jaggedness, droplets and darkness all grow with `cue`."""
     cx = w * (0.3 + 0.4 * (quadrant % 2) + rng.uniform(-0.05, 0.05))
     cy = w * (0.3 + 0.4 * (quadrant // 2) + rng.uniform(-0.05, 0.05))
-    radius = w * rng.uniform(0.09, 0.13)
+    radius = w * rng.uniform(0.11, 0.15)
     n = 72
     theta = np.linspace(0, 2 * math.pi, n, endpoint=False)
     r = 1 + 0.12 * rng.normal() * np.cos(2 * theta + rng.uniform(0, 6.3))  # shape variety for both
@@ -205,7 +207,7 @@ def _splat(rng, draw: ImageDraw.ImageDraw, w: int, quadrant: int, cue: float) ->
     r += cue * 0.8 * rng.random(n) ** 4  # occasional sharp spikes
     r = radius * np.clip(r, 0.4, None)
     points = list(zip(cx + r * np.cos(theta), cy + r * np.sin(theta)))
-    red = (int(250 - 150 * cue + rng.integers(-12, 13)), int(40 - 30 * cue + rng.integers(0, 10)),
+    red = (int(250 - 170 * cue + rng.integers(-12, 13)), int(40 - 30 * cue + rng.integers(0, 10)),
            int(40 - 25 * cue + rng.integers(0, 10)))
     draw.polygon(points, fill=red)
     for _ in range(rng.poisson(8 * cue**2)):  # droplets thrown around a real splat
