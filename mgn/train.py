@@ -103,7 +103,9 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "image" if ".encoder." in f".{name}" else "text" if name.startswith("text.") else "head"
+        # Text first: a BERT's own layers are also named "...encoder...".
+        part = "text" if name.startswith("text.") else "image" if name.startswith(("encoder.", "student.encoder.")) \
+            else "head"
         buckets.setdefault((part, param.ndim > 1), []).append(param)
     return [{"name": part if decay else f"{part}_no_decay", "params": params, "lr": lrs[part],
              "weight_decay": cfg.train.weight_decay if decay else 0.0}
