@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from mgn.config import PACKAGED_MINILM, DataConfig, resolve_text_model
-from mgn.data import eval_loader, expand_shards, read_sizes, tar_files, train_loader, worker_quotas
+from mgn import data
+from mgn.data import eval_loader, expand_shards, read_sizes, tar_files, tokenize, train_loader, worker_quotas
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADER_ARGS = dict(image_size=16, mean=MEAN, std=STD, tokenizer_name=None, seq_len=8, batch_size=4)
@@ -185,6 +186,30 @@ def test_batches_hold_normalised_rgb_and_tokens(tmp_path):
     direct = AutoTokenizer.from_pretrained(tokenizer)(f"caption of {batch['key'][0]}", padding="max_length",
                                                       truncation=True, max_length=8)
     assert batch["input_ids"][0].tolist() == direct["input_ids"]
+
+
+CAPTIONS = ["category: Just Chatting | title: road to 1k followers | device: laptop | focus: bottom-left",
+            "", "Ünïcode   caption with  CAPS and punctuation!!", "fight " * 200, "a"]
+
+
+@pytest.mark.parametrize("seq_len", [8, 121])
+@pytest.mark.parametrize("which", ["minilm", "bert768"])
+def test_fast_tokenize_matches_the_transformers_wrapper(which, seq_len, request, monkeypatch):
+    from transformers import AutoTokenizer
+
+    name = resolve_text_model(PACKAGED_MINILM) if which == "minilm" else request.getfixturevalue("bert768")
+    expected = AutoTokenizer.from_pretrained(name)(CAPTIONS, padding="max_length", truncation=True,
+                                                   max_length=seq_len, return_tensors="np")
+    ids, mask = tokenize(name, seq_len, CAPTIONS)
+    assert ids.dtype == mask.dtype == np.int64 and ids.shape == (len(CAPTIONS), seq_len)
+    np.testing.assert_array_equal(ids, expected["input_ids"])
+    np.testing.assert_array_equal(mask, expected["attention_mask"])
+    assert mask[3].all() and mask[1].sum() == 2  # truncated to the full length; empty = [CLS] [SEP]
+
+    monkeypatch.setattr(data, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
+    slow_ids, slow_mask = tokenize(name, seq_len, CAPTIONS)
+    np.testing.assert_array_equal(slow_ids, ids)
+    np.testing.assert_array_equal(slow_mask, mask)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
