@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from timm.utils import reparameterize_model
 from torch import nn
 
@@ -30,8 +31,31 @@ def fuse_student(student: ImageClassifier) -> ImageClassifier:
     timm's `reparameterize_model` does not switch to eval: fusing a train-mode model would fold
     batch statistics instead of running statistics, so eval comes first.
     """
-    fused = reparameterize_model(copy.deepcopy(student).eval())
+    fused = reparameterize_model(plain_batchnorm(copy.deepcopy(student)).eval())
     return fused.eval()
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo timm's `convert_sync_batchnorm` (multi-GPU training), sharing the same tensors.
+
+    MobileOne's fusion accepts only `nn.BatchNorm2d` branches, and inference has no process group.
+    """
+    converted = module
+    if isinstance(module, nn.SyncBatchNorm):
+        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if isinstance(module, SyncBatchNormAct):
+            converted = BatchNormAct2d(*args)
+            converted.act, converted.drop = module.act, module.drop
+        else:
+            converted = nn.BatchNorm2d(*args)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, plain_batchnorm(child))
+    return converted
 
 
 def unfused_modules(model: nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
 """The deployable student: fused MobileOne + head, one self-describing file, same outputs."""
+import copy
 import json
 
 import pytest
@@ -31,6 +32,22 @@ def test_fusion_removes_batchnorm_and_branches_and_keeps_outputs(student_and_con
     # 1e-4 absolute plus 1e-4 relative: fp32 rounding through ~20 fused convs is ~1e-5 of the logit scale.
     torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4)
     assert student.training is False and any(unfused_modules(student))  # the original is untouched
+
+
+def test_a_student_trained_with_syncbatchnorm_exports_like_the_plain_one(student_and_config, tmp_path):
+    """Multi-GPU training converts BatchNorm to SyncBatchNorm; the artifact must not care."""
+    import timm
+
+    student, cfg = student_and_config
+    synced = timm.layers.convert_sync_batchnorm(copy.deepcopy(student))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    x = torch.rand(4, 3, 64, 64) * 4 - 2
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_student(synced)(x), fuse_student(student)(x), rtol=0, atol=0)
+    with torch.no_grad():
+        exported = load_student(export_student(synced, cfg, tmp_path, onnx=False))[0](x)
+    torch.testing.assert_close(exported, fuse_student(student)(x), rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # the trained model is untouched
 
 
 def test_artifact_round_trip_carries_config_and_matches(student_and_config, tmp_path):
