@@ -29,6 +29,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     best_metric: float = float("-inf")
+    attention_grids: int = 0  # attention images written so far: the cap holds across requeues
 
 
 def tag_for(step: int) -> str:

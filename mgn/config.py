@@ -66,8 +66,8 @@ class TrainConfig:
     dist_timeout_s: int = 600
     log_every: int = 10  # steps between log lines / scalar points
     eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
-    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 3
+    ckpt_every: int = 500  # steps between checkpoints; 0: only at the end (and on preemption)
+    keep_last: int = 3  # checkpoints kept; 0: all
     attention_images: int = 4  # attention-map grids written per run (0: none)
     output_dir: str = "runs"
     run_name: str = ""  # "": derived from time and mode
@@ -169,9 +169,15 @@ def validate(cfg: Config) -> None:
     if m.mode == "guided" and m.attend_to == "fusion" and m.student_loss_weight <= 0:
         raise ValueError("model.attend_to=fusion trains the classifier on fusion features only; "
                          "set model.student_loss_weight > 0 so the image-only student head is trained")
-    for name in ("micro_batch", "grad_accum", "epochs"):
+    for name in ("micro_batch", "grad_accum", "epochs", "log_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
+    for name in ("eval_every", "ckpt_every", "keep_last", "attention_images"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.resume == "auto" and not t.run_name:
+        raise ValueError("train.resume=auto continues a named run: also pass --train.run_name NAME "
+                         f"(a folder under train.output_dir={t.output_dir!r})")
 
 
 def _choice(flag: str, value: Any, allowed: tuple) -> None:

@@ -24,6 +24,10 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     log.addHandler(console)
+    if rank != 0:  # transformers' "Loading weights" bar would print once per rank
+        from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+        transformers_logging.disable_progress_bar()
     if run_dir is not None and rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(run_dir / "train.log")

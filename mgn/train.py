@@ -37,15 +37,16 @@ log = logging.getLogger("mgn")
 def run(cfg: Config) -> dict:
     """Train as configured; every rank calls this. Returns the run summary (rank 0's view)."""
     world = distributed.detect_world()
-    if not cfg.train.run_name:
-        # Every rank must agree on the name: derive it from the config, not the clock, under a launcher.
-        cfg.train.run_name = f"{cfg.model.mode}-seed{cfg.train.seed}" if world.world_size > 1 else \
-            datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.model.mode}")
-    run_dir = cfg.run_dir
-    setup_logging(run_dir, world.rank)
     device = distributed.init_distributed(world, cfg.train.dist_timeout_s)
-    print(f"MGN rank {world.rank}/{world.world_size}: local_rank={world.local_rank} device={device} "
-          f"master={world.master_addr}:{world.master_port} source={world.source}", flush=True)
+    if not cfg.train.run_name:  # rank 0's clock names the run, so every rank writes to the same new folder
+        cfg.train.run_name = distributed.gather_objects(datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.model.mode}"))[0]
+    run_dir = cfg.run_dir
+    if not cfg.train.resume and (run_dir / "checkpoints" / "latest").exists():
+        raise FileExistsError(f"{run_dir} already holds a run with checkpoints: pass --train.resume auto to "
+                              "continue it, or another --train.run_name")
+    setup_logging(run_dir, world.rank)
+    log.info("MGN: %d rank(s) from %s, master %s:%s, rank 0 on %s", world.world_size, world.source,
+             world.master_addr, world.master_port, device)
     torch.manual_seed(cfg.train.seed + world.rank)
     np.random.seed(cfg.train.seed + world.rank)
     if world.is_main:
@@ -188,7 +189,6 @@ class Trainer:
         resume = checkpoint.find_resume_tag(self.ckpt_dir, cfg.train.resume)
         if resume:
             self.state = checkpoint.load(self.engine, *resume, rank=world.rank)
-        self.attention_grids_left = cfg.train.attention_images
         self.tensorboard = TensorBoard(cfg.run_dir / "tb", world.is_main, self.state.step if resume else None)
         if world.is_main and not resume:
             self.tensorboard.text("config", f"```\n{cfg.to_json()}\n```")
@@ -228,21 +228,25 @@ class Trainer:
             consumed = state.batch_in_epoch
             for _ in range(consumed):  # resume mid-epoch: the stream is deterministic per (seed, epoch, rank)
                 next(batches)
+            usable = self.updates_per_epoch * cfg.train.grad_accum  # whole updates only: no spill into the next epoch
             tick = time.perf_counter()
             for batch in batches:
+                if state.batch_in_epoch >= usable:
+                    continue  # read the stream to its end (its skip report), train on none of the rest
                 fetched = time.perf_counter()
                 loss = self._loss(batch)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
                 state.batch_in_epoch += 1
+                now = time.perf_counter()
                 timer.data += fetched - tick
+                timer.total += now - tick
                 timer.samples += len(batch["label"])
+                tick = now
                 if not engine.is_gradient_accumulation_boundary():
-                    tick = time.perf_counter()
                     continue
                 state.step += 1
-                timer.total += time.perf_counter() - tick
                 if state.step % cfg.train.log_every == 0:
                     self._log_train(losses, timer)
                     losses.clear()
@@ -250,7 +254,7 @@ class Trainer:
                 if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                     self.evaluate()
                     engine.train()
-                if state.step % cfg.train.ckpt_every == 0:
+                if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0:
                     self.save()
                 if distributed.any_rank(preemption.requested(), self.device):
                     stopped_by_signal = True
@@ -326,8 +330,8 @@ class Trainer:
                 if probs.shape[1] == 2:
                     self.tensorboard.pr_curve(f"eval/{role}_pr", all_labels, probs[:, 1], self.state.step)
             self._log_eval(results)
-            if grid_batch is not None and self.attention_grids_left > 0:
-                self.attention_grids_left -= 1
+            if grid_batch is not None and self.state.attention_grids < self.cfg.train.attention_images:
+                self.state.attention_grids += 1
                 self.tensorboard.attention_grid("attention/cross_modality", *grid_batch, self.mean, self.std,
                                                 self.state.step)
         results = distributed.gather_objects(results)[0] if self.world.world_size > 1 else results

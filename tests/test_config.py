@@ -39,6 +39,9 @@ def test_config_file_round_trip(tmp_path):
     (["--model.image_model", "resnet50"], "model.image_model='resnet50'"),
     (["--model.seq_len", "50"], "model.seq_len=50 is not a perfect square"),
     (["--model.fusion_dim", "30", "--model.attention_heads", "4"], "divisible"),
+    (["--train.log_every", "0"], "train.log_every=0 must be >= 1"),
+    (["--train.ckpt_every", "-1"], "train.ckpt_every=-1 must be >= 0"),
+    (["--train.resume", "auto"], "train.resume=auto continues a named run: also pass --train.run_name"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -49,3 +52,8 @@ def test_unknown_keys_in_a_config_file_are_rejected(tmp_path):
     (tmp_path / "bad.json").write_text('{"model": {"sequence_length": 64}}')
     with pytest.raises(ValueError, match="sequence_length"):
         parse("--config", str(tmp_path / "bad.json"))
+
+
+def test_zero_means_never_for_periodic_checkpoints_and_keep_all():
+    cfg = parse("--train.ckpt_every", "0", "--train.keep_last", "0", "--train.resume", "auto", "--train.run_name", "a")
+    assert (cfg.train.ckpt_every, cfg.train.keep_last, cfg.train.resume) == (0, 0, "auto")

@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic shards: outputs, TensorBoard, preemption and resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
     return ["train.py", "--preset", "tiny", "--data.train_shards", str(shards / "train-*.tar"),
             "--data.test_shards", str(shards / "test-*.tar"), "--data.synthetic_samples", "0",
             "--train.output_dir", str(out), "--train.run_name", name, *extra]
+
+
+def scalar_values(tb_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
 
 
 def torchrun(*args: str) -> list[str]:
@@ -69,12 +78,46 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     assert "attention/cross_modality" in steps["__images__"]
 
 
-def test_baseline_mode_runs_from_the_same_script(shards, tmp_path):
-    result = subprocess.run([sys.executable, *train_args(shards, tmp_path, "base", "--model.mode", "baseline")],
-                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    steps = scalars(tmp_path / "base" / "tb")
+def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_step(shards, tmp_path):
+    """Baseline mode from the same script. grad_accum 4: only whole updates in an epoch (DeepSpeed's
+    micro-step counter would otherwise carry the remainder into the next one), and time counted for
+    every micro-batch. Then resume from an older checkpoint than the last logged step: TensorBoard
+    must drop the rewritten steps (purge_step), and a fresh start in the used folder is refused."""
+    import math
+
+    from mgn.data import expand_shards, read_sizes
+
+    args = train_args(shards, tmp_path, "base", "--model.mode", "baseline", "--train.epochs", "2",
+                      "--train.grad_accum", "4", "--train.log_every", "1", "--train.ckpt_every", "4",
+                      "--train.keep_last", "0")
+    first = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "base"
+    micro_batches = math.ceil(sum(read_sizes(expand_shards(str(shards / "train-*.tar"))).values()) / 8)
+    total = 2 * (micro_batches // 4)
+    assert micro_batches % 4 and f"{micro_batches // 4} updates per epoch, {total} total" in first.stdout
+    assert json.loads((run / "summary.json").read_text())["step"] == total
+    steps = scalars(run / "tb")
     assert "eval/student_accuracy" in steps and "eval/teacher_accuracy" not in steps
+    assert steps["train/loss"] == list(range(1, total + 1))
+    wait = scalar_values(run / "tb", "train/data_wait_fraction")
+    assert all(0 <= w <= 1 for w in wait), wait
+
+    again = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert again.returncode != 0 and "already holds a run with checkpoints" in again.stdout + again.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{total:08d}"
+
+    rewind = 8
+    for tag in (run / "checkpoints").glob("step_*"):
+        if int(tag.name.split("_")[1]) > rewind:
+            shutil.rmtree(tag)
+    (run / "checkpoints" / "latest").write_text(f"step_{rewind:08d}")
+    resumed = subprocess.run([sys.executable, *args, "--train.resume", "auto"], cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{rewind:08d}'}" in resumed.stdout
+    assert json.loads((run / "summary.json").read_text())["step"] == total
+    assert scalars(run / "tb")["train/loss"] == list(range(1, total + 1))  # steps 9.. written twice, kept once
 
 
 def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(shards, tmp_path):
