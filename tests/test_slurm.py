@@ -89,8 +89,9 @@ def steps_of(run_dir: Path) -> int:
 
 
 def world_sizes_in(log: str) -> set[str]:
-    """World sizes rank 0 reported after every rank joined the process group (Slurm variables)."""
-    return set(re.findall(r"\[rank 0\] MGN: (\d+) rank\(s\) from slurm,", log))
+    """World sizes rank 0 reported after every rank joined the process group (from Slurm's variables
+    under sbatch, from the RANK/WORLD_SIZE that submitit's helper sets under submitit)."""
+    return set(re.findall(r"\[rank 0\] MGN: (\d+) rank\(s\) from (?:slurm|launcher),", log))
 
 
 def latest_tag(run_dir: Path) -> str:
