@@ -160,6 +160,25 @@ def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(s
     assert loss_steps == sorted(loss_steps) and loss_steps[-1] == summary["step"]
 
 
+def test_two_ranks_with_zero2_partition_the_optimizer_and_resume(shards, tmp_path):
+    """ZeRO stage 2 over gloo: each rank writes its own optimizer partition, and a resume loads them."""
+    args = train_args(shards, tmp_path, "z2", "--train.zero_stage", "2", "--train.ckpt_every", "10")
+    first = subprocess.run(torchrun(*args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "z2"
+    tag = run / "checkpoints" / "step_00000010"
+    assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
+    total = json.loads((run / "summary.json").read_text())["step"]
+    shutil.rmtree(run / "checkpoints" / f"step_{total:08d}")
+    (run / "checkpoints" / "latest").write_text(tag.name)
+    resumed = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(), capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {tag}" in resumed.stdout
+    assert json.loads((run / "summary.json").read_text())["step"] == total
+
+
 def _rank0_pid(launcher_pid: int, timeout: float = 30) -> int:
     """The worker torchrun started with RANK=0."""
     deadline = time.time() + timeout
