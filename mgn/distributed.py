@@ -133,3 +133,11 @@ def gather_objects(obj):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down while the interpreter is whole: a rank that exits with gloo's
+    threads still alive can abort in interpreter finalization ("terminate called without an
+    active exception", seen here when one rank of an evaluation returned before the other)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

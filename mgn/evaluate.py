@@ -492,6 +492,7 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
                     device=torch_device, teacher=teacher, fusion_check_batches=fusion_check_batches,
                     allow_empty=world.world_size > 1)
     preds = merge(distributed.gather_objects(preds))
+    distributed.shutdown()  # the last collective: rank 0 writes the report alone
     if len(preds.labels) == 0:
         raise ValueError(NO_SAMPLES)
     if not world.is_main:

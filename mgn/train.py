@@ -61,6 +61,7 @@ def run(cfg: Config) -> dict:
         return trainer.fit()
     finally:
         trainer.tensorboard.close()
+        distributed.shutdown()
 
 
 def ensure_demo_shards(cfg: Config) -> None:
