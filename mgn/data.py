@@ -378,7 +378,7 @@ def tar_files(f) -> Iterator[tuple[str, bytes]]:
 
     A few lines of header parsing instead of `tarfile`, whose per-member objects cost more than
     decoding a small JPEG. Handles ustar (what webdataset and mgn.shards write), GNU long names
-    and pax paths; checksums are verified (~5 us a header, a few percent of decoding a small
+    and pax paths; checksums are verified (a few us a header, a few percent of decoding a small
     JPEG: worth it to catch a corrupt shard), and a short read raises `tarfile.ReadError`.
     """
     long_name = None

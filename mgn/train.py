@@ -41,7 +41,7 @@ def run(cfg: Config) -> dict:
     if not cfg.train.run_name:  # rank 0's clock names the run, so every rank writes to the same new folder
         cfg.train.run_name = distributed.gather_objects(datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.model.mode}"))[0]
     run_dir = cfg.run_dir
-    if not cfg.train.resume and (run_dir / "checkpoints" / "latest").exists():
+    if not cfg.train.resume and checkpoint.find_resume_tag(run_dir / "checkpoints", "auto"):
         raise FileExistsError(f"{run_dir} already holds a run with checkpoints: pass --train.resume auto to "
                               "continue it, or another --train.run_name")
     setup_logging(run_dir, world.rank)

@@ -35,6 +35,14 @@ def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
             "--train.output_dir", str(out), "--train.run_name", name, *extra]
 
 
+def rewind_to(run: Path, step: int) -> None:
+    """Make `step` the run's latest checkpoint, as if the later ones had never been written."""
+    for tag in (run / "checkpoints").glob("step_*"):
+        if int(tag.name.split("_")[1]) > step:
+            shutil.rmtree(tag)
+    (run / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+
+
 def scalar_values(tb_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -108,10 +116,7 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{total:08d}"
 
     rewind = 8
-    for tag in (run / "checkpoints").glob("step_*"):
-        if int(tag.name.split("_")[1]) > rewind:
-            shutil.rmtree(tag)
-    (run / "checkpoints" / "latest").write_text(f"step_{rewind:08d}")
+    rewind_to(run, rewind)
     resumed = subprocess.run([sys.executable, *args, "--train.resume", "auto"], cwd=ROOT, env=env(),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -170,8 +175,7 @@ def test_two_ranks_with_zero2_partition_the_optimizer_and_resume(shards, tmp_pat
     assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
     total = json.loads((run / "summary.json").read_text())["step"]
-    shutil.rmtree(run / "checkpoints" / f"step_{total:08d}")
-    (run / "checkpoints" / "latest").write_text(tag.name)
+    rewind_to(run, 10)
     resumed = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(), capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
