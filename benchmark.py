@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from mgn.benchmark import BenchmarkError, Settings, run, tiny_settings
-from mgn.evaluate import CheckpointError
+from mgn.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ is rebuilt from the config saved with the checkpoint. Writes eval.json and pr_cu
 import argparse
 import sys
 
-from mgn.evaluate import CheckpointError, run
+from mgn.checkpoint import CheckpointError
+from mgn.evaluate import run
 
 
 def main(argv: list[str] | None = None) -> int:

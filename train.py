@@ -1,11 +1,11 @@
-"""Train the Multimodal Guidance Network (or the image-only baseline) with DeepSpeed.
+"""Train the Multimodal Guidance Network (or another objective, or the image-only baseline) with DeepSpeed.
 
     python train.py                                   # embedded demo: synthetic shards, CPU, a few minutes
     python train.py --preset tiny                     # seconds-long smoke run
     torchrun --standalone --nproc_per_node 2 train.py --preset demo
     mkdir -p runs/NAME && sbatch -J NAME slurm/train.sh --preset paper   # one srun task per GPU (slurm/README.md)
-    python train.py --preset paper --model.mode baseline   # the plain fine-tuned MobileOne, same script
-    python train.py --help                            # every config field as --section.field
+    python train.py --preset paper --objective.name baseline   # the plain fine-tuned MobileOne, same script
+    python train.py --preset paper --help             # every config field as --section.field, paper's defaults
 
 Configuration: dataclass defaults (the paper's settings) -> --preset (default: demo) -> --config FILE ->
 --section.field flags. The resolved config is printed and saved as <run_dir>/config.json.
@@ -13,16 +13,21 @@ Configuration: dataclass defaults (the paper's settings) -> --preset (default: d
 import argparse
 import sys
 
-from mgn import preemption
-from mgn.config import add_config_args, config_from_args
-from mgn.train import run
+from mgn.config import PRESETS, add_config_args, config_from_args
 
 
 def main() -> int:
+    # The preset decides the defaults --help shows; torch & co. load only after parsing (--help is instant).
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default="demo")
+    chosen, _ = preset.parse_known_args()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    args = parser.parse_args()
-    cfg = config_from_args(args)
+    add_config_args(parser, preset=chosen.preset if chosen.preset in PRESETS else "demo")
+    cfg = config_from_args(parser.parse_args())
+
+    from mgn import preemption  # noqa: PLC0415
+    from mgn.train import run  # noqa: PLC0415 - heavy: torch, DeepSpeed
+
     summary = run(cfg)
     if summary.get("requeue") and summary.get("rank", 0) == 0:
         preemption.requeue_slurm_job()

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mgn import distributed  # noqa: E402
 from mgn.config import PRESETS, Config, preset_config, resolve_text_model  # noqa: E402
 from mgn.data import train_loader  # noqa: E402
-from mgn.model import build_model  # noqa: E402
-from mgn.train import build_engine, compute_loss, ensure_demo_shards, model_inputs  # noqa: E402
+from mgn.objectives import build_objective  # noqa: E402
+from mgn.train import build_engine, ensure_demo_shards, model_inputs  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -44,8 +44,8 @@ def loader(cfg: Config, world):
 
 
 def step(engine, batch: dict, cfg: Config, device: torch.device) -> None:
-    inputs = model_inputs(batch, device, next(engine.module.parameters()).dtype, cfg.model.mode == "guided")
-    engine.backward(compute_loss(engine(**inputs), batch["label"].to(device), cfg))
+    inputs = model_inputs(batch, device, next(engine.module.parameters()).dtype, cfg.uses_captions)
+    engine.backward(engine(**inputs, label=batch["label"].to(device)).loss)
     engine.step()
 
 
@@ -58,18 +58,19 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
 
-    variants = {"baseline": {"mode": "baseline"},
-                "guided": {"mode": "guided", "freeze_text": True, "text_cache": 0},  # encodes every caption
-                "guided_cached": {"mode": "guided", "freeze_text": True, "text_cache": 10**6}}
-    configs = {name: preset_config(args.preset, {"model": model, "data": {"num_workers": args.workers}})
-               for name, model in variants.items()}
+    variants = {"baseline": ("baseline", {}),
+                "guided": ("guided", {"freeze_text": True, "text_cache": 0}),  # encodes every caption
+                "guided_cached": ("guided", {"freeze_text": True, "text_cache": 10**6})}
+    configs = {name: preset_config(args.preset, {"objective": {"name": objective}, "model": model,
+                                                 "data": {"num_workers": args.workers}})
+               for name, (objective, model) in variants.items()}
     world = distributed.detect_world()
     device = distributed.init_distributed(world, timeout_s=300)
     ensure_demo_shards(configs["guided"])
     engines = {}
     for mode, cfg in configs.items():
         torch.manual_seed(0)
-        engines[mode] = build_engine(build_model(cfg.model), cfg, device, total_steps=10**6)
+        engines[mode] = build_engine(build_objective(cfg), cfg, device, total_steps=10**6)
         engines[mode].train()
     batches = []
     for batch in loader(configs["guided"], world):

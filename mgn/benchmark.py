@@ -77,7 +77,7 @@ def prepare(*, ckpt: str | None = None, variant: str = "mobileone_s4", image_siz
             num_classes: int = 2, bn_warmup_batches: int = 4, seed: int = 0) -> Models:
     """Student from a checkpoint (any kind mgn.evaluate reads), or random init of `variant`."""
     if ckpt:
-        from mgn.evaluate import load_checkpoint  # noqa: PLC0415
+        from mgn.checkpoint import load_checkpoint  # noqa: PLC0415
 
         loaded = load_checkpoint(ckpt)
         cfg = loaded.cfg.model
@@ -99,7 +99,7 @@ def prepare(*, ckpt: str | None = None, variant: str = "mobileone_s4", image_siz
         variant, num_classes = cfg.image_model, cfg.num_classes
     else:
         size = image_size or 224
-        cfg = ModelConfig(mode="baseline", image_model=variant, image_size=size, num_classes=num_classes)
+        cfg = ModelConfig(image_model=variant, image_size=size, num_classes=num_classes)
         torch.manual_seed(seed)
         unfused = ImageClassifier(cfg)
         warm_batchnorm(unfused, size, bn_warmup_batches, seed)

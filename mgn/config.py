@@ -3,6 +3,10 @@
 Every value a run depends on lives here. Entry scripts build a `Config` from a preset
 plus `--section.field value` overrides; the result is validated once, printed, saved
 as `config.json` in the run directory and inside every checkpoint and exported student.
+Each field carries its one-line help and, for choice fields, its allowed values (`option`):
+`--help` and `validate` both read them, so they cannot disagree.
+
+This module imports nothing heavy: `python train.py --help` must answer before torch loads.
 """
 from __future__ import annotations
 
@@ -19,70 +23,109 @@ from typing import Any
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
 
 
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - argparse's word
+    """A config field with its help line and, for choice fields, the allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class ModelConfig:
-    mode: str = "guided"  # guided: MGN training; baseline: image-only fine-tune (paper's "MO-S4")
-    image_model: str = "mobileone_s4"  # any timm mobileone_s0 ... mobileone_s4
-    image_pretrained: str = ""  # "": random init; "hub": timm's weights; else a local weights file
-    image_size: int = 224
-    text_model: str = "distilbert-base-uncased"  # hub name, local folder, or PACKAGED_MINILM
-    seq_len: int = 121  # tokens per caption; must be a perfect square (121 -> 11x11 block)
-    freeze_text: bool = True
-    text_cache: int = 0  # frozen text only: keep this many captions' token blocks (LRU); 0 = off
-    fusion_dim: int = 1024
-    attention: str = "token"  # token: self-attention over fusion tokens; pool: attention pooling
-    attention_heads: int = 8
-    attend_to: str = "image"  # image: the paper's mechanism; fusion: its ablation
-    num_classes: int = 2
-    student_loss_weight: float = 0.5  # image-only loss on the shared head, keeps the student valid
-    drop_rate: float = 0.0
+    image_model: str = option("mobileone_s4", "timm MobileOne variant: mobileone_s0 ... mobileone_s4")
+    image_pretrained: str = option("", "image encoder weights: '' random init, 'hub' timm's ImageNet weights "
+                                       "(downloads), or a local weights file (.safetensors / .pth)")
+    image_size: int = option(224, "input side in pixels; the image embedding grid is ceil(size / 32)")
+    text_model: str = option("distilbert-base-uncased", "text encoder: hub name, local folder, or "
+                                                         f"{PACKAGED_MINILM} (offline MiniLM)")
+    seq_len: int = option(121, "tokens per caption; a perfect square (121 -> an 11x11 text block)")
+    freeze_text: bool = option(True, "keep the text encoder's weights fixed (the paper's 'frozen' row)")
+    text_cache: int = option(0, "frozen text only: remember this many captions' encodings (LRU); 0 = off")
+    fusion_dim: int = option(1024, "channels of the 3-layer conv fusion of image and text blocks")
+    attention: str = option("token", "cross-modality map: token = self-attention over fusion tokens, "
+                                     "pool = attention pooling (the authors' code)", ("token", "pool"))
+    attention_heads: int = option(8, "attention heads; must divide fusion_dim")
+    attend_to: str = option("image", "what the map re-weights: image = the original image embedding (paper), "
+                                     "fusion = the fusion features (its ablation)", ("image", "fusion"))
+    num_classes: int = option(2, "classes; 2 = binary moderation (class 1 is the one to moderate)")
+    drop_rate: float = option(0.0, "dropout before the classifier head")
+
+
+# The training objectives of mgn/objectives.py, with the one-line reading of each.
+OBJECTIVES = {
+    "baseline": "image-only fine-tune (the paper's 'fine-tuned MobileOne')",
+    "guided": "the paper's MGN: classifier trained on caption-re-weighted image features (+ student term)",
+    "distill": "generalized distillation: the student learns labels + the guided teacher's softened logits",
+    "tram": "TRAM: encoder trained through the guided head only; deployed head on stop-gradient features",
+    "attention_transfer": "the text-derived map is a target for the student's own feature-norm map",
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = option("guided", "training objective (mgn/objectives.py): "
+                                 + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), tuple(OBJECTIVES))
+    student_weight: float = option(0.5, "guided: weight of the image-only loss on the shared head "
+                                        "(0 = the paper's loss exactly)")
+    distill_weight: float = option(0.5, "distill: share of the student loss taken from the teacher's soft targets")
+    temperature: float = option(2.0, "distill: softmax temperature of teacher and student logits")
+    attention_weight: float = option(1.0, "attention_transfer: weight of the map-matching loss")
+    caption_dropout: float = option(0.0, "guided objectives: chance that a training caption is replaced by an "
+                                         "empty one (a guard against reading the label from the text)")
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = "shards/demo/train-{000000..000007}.tar"  # brace pattern, glob or list file
-    test_shards: str = "shards/demo/test-{000000..000001}.tar"
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    max_skip_fraction: float = 0.01  # stop the run if more bad samples than this are skipped
-    synthetic_samples: int = 0  # >0: create missing demo shards with the synthetic generator
+    train_shards: str = option("shards/demo/train-{000000..000007}.tar", "brace pattern, glob, or list file (.txt)")
+    test_shards: str = option("shards/demo/test-{000000..000001}.tar", "brace pattern, glob, or list file (.txt)")
+    num_workers: int = option(2, "loader worker processes per rank")
+    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
+    max_skip_fraction: float = option(0.01, "stop the run if more bad samples than this are skipped")
+    synthetic_samples: int = option(0, ">0: write missing demo shards with the synthetic generator")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    epochs: int = 10
-    micro_batch: int = 32  # per rank; global batch = micro_batch * grad_accum * world_size
-    grad_accum: int = 1
-    lr_image: float = 1e-4
-    lr_text: float = 1e-5
-    lr_head: float = 1e-3  # fusion, attention and classifier head
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    grad_clip: float = 1.0  # 0 disables clipping (DeepSpeed's own default would be 1.0)
-    label_smoothing: float = 0.1
-    zero_stage: int = 0  # 0, 1 or 2
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 | bf16 | fp16
-    dist_timeout_s: int = 600
-    log_every: int = 10  # steps between log lines / scalar points
-    eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
-    ckpt_every: int = 500  # steps between checkpoints; 0: only at the end (and on preemption)
-    keep_last: int = 3  # checkpoints kept; 0: all
-    attention_images: int = 4  # attention-map grids written per run (0: none)
-    output_dir: str = "runs"
-    run_name: str = ""  # "": derived from time and mode
-    resume: str = ""  # "": fresh run; "auto": latest checkpoint in the run dir; or a path
+    seed: int = option(0, "seeds initialisation, sample order and augmentation")
+    epochs: int = option(10, "passes over the training shards")
+    micro_batch: int = option(32, "samples per rank per step; global batch = micro_batch x grad_accum x ranks")
+    grad_accum: int = option(1, "micro-batches per optimizer update")
+    lr_image: float = option(1e-4, "learning rate of the image encoder")
+    lr_text: float = option(1e-5, "learning rate of the text encoder (when not frozen)")
+    lr_head: float = option(1e-3, "learning rate of fusion, attention and classifier heads")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases and norms)")
+    warmup_steps: int = option(100, "linear warmup updates before the cosine decay")
+    grad_clip: float = option(1.0, "gradient norm clip; 0 disables (DeepSpeed's own default would be 1.0)")
+    label_smoothing: float = option(0.1, "label smoothing of every cross-entropy term")
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage", (0, 1, 2))
+    precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
+    dist_timeout_s: int = option(600, "seconds a collective may wait before the job fails")
+    log_every: int = option(10, "updates between log lines and scalar points")
+    eval_every: int = option(0, "updates between evaluations; 0: after each epoch; -1: never during training")
+    ckpt_every: int = option(500, "updates between checkpoints; 0: only at the end (and on preemption)")
+    keep_last: int = option(3, "checkpoints kept; 0: all")
+    attention_images: int = option(4, "attention-map pictures written per run (0: none)")
+    output_dir: str = option("runs", "folder that holds run folders")
+    run_name: str = option("", "run folder name; '': derived from the time and the objective")
+    resume: str = option("", "'': fresh run; 'auto': latest checkpoint of run_name; or a checkpoint path")
+    init_from: str = option("", "start from these weights: a run folder, checkpoint tag or student.pt2")
+    init_parts: str = option("student", "what init_from loads: student = image encoder + head, "
+                                        "image_encoder = the encoder only (fresh head)", ("student", "image_encoder"))
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / self.train.run_name
+
+    @property
+    def uses_captions(self) -> bool:
+        """Whether training reads captions: every objective but the image-only baseline."""
+        return self.objective.name != "baseline"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +135,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        unknown_sections = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown_sections:
+            raise ValueError(f"unknown config sections: {sorted(unknown_sections)}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_type = type(getattr(cls(), f.name))
@@ -148,12 +194,14 @@ def resolve_text_model(name: str) -> str:
 
 def validate(cfg: Config) -> None:
     """Reject impossible settings once, at start, with the flag that caused them."""
-    m, t = cfg.model, cfg.train
-    _choice("model.mode", m.mode, ("guided", "baseline"))
-    _choice("model.attention", m.attention, ("token", "pool"))
-    _choice("model.attend_to", m.attend_to, ("image", "fusion"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    _choice("train.zero_stage", t.zero_stage, (0, 1, 2))
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(values, f.name) not in allowed:
+                raise ValueError(f"{section.name}.{f.name}={getattr(values, f.name)!r}: expected one of "
+                                 f"{list(allowed)}")
+    m, o, t = cfg.model, cfg.objective, cfg.train
     if not m.image_model.startswith("mobileone_s"):
         raise ValueError(f"model.image_model={m.image_model!r}: expected mobileone_s0 ... mobileone_s4")
     side = math.isqrt(m.seq_len)
@@ -166,23 +214,27 @@ def validate(cfg: Config) -> None:
     if m.fusion_dim % m.attention_heads:
         raise ValueError(f"model.fusion_dim={m.fusion_dim} must be divisible by "
                          f"model.attention_heads={m.attention_heads}")
-    if m.mode == "guided" and m.attend_to == "fusion" and m.student_loss_weight <= 0:
+    if o.name == "guided" and m.attend_to == "fusion" and o.student_weight <= 0:
         raise ValueError("model.attend_to=fusion trains the classifier on fusion features only; "
-                         "set model.student_loss_weight > 0 so the image-only student head is trained")
+                         "set objective.student_weight > 0 so the image-only student head is trained")
+    for name in ("student_weight", "attention_weight", "caption_dropout", "distill_weight"):
+        if getattr(o, name) < 0:
+            raise ValueError(f"objective.{name}={getattr(o, name)} must be >= 0")
+    if o.caption_dropout > 1 or o.distill_weight > 1:
+        raise ValueError("objective.caption_dropout and objective.distill_weight are fractions in [0, 1]")
+    if o.temperature <= 0:
+        raise ValueError(f"objective.temperature={o.temperature} must be > 0")
     for name in ("micro_batch", "grad_accum", "epochs", "log_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
-    for name in ("eval_every", "ckpt_every", "keep_last", "attention_images"):
+    for name in ("ckpt_every", "keep_last", "attention_images"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.eval_every < -1:
+        raise ValueError(f"train.eval_every={t.eval_every} must be >= -1 (-1: never during training)")
     if t.resume == "auto" and not t.run_name:
         raise ValueError("train.resume=auto continues a named run: also pass --train.run_name NAME "
                          f"(a folder under train.output_dir={t.output_dir!r})")
-
-
-def _choice(flag: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{flag}={value!r}: expected one of {list(allowed)}")
 
 
 def _parse_bool(text: str) -> bool:
@@ -194,19 +246,23 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One `--section.field` flag per config field, typed from the dataclass."""
+def add_config_args(parser: argparse.ArgumentParser, preset: str = "demo") -> None:
+    """One `--section.field` flag per config field, typed from the dataclass, with the default of `preset`."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="named overrides of the paper's settings (default: demo, a small CPU run)")
+                        help="named overrides of the paper's settings (default: demo, a small CPU run); "
+                             "the defaults below are this preset's: pass --preset X --help to see X's")
     parser.add_argument("--config", default=None, help="JSON config file (e.g. a saved config.json)")
+    effective = preset_config(preset, validate_it=False)
     for section in dataclasses.fields(Config):
-        group = parser.add_argument_group(section.name)
-        for f in dataclasses.fields(type(getattr(Config(), section.name))):
-            default = f.default
-            kind = _parse_bool if isinstance(default, bool) else type(default)
-            group.add_argument(f"--{section.name}.{f.name}", dest=f"{section.name}.{f.name}",
-                               type=kind, default=None, metavar=type(default).__name__.upper(),
-                               help=f"default: {default!r}")
+        group = parser.add_argument_group(f"{section.name} (defaults of --preset {preset})")
+        values = getattr(effective, section.name)
+        for f in dataclasses.fields(values):
+            kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
+            choices = f.metadata.get("choices")
+            allowed = f" {{{','.join(map(str, choices))}}}" if choices else ""
+            group.add_argument(f"--{section.name}.{f.name}", dest=f"{section.name}.{f.name}", type=kind,
+                               default=None, metavar=type(f.default).__name__.upper(),
+                               help=f"{f.metadata['help']}.{allowed} Default: {getattr(values, f.name)!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -225,13 +281,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def preset_config(preset: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+def preset_config(preset: str, overrides: dict[str, dict[str, Any]] | None = None, *,
+                  validate_it: bool = True) -> Config:
     """A validated config from a preset plus {section: {field: value}} overrides (for scripts and tests)."""
     raw = Config().to_dict()
     _merge(raw, PRESETS[preset])
     _merge(raw, overrides or {})
     cfg = Config.from_dict(raw)
-    validate(cfg)
+    if validate_it:
+        validate(cfg)
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Evaluate a trained model: the image-only student exactly as deployed, optionally beside the guided teacher.
 
-    load_checkpoint(path)  -> Checkpoint      any of: run dir, checkpoints dir, its `latest`, a tag dir
-                                             (ZeRO-0: module states; ZeRO-1/2: consolidated fp32), student.pt2
+    load_checkpoint(path)  -> Checkpoint      (mgn/checkpoint.py) any of: run dir, checkpoints dir, its `latest`,
+                                             a tag dir (ZeRO-0: module states; ZeRO-1/2: consolidated fp32), student.pt2
     predict(ckpt, batches) -> Predictions     fused student on every sample; teacher and unfused student too
     summarize(preds, ...)  -> report dict     scikit-learn metrics (mgn.metrics), kept-by-student ratios
     run(...)               -> report dict     the whole of `python evaluate.py`: table, eval.json, pr_curve.png
@@ -16,246 +16,24 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from mgn import distributed
+from mgn.checkpoint import Checkpoint, load_checkpoint
 from mgn.config import Config
-from mgn.export import ARTIFACT_NAME, fuse_student, load_student
 from mgn.metrics import classification_metrics
-from mgn.model import ImageClassifier, build_model
 
 log = logging.getLogger("mgn")
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
 # Metrics shown in the table, in order; "kept" is student / teacher for each.
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "recall_at_precision",
                  "threshold_at_precision")
 
-
 NO_SAMPLES = "no samples were read: the shards are empty, or every sample was skipped as bad"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the config saved with it."""
-
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint of any kind, with the deployed student ready to run (fused, eval, fp32, CPU)."""
-    kind: str  # "deepspeed" (module states) | "zero" (ZeRO-1/2, consolidated to fp32) | "student" (student.pt2)
-    path: Path  # the tag folder or the artifact file actually read
-    cfg: Config
-    student: nn.Module  # as deployed: fused MobileOne + head (or the exported program itself)
-    stored_fused: bool  # whether the image encoder was already reparameterized in the file
-    unfused_student: nn.Module | None = None  # the training-time student (None for an artifact or fused file)
-    teacher: nn.Module | None = None  # the whole GuidanceNetwork, built only when asked for
-    step: int | None = None
-    tag: str | None = None
-    zero_stage: int | None = None
-    dtype: str = "float32"  # dtype of the weights as stored
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        what = {"deepspeed": f"DeepSpeed checkpoint (ZeRO-{self.zero_stage or 0}, module states)",
-                "zero": f"ZeRO-{self.zero_stage} checkpoint (fp32 weights consolidated by zero_to_fp32)",
-                "student": "exported student artifact"}[self.kind]
-        encoder = "stored fused" if self.stored_fused else "stored unfused, fused here for evaluation"
-        step = f", step {self.step}" if self.step is not None else ""
-        return f"{what}{step}; {self.cfg.model.mode} {self.cfg.model.image_model}, encoder {encoder}"
-
-
-# --- finding and loading checkpoints ----------------------------------------------------------------------
-
-def resolve(path: str | Path) -> tuple[str, Path]:
-    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (expected a run folder, its checkpoints/ folder, "
-                              f"checkpoints/latest, a checkpoints/<tag>/ folder, or {ARTIFACT_NAME})")
-    if path.is_file():
-        if path.suffix == ".pt2":
-            return "artifact", path
-        if path.name == "latest":
-            return "tag", _tag_from_latest(path)
-        if path.name.endswith("model_states.pt"):
-            return "tag", path.parent
-        raise CheckpointError(f"{path}: not a checkpoint file (expected {ARTIFACT_NAME}, a DeepSpeed `latest` file "
-                              f"or {MODEL_STATES})")
-    if (path / MODEL_STATES).exists():
-        return "tag", path
-    if (path / "latest").exists():
-        return "tag", _tag_from_latest(path / "latest")
-    if (path / "checkpoints" / "latest").exists():
-        return "tag", _tag_from_latest(path / "checkpoints" / "latest")
-    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME):
-        if artifact.exists():
-            return "artifact", artifact
-    if any(path.glob("*optim_states.pt")):
-        raise CheckpointError(f"{path}: has optimizer shards but no {MODEL_STATES}; the checkpoint is incomplete")
-    raise CheckpointError(f"{path}: no checkpoint found here (looked for {MODEL_STATES}, latest, checkpoints/latest, "
-                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME})")
-
-
-def _tag_from_latest(latest: Path) -> Path:
-    tag = latest.read_text().strip()
-    folder = latest.parent / tag
-    if not tag or not (folder / MODEL_STATES).exists():
-        raise CheckpointError(f"{latest} points at tag {tag!r}, but {folder / MODEL_STATES} does not exist "
-                              f"(tags present: {sorted(p.name for p in latest.parent.glob('*/') if p.is_dir())})")
-    return folder
-
-
-def load_checkpoint(path: str | Path, *, teacher: bool = False, consolidate_zero: bool | None = None) -> Checkpoint:
-    """Load any checkpoint kind; build the student (and with `teacher`, the guided network) from its own config.
-
-    `consolidate_zero=None` consolidates fp32 weights from the ZeRO shards whenever the tag has them;
-    False reads the module states even then (under bf16 those are bf16 copies of the fp32 masters).
-    """
-    kind, where = resolve(path)
-    if kind == "artifact":
-        if teacher:
-            raise CheckpointError(f"{where}: an exported student holds no text encoder or fusion; pass the training "
-                                  f"checkpoint (run folder or checkpoints/<tag>) to evaluate the guided teacher")
-        return _load_artifact(where)
-    return _load_tag(where, teacher=teacher, consolidate_zero=consolidate_zero)
-
-
-def _load_artifact(path: Path) -> Checkpoint:
-    try:
-        module, cfg, meta = load_student(path)
-    except CheckpointError:
-        raise
-    except Exception as error:  # torch.export raises several types for a damaged archive
-        raise CheckpointError(f"{path}: cannot read the exported student ({type(error).__name__}: {error}); "
-                              f"the file is truncated, corrupt or not a torch.export archive") from error
-    for key, value in (("image_model", cfg.model.image_model), ("num_classes", cfg.model.num_classes)):
-        if key in meta and meta[key] != value:
-            raise CheckpointError(f"{path}: export.json says {key}={meta[key]!r} but the embedded config says "
-                                  f"{value!r}; the artifact was assembled from another model's config")
-    return Checkpoint(kind="student", path=path, cfg=cfg, student=module, stored_fused=bool(meta.get("fused", True)),
-                      notes=[f"export format {meta.get('format_version')}, trained in {meta.get('trained_mode')} mode"])
-
-
-def _read_model_states(tag_dir: Path) -> dict:
-    file = tag_dir / MODEL_STATES
-    try:
-        # DeepSpeed's model-states file holds tensors, plain containers and numbers: safe to load weights-only.
-        states = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{file}: cannot read checkpoint ({type(error).__name__}: {str(error)[:200]}); the file "
-                              f"is truncated or corrupt; re-copy it or evaluate another tag") from error
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise CheckpointError(f"{file}: no 'module' state dict inside; not a DeepSpeed model-states file")
-    return states
-
-
-def _config_for(tag_dir: Path, states: dict) -> Config:
-    """The config saved inside the checkpoint; the run's config.json must agree with it where both exist."""
-    run_config = tag_dir.parent.parent / "config.json"
-    embedded = states.get("config")
-    if embedded is None and not run_config.exists():
-        raise CheckpointError(f"{tag_dir}: no config saved with this checkpoint (no client_state 'config' and no "
-                              f"{run_config}); cannot tell which model to build")
-    try:
-        cfg = Config.from_dict(embedded) if embedded is not None else Config.load(run_config)
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{tag_dir}: the saved config does not parse ({error}); written by an incompatible "
-                              f"version of mgn?") from error
-    if embedded is not None and run_config.exists():
-        try:
-            other = Config.load(run_config).model
-        except (ValueError, TypeError, json.JSONDecodeError):
-            other = None
-        if other is not None:
-            differ = {k: (v, getattr(other, k)) for k, v in dataclasses.asdict(cfg.model).items()
-                      if getattr(other, k) != v}
-            if differ:
-                lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config.json {b!r}" for k, (a, b) in differ.items())
-                raise CheckpointError(f"{tag_dir}: this checkpoint comes from another model config than {run_config} "
-                                      f"({lines}); was it copied from another run?")
-    return cfg
-
-
-def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool | None) -> Checkpoint:
-    states = _read_model_states(tag_dir)
-    cfg = _config_for(tag_dir, states)
-    zero_stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
-    weights = dict(states["module"])
-    stored_dtype = _dominant_dtype(weights)
-    has_shards = any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
-    notes = []
-    kind = "deepspeed"
-    if has_shards and zero_stage in (1, 2) and consolidate_zero is not False:
-        weights.update(_consolidate_zero(tag_dir))  # fp32 masters; frozen params and buffers stay from the module
-        kind = "zero"
-    elif stored_dtype != "float32":
-        notes.append(f"weights stored as {stored_dtype} (ZeRO-{zero_stage} keeps its fp32 masters in optimizer state, "
-                     f"not read); evaluated in fp32 after conversion")
-    if teacher and cfg.model.mode != "guided":
-        raise CheckpointError(f"{tag_dir}: a {cfg.model.mode} checkpoint has no guided (teacher) path; drop --teacher")
-    train_state = states.get("train_state") or {}
-    step = states.get("step", train_state.get("step"))
-    stored_fused = any(k.endswith("reparam_conv.weight") for k in weights)
-    prefix = "student." if cfg.model.mode == "guided" else ""
-
-    student_weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    student = ImageClassifier(cfg.model)
-    if stored_fused:
-        student = fuse_student(student)
-    _load_strict(student, student_weights, cfg, tag_dir, what="student")
-    student = student.float().eval()
-    fused = student if stored_fused else fuse_student(student)
-
-    guided = None
-    if teacher:
-        guided = build_model(cfg.model)
-        if stored_fused:
-            guided.student = fuse_student(guided.student)
-        _load_strict(guided, weights, cfg, tag_dir, what="guided model")
-        guided = guided.float().eval()
-    return Checkpoint(kind=kind, path=tag_dir, cfg=cfg, student=fused, stored_fused=stored_fused,
-                      unfused_student=None if stored_fused else student, teacher=guided, step=step,
-                      tag=tag_dir.name, zero_stage=zero_stage, dtype=stored_dtype, notes=notes)
-
-
-def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
-
-    try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except Exception as error:
-        raise CheckpointError(f"{tag_dir}: the ZeRO optimizer shards cannot be consolidated ({type(error).__name__}: "
-                              f"{str(error)[:200]}); a shard is missing, truncated or from another world size") \
-            from error
-
-
-def _dominant_dtype(weights: dict) -> str:
-    floats = [v.dtype for v in weights.values() if torch.is_tensor(v) and v.is_floating_point()]
-    return str(max(set(floats), key=floats.count)).replace("torch.", "") if floats else "float32"
-
-
-def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, what: str) -> None:
-    """load_state_dict, but a mismatch names the config the model was built from and the first differences."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [f"{k}: checkpoint {list(weights[k].shape)} vs model {list(v.shape)}" for k, v in expected.items()
-              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        m = cfg.model
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
-        raise CheckpointError(
-            f"{source}: the weights do not fit the {what} built from the config saved with the checkpoint "
-            f"(model.mode={m.mode!r}, model.image_model={m.image_model!r}, model.num_classes={m.num_classes}): "
-            f"{'; '.join(p for p in parts if p)}. The checkpoint comes from another model config.")
-    model.load_state_dict(weights, strict=True)
 
 
 # --- running the model ------------------------------------------------------------------------------------
@@ -297,9 +75,10 @@ def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, 
         logits = student(image).float()
         reference = None
         if guided is not None:
-            out = guided(image, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            teacher_probs.append(out.logits.float().softmax(-1).cpu())
-            reference = out.student_logits.float()
+            out = guided.predict(image, input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device))
+            teacher_probs.append(out.teacher.float().softmax(-1).cpu())
+            reference = out.student.float()
         elif unfused is not None and (fusion_check_batches is None or index < fusion_check_batches):
             reference = unfused(image).float()
         if reference is not None:

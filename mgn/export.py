@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+from timm.models.byobnet import MobileOneBlock
 from timm.utils import reparameterize_model
 from torch import nn
 
@@ -58,6 +59,42 @@ def plain_batchnorm(module: nn.Module) -> nn.Module:
     return converted
 
 
+def unfuse_into(student: ImageClassifier, fused_weights: dict[str, torch.Tensor]) -> None:
+    """Write a fused student's weights into an unfused (training-layout) student, exactly.
+
+    Each MobileOne block keeps its fused kernel and bias in its first conv branch, whose BatchNorm is
+    made an identity (mean 0, variance 1, scale sqrt(1 + eps), so that fusing it again gives the kernel
+    back bit for bit); every other branch gets zero scale and shift. In eval mode the result computes
+    the fused function, and `fuse_student` returns the fused weights unchanged. In train mode BatchNorm
+    normalises with batch statistics, so training from here starts from these weights, not this function.
+    """
+    weights = student.state_dict()
+    blocks = [name for name, m in student.named_modules() if isinstance(m, MobileOneBlock)]
+    for name, value in weights.items():
+        block = next((b for b in blocks if name.startswith(f"{b}.")), None)
+        part = name[len(block) + 1:] if block else name
+        if block is None or not part.startswith(("conv_kxk.", "conv_scale.", "identity.")):
+            weights[name] = fused_weights[name]  # head, squeeze-excite: the same in both layouts
+            continue
+        if part.endswith("num_batches_tracked"):
+            continue
+        first = part.startswith("conv_kxk.0.")
+        if part == "conv_kxk.0.conv.weight":
+            weights[name] = fused_weights[f"{block}.reparam_conv.weight"]
+        elif part.endswith("conv.weight"):
+            weights[name] = torch.zeros_like(value)
+        elif part.endswith("running_mean"):
+            weights[name] = torch.zeros_like(value)
+        elif part.endswith("running_var"):
+            weights[name] = torch.ones_like(value)
+        elif part.endswith("weight"):  # BatchNorm scale
+            eps = student.get_submodule(f"{block}.{part.rsplit('.', 1)[0]}").eps
+            weights[name] = (torch.ones_like(value) + eps).sqrt() if first else torch.zeros_like(value)
+        elif part.endswith("bias"):  # BatchNorm shift
+            weights[name] = fused_weights[f"{block}.reparam_conv.bias"] if first else torch.zeros_like(value)
+    student.load_state_dict(weights, strict=True)
+
+
 def unfused_modules(model: nn.Module) -> list[str]:
     """Names of modules that should not exist after fusion: BatchNorm layers and MobileOne branches."""
     leftovers = []
@@ -83,7 +120,7 @@ def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *
     program = torch.export.export(fused, (example,), dynamic_shapes=({0: batch},))
     meta = {"format_version": FORMAT_VERSION, "fused": True, "input": [3, size, size],
             "num_classes": cfg.model.num_classes, "image_model": cfg.model.image_model,
-            "trained_mode": cfg.model.mode}
+            "objective": cfg.objective.name}
     path = out_dir / ARTIFACT_NAME
     tmp = out_dir / f".tmp-{ARTIFACT_NAME}"
     torch.export.save(program, tmp, extra_files={"config.json": cfg.to_json(), "export.json": json.dumps(meta)})

@@ -1,12 +1,13 @@
-"""The Multimodal Guidance Network (arXiv 2309.03452, section II) and its image-only student.
+"""The Multimodal Guidance Network's parts (arXiv 2309.03452, section II) and its image-only student.
 
     caption -> text encoder -> [B, L, H] -> block [B, H, sqrt L, sqrt L] -> resized to the image grid --+
     image -> MobileOne -> image embedding [B, C, h, w] ----------------------------------------------+--> concat
     concat -> 3 x (conv3x3 -> ReLU -> BatchNorm) -> fusion [B, D, h, w] -> self-attention -> map
     map applied to the ORIGINAL image embedding -> pooled -> head -> logits
 
-The student is `ImageClassifier` (image encoder -> pool -> the same head). The guided network
-owns one, so the deployed model is the very module that was trained, with nothing to copy.
+The student is `ImageClassifier` (image encoder -> pool -> head); `GuidancePath` is everything the
+guided training adds on top of the student's image embedding. How the two are trained together is an
+objective's business (mgn/objectives.py), so the deployed model is the very module that was trained.
 Design choices are explained in mgn/DESIGN.md.
 """
 from __future__ import annotations
@@ -164,56 +165,47 @@ class PoolAttention(nn.Module):
 
 @dataclass
 class GuidedOutput:
-    logits: torch.Tensor  # guided (teacher) logits: trained with the labels
-    student_logits: torch.Tensor  # image-only logits from the same encoder and head
+    logits: torch.Tensor  # guided (teacher) logits
     attention: torch.Tensor  # [B, h, w] spatial attention map, sums to 1
 
 
-class GuidanceNetwork(nn.Module):
-    """MGN for training; `self.student` is the deployable image-only model."""
+class GuidancePath(nn.Module):
+    """Everything MGN adds for training: text encoder, fusion, cross-modality attention, optional teacher head.
 
-    def __init__(self, cfg: ModelConfig):
+    It takes the image embedding from the student's encoder and returns the guided (teacher) logits.
+    The classifier is the student's own head (`student_head`, the paper) unless this path has a head
+    of its own: always with `attend_to=fusion` (the fusion has other channels), or when an objective
+    asks for a separate teacher head so the deployed head learns from image-only features alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_channels: int, *, separate_head: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.student = ImageClassifier(cfg)
         self.text = TextBlockEncoder(cfg)
         self.grid = grid_size(cfg)
-        self.fusion = Fusion(self.student.num_features + self.text.hidden_size, cfg.fusion_dim)
+        self.fusion = Fusion(image_channels + self.text.hidden_size, cfg.fusion_dim)
         if cfg.attention == "token":
             self.attention = TokenAttention(cfg.fusion_dim, cfg.attention_heads)
         else:
             self.attention = PoolAttention(cfg.fusion_dim, cfg.attention_heads, self.grid[0] * self.grid[1])
-        # Ablation of mechanism 3: the map re-weights the fusion, which then needs its own head.
-        self.fusion_head = (ClassifierHead(cfg.fusion_dim, cfg.num_classes, pool_type="avg")
-                            if cfg.attend_to == "fusion" else None)
+        head_channels = cfg.fusion_dim if cfg.attend_to == "fusion" else image_channels
+        self.teacher_head = (ClassifierHead(head_channels, cfg.num_classes, pool_type="avg")
+                             if cfg.attend_to == "fusion" or separate_head else None)
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GuidedOutput:
-        image_embedding = self.student.encoder(image)  # [B, C, h, w]
+    def forward(self, image_embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                student_head: nn.Module) -> GuidedOutput:
         text_block = self.text(input_ids, attention_mask)  # [B, H, s, s]
         # Bring the text block onto the image grid (11x11 -> 7x7 for S4 at 224 px): the map must live
         # on the image embedding's own grid so it re-weights the original, unresized embedding.
         text_block = F.adaptive_avg_pool2d(text_block, image_embedding.shape[-2:])
         fusion = self.fusion(torch.cat([image_embedding, text_block.to(image_embedding.dtype)], dim=1))
-        if self.fusion_head is None:
-            attended, spatial = self.attention(fusion, image_embedding)
-            logits = self.student.head(attended)
-        else:
-            attended, spatial = self.attention(fusion, fusion)
-            logits = self.fusion_head(attended)
-        return GuidedOutput(logits=logits, student_logits=self.student.head(image_embedding), attention=spatial)
+        values = fusion if self.cfg.attend_to == "fusion" else image_embedding
+        attended, spatial = self.attention(fusion, values)
+        head = self.teacher_head if self.teacher_head is not None else student_head
+        return GuidedOutput(logits=head(attended), attention=spatial)
 
 
 def grid_size(cfg: ModelConfig) -> tuple[int, int]:
     """Spatial size of the image embedding: MobileOne downsamples by 32."""
     side = math.ceil(cfg.image_size / 32)
     return side, side
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """`GuidanceNetwork` in guided mode, the bare `ImageClassifier` in baseline mode."""
-    return GuidanceNetwork(cfg) if cfg.mode == "guided" else ImageClassifier(cfg)
-
-
-def student_of(model: nn.Module) -> ImageClassifier:
-    """The image-only model inside either kind of training model."""
-    return model.student if isinstance(model, GuidanceNetwork) else model

@@ -13,14 +13,13 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 
 from mgn import checkpoint, distributed, preemption
 from mgn.checkpoint import TrainState
@@ -28,8 +27,8 @@ from mgn.config import Config, resolve_text_model
 from mgn.data import eval_loader, train_loader
 from mgn.export import export_student
 from mgn.metrics import classification_metrics
-from mgn.model import GuidanceNetwork, build_model, student_of
 from mgn.monitor import TensorBoard, setup_logging
+from mgn.objectives import Objective, StepOutput, build_objective
 
 log = logging.getLogger("mgn")
 
@@ -39,7 +38,8 @@ def run(cfg: Config) -> dict:
     world = distributed.detect_world()
     device = distributed.init_distributed(world, cfg.train.dist_timeout_s)
     if not cfg.train.run_name:  # rank 0's clock names the run, so every rank writes to the same new folder
-        cfg.train.run_name = distributed.gather_objects(datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.model.mode}"))[0]
+        cfg.train.run_name = distributed.gather_objects(
+            datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.objective.name}"))[0]
     run_dir = cfg.run_dir
     if not cfg.train.resume and checkpoint.find_resume_tag(run_dir / "checkpoints", "auto"):
         raise FileExistsError(f"{run_dir} already holds a run with checkpoints: pass --train.resume auto to "
@@ -106,7 +106,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
         if not param.requires_grad:
             continue
         # Text first: a BERT's own layers are also named "...encoder...".
-        part = "text" if name.startswith("text.") else "image" if name.startswith(("encoder.", "student.encoder.")) \
+        part = "text" if name.startswith("guide.text.") else "image" if name.startswith("student.encoder.") \
             else "head"
         buckets.setdefault((part, param.ndim > 1), []).append(param)
     return [{"name": part if decay else f"{part}_no_decay", "params": params, "lr": lrs[part],
@@ -134,57 +134,53 @@ def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, tota
     return engine
 
 
-def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype, guided: bool) -> dict:
-    """The forward's keyword arguments; images in the engine's dtype (bf16 engines do not cast inputs)."""
+def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype, captions: bool) -> dict:
+    """The objective's keyword arguments; images in the engine's dtype (bf16 engines do not cast inputs)."""
     inputs = {"image": batch["image"].to(device, dtype, non_blocking=True)}
-    if guided:
+    if captions:
         inputs["input_ids"] = batch["input_ids"].to(device, non_blocking=True)
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
     return inputs
 
 
-def compute_loss(output, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Cross-entropy on the guided logits, plus the image-only term that keeps the student valid."""
-    smoothing = cfg.train.label_smoothing
-    if cfg.model.mode != "guided":
-        return F.cross_entropy(output.float(), labels, label_smoothing=smoothing)
-    guided = F.cross_entropy(output.logits.float(), labels, label_smoothing=smoothing)
-    if cfg.model.student_loss_weight == 0:
-        return guided
-    student = F.cross_entropy(output.student_logits.float(), labels, label_smoothing=smoothing)
-    return guided + cfg.model.student_loss_weight * student
-
-
 @dataclass
 class StepTimer:
-    """Splits wall time into waiting for data and computing, between log lines."""
+    """Splits wall time into waiting for data and computing, between log lines; counts what was trained."""
     data: float = 0.0
     total: float = 0.0
     samples: int = 0
+    updates: int = 0
+    terms: dict = field(default_factory=dict)  # name -> per-micro-batch values (tensors: no device sync per step)
+
+    def add(self, output: StepOutput, labels: torch.Tensor) -> None:
+        self.samples += len(labels)
+        correct = (output.logits.detach().argmax(-1) == labels).float().mean()
+        for name, value in {"loss": output.loss, **output.terms, "accuracy": correct}.items():
+            self.terms.setdefault(name, []).append(value.detach().float())
 
     def reset(self) -> None:
-        self.data = self.total = 0.0
-        self.samples = 0
+        self.__init__()
 
 
 class Trainer:
     def __init__(self, cfg: Config, world: distributed.World, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
         self.ckpt_dir = cfg.run_dir / "checkpoints"
-        self.guided = cfg.model.mode == "guided"
         pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
         self.mean, self.std = pretrained["mean"], pretrained["std"]
-        self.tokenizer = resolve_text_model(cfg.model.text_model) if self.guided else None
+        self.tokenizer = resolve_text_model(cfg.model.text_model) if cfg.uses_captions else None
 
-        model = build_model(cfg.model)
+        objective = build_objective(cfg)
+        if cfg.train.init_from:
+            log.info("MGN: initialised %s", checkpoint.init_student(objective.student, cfg))
         if device.type == "cuda" and world.world_size > 1:
-            model = timm.layers.convert_sync_batchnorm(model)  # keeps timm's BatchNormAct2d activations
+            objective = timm.layers.convert_sync_batchnorm(objective)  # keeps timm's BatchNormAct2d activations
         self.batches_per_epoch = len(self._train_batches(epoch=0))
         self.updates_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         if self.updates_per_epoch < 1:
             raise ValueError(f"{self.batches_per_epoch} batches per epoch < train.grad_accum={cfg.train.grad_accum}")
         self.total_steps = self.updates_per_epoch * cfg.train.epochs
-        self.engine = build_engine(model, cfg, device, self.total_steps)
+        self.engine = build_engine(objective, cfg, device, self.total_steps)
         self.dtype = next(p for p in self.engine.module.parameters()).dtype
         self.state = TrainState()
         resume = checkpoint.find_resume_tag(self.ckpt_dir, cfg.train.resume)
@@ -193,13 +189,17 @@ class Trainer:
         self.tensorboard = TensorBoard(cfg.run_dir / "tb", world.is_main, self.state.step if resume else None)
         if world.is_main and not resume:
             self.tensorboard.text("config", f"```\n{cfg.to_json()}\n```")
-        n_params = sum(p.numel() for p in model.parameters())
-        n_student = sum(p.numel() for p in student_of(model).parameters())
-        log.info("MGN: %s model, %.2fM parameters (%.2fM in the deployed student); %d ranks x %d x %d = %d "
-                 "samples per update; %d updates per epoch, %d total", cfg.model.mode, n_params / 1e6,
+        n_params = sum(p.numel() for p in objective.parameters())
+        n_student = sum(p.numel() for p in objective.student.parameters())
+        log.info("MGN: objective %s, %.2fM parameters (%.2fM in the deployed student); %d ranks x %d x %d = %d "
+                 "samples per update; %d updates per epoch, %d total", cfg.objective.name, n_params / 1e6,
                  n_student / 1e6, world.world_size, cfg.train.micro_batch, cfg.train.grad_accum,
                  world.world_size * cfg.train.micro_batch * cfg.train.grad_accum, self.updates_per_epoch,
                  self.total_steps)
+
+    @property
+    def objective(self) -> Objective:
+        return self.engine.module
 
     # --- data -------------------------------------------------------------------------------------------
     def _train_batches(self, epoch: int):
@@ -215,14 +215,14 @@ class Trainer:
                            rank=self.world.rank, world_size=self.world.world_size)
 
     def _inputs(self, batch: dict) -> dict:
-        return model_inputs(batch, self.device, self.dtype, self.guided)
+        return model_inputs(batch, self.device, self.dtype, self.cfg.uses_captions)
 
     # --- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, state, engine = self.cfg, self.state, self.engine
         timer = StepTimer()
-        losses: list[torch.Tensor] = []
         stopped_by_signal = False
+        started, first_step = time.perf_counter(), state.step
         while state.epoch < cfg.train.epochs and not stopped_by_signal:
             engine.train()
             batches = iter(self._train_batches(state.epoch))
@@ -235,24 +235,24 @@ class Trainer:
                 if state.batch_in_epoch >= usable:
                     continue  # read the stream to its end (its skip report), train on none of the rest
                 fetched = time.perf_counter()
-                loss = self._loss(batch)
-                engine.backward(loss)
+                labels = batch["label"].to(self.device, non_blocking=True)
+                output = engine(**self._inputs(batch), label=labels)
+                engine.backward(output.loss)
                 engine.step()
-                losses.append(loss.detach())
+                timer.add(output, labels)
                 state.batch_in_epoch += 1
                 now = time.perf_counter()
                 timer.data += fetched - tick
                 timer.total += now - tick
-                timer.samples += len(batch["label"])
                 tick = now
                 if not engine.is_gradient_accumulation_boundary():
                     continue
                 state.step += 1
+                timer.updates += 1
                 if state.step % cfg.train.log_every == 0:
-                    self._log_train(losses, timer)
-                    losses.clear()
+                    self._log_train(timer, (time.perf_counter() - started) / (state.step - first_step))
                     timer.reset()
-                if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
                     self.evaluate()
                     engine.train()
                 if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0:
@@ -264,7 +264,7 @@ class Trainer:
             else:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                if not cfg.train.eval_every:
+                if cfg.train.eval_every == 0:
                     self.evaluate()
         if stopped_by_signal:
             log.info("MGN: stop requested by signal at step %d; saving and exiting", state.step)
@@ -275,46 +275,44 @@ class Trainer:
             return {"step": state.step, "rank": self.world.rank, "preempted": True, "requeue": requeue}
         return self._finish()
 
-    def _loss(self, batch: dict) -> torch.Tensor:
-        labels = batch["label"].to(self.device, non_blocking=True)
-        return compute_loss(self.engine(**self._inputs(batch)), labels, self.cfg)
-
-    def _log_train(self, losses: list[torch.Tensor], timer: StepTimer) -> None:
-        loss = distributed.all_reduce_mean(torch.stack(losses).mean()).item()
+    def _log_train(self, timer: StepTimer, seconds_per_update: float) -> None:
+        names = sorted(timer.terms)
+        means = distributed.all_reduce_mean(torch.stack([torch.stack(timer.terms[n]).mean() for n in names]))
         throughput = distributed.all_reduce_mean(torch.tensor([timer.samples / max(timer.total, 1e-9)]))
         samples_per_s = throughput.item() * self.world.world_size
         data_wait = timer.data / max(timer.total, 1e-9)
-        values = {"train/loss": loss, "train/samples_per_s": samples_per_s, "train/data_wait_fraction": data_wait,
-                  "train/peak_memory_mb": peak_memory_mb(self.device)}
+        terms = dict(zip(names, means.tolist()))  # loss, its terms, and training accuracy of the trained logits
+        values = {f"train/{name}": value for name, value in terms.items()}
+        values |= {"train/samples_per_s": samples_per_s, "train/data_wait_fraction": data_wait,
+                   "train/peak_memory_mb": peak_memory_mb(self.device),
+                   "train/seconds_per_step": timer.total / max(timer.updates, 1)}
         for group in self.engine.optimizer.param_groups:
             values[f"lr/{group.get('name', 'group')}"] = group["lr"]
         self.tensorboard.scalars(values, self.state.step)
-        log.info("MGN: step %d/%d epoch %d loss %.4f | %.1f samples/s | data wait %.0f%% | peak mem %.0f MB",
-                 self.state.step, self.total_steps, self.state.epoch, loss, samples_per_s, 100 * data_wait,
-                 values["train/peak_memory_mb"])
+        remaining = (self.total_steps - self.state.step) * seconds_per_update
+        parts = " ".join(f"{name} {terms[name]:.4f}" for name in names if name not in ("loss", "accuracy"))
+        log.info("MGN: step %d/%d epoch %d loss %.4f (%s) acc %.3f | %.2f s/step, ETA %s | %.1f samples/s | "
+                 "data wait %.0f%% | peak mem %.0f MB", self.state.step, self.total_steps, self.state.epoch,
+                 terms["loss"], parts, terms["accuracy"], values["train/seconds_per_step"],
+                 format_duration(remaining), samples_per_s, 100 * data_wait, values["train/peak_memory_mb"])
 
     # --- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Student (image-only, as deployed) and, in guided mode, teacher metrics on the test shards."""
-        model = self.engine.module
-        distributed.sync_batchnorm_buffers(model)
-        model.eval()
-        student = student_of(model)
+        """Student (image-only, as deployed) and, for objectives that read captions, teacher metrics."""
+        objective = self.objective
+        distributed.sync_batchnorm_buffers(objective)
+        objective.eval()
         labels, student_probs, teacher_probs = [], [], []
         grid_batch = None
         for batch in self._eval_batches():
-            inputs = self._inputs(batch)
             labels.append(batch["label"])
-            if self.guided:  # the guided forward also returns the student's own logits
-                output = model(**inputs)
-                student_logits = output.student_logits
-                teacher_probs.append(output.logits.float().softmax(-1).cpu())
-                if grid_batch is None:
-                    grid_batch = (batch["image"][:16], output.attention[:16])
-            else:
-                student_logits = student(inputs["image"])
-            student_probs.append(student_logits.float().softmax(-1).cpu())
+            prediction = objective.predict(**self._inputs(batch))
+            student_probs.append(prediction.student.float().softmax(-1).cpu())
+            if prediction.teacher is not None:
+                teacher_probs.append(prediction.teacher.float().softmax(-1).cpu())
+            if grid_batch is None and prediction.attention is not None:
+                grid_batch = (batch["image"][:16], prediction.attention[:16])
         gathered = distributed.gather_objects((_cat(labels), _cat(student_probs), _cat(teacher_probs)))
         results = {}
         if self.world.is_main:
@@ -340,7 +338,7 @@ class Trainer:
         if score > self.state.best_metric:
             self.state.best_metric = score
             if self.world.is_main:
-                export_student(student, self.cfg, self.cfg.run_dir / "student_best")
+                export_student(objective.student, self.cfg, self.cfg.run_dir / "student_best")
                 log.info("MGN: new best student accuracy %.4f, exported to %s", score,
                          self.cfg.run_dir / "student_best")
         self.tensorboard.flush()
@@ -368,14 +366,19 @@ class Trainer:
                    "checkpoints": str(self.ckpt_dir), "tensorboard": str(self.cfg.run_dir / "tb"),
                    "preempted": False}
         if self.world.is_main:
-            summary["student"] = str(export_student(student_of(self.engine.module), self.cfg,
-                                                    self.cfg.run_dir / "student"))
+            summary["student"] = str(export_student(self.objective.student, self.cfg, self.cfg.run_dir / "student"))
             (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.info("MGN: done step=%d. run dir %s | TensorBoard: tensorboard --logdir %s | checkpoints %s | "
                      "student %s", self.state.step, self.cfg.run_dir, summary["tensorboard"], self.ckpt_dir,
                      summary["student"])
         distributed.barrier()
         return summary
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -112,7 +112,7 @@ def job_config(args: argparse.Namespace) -> Config:
     the same run dir) and `resume auto` unless a checkpoint was named (a rerun continues the run)."""
     cfg = config_from_args(args)
     if not cfg.train.run_name:
-        cfg.train.run_name = time.strftime(f"%Y%m%d-%H%M%S-{cfg.model.mode}")
+        cfg.train.run_name = time.strftime(f"%Y%m%d-%H%M%S-{cfg.objective.name}")
     if not cfg.train.resume:
         cfg.train.resume = "auto"
     return cfg

@@ -12,8 +12,8 @@ import torch
 from mgn import checkpoint, distributed
 from mgn.checkpoint import TrainState
 from mgn.config import Config, ModelConfig, TrainConfig
-from mgn.model import build_model
-from mgn.train import build_engine, compute_loss
+from mgn.objectives import build_objective
+from mgn.train import build_engine
 from tests.conftest import calibrate_batchnorm
 
 MICRO_BATCH = 4
@@ -52,7 +52,7 @@ def main(out_dir: Path, text_model: str) -> None:
     device = distributed.init_distributed(world, timeout_s=60)
     cfg = tiny_config(text_model)
     torch.manual_seed(world.rank)  # different init per rank: DeepSpeed's start-up broadcast must fix it
-    engine = build_engine(build_model(cfg.model), cfg, device, total_steps=10)
+    engine = build_engine(build_objective(cfg), cfg, device, total_steps=10)
     calibrate_batchnorm(engine.module.student, image_size=64)  # same inputs on every rank: equal buffers
     record = {"world": [world.rank, world.world_size, world.source], "initial": flat_params(engine.module),
               "initial_state": {k: v.clone() for k, v in engine.module.state_dict().items()}}
@@ -61,7 +61,7 @@ def main(out_dir: Path, text_model: str) -> None:
     engine.eval()
     batch = rank_slice(global_batch(0, world.world_size), world.rank)
     labels = batch.pop("label")
-    engine.backward(compute_loss(engine(**batch), labels, cfg))
+    engine.backward(engine(**batch, label=labels).loss)
     record["grads"] = torch.cat([p.grad.detach().flatten().double() if p.grad is not None
                                  else torch.zeros(p.numel(), dtype=torch.double)
                                  for p in engine.module.parameters()])
@@ -73,7 +73,7 @@ def main(out_dir: Path, text_model: str) -> None:
     for step in range(3):
         batch = rank_slice(global_batch(1 + step, world.world_size), world.rank)
         labels = batch.pop("label")
-        engine.backward(compute_loss(engine(**batch), labels, cfg))
+        engine.backward(engine(**batch, label=labels).loss)
         engine.step()
         record["params_per_step"].append(flat_params(engine.module))
     record["bn_before_sync"] = bn_buffers(engine.module)
@@ -88,7 +88,7 @@ def main(out_dir: Path, text_model: str) -> None:
              "exp_avg": _first_exp_avg(engine)}
     batch = rank_slice(global_batch(9, world.world_size), world.rank)
     labels = batch.pop("label")
-    engine.backward(compute_loss(engine(**batch), labels, cfg))
+    engine.backward(engine(**batch, label=labels).loss)
     engine.step()
     record["moved_after_save"] = not torch.equal(saved["params"], flat_params(engine.module))
     loaded_state = checkpoint.load(engine, out_dir / "ckpt", tag, rank=world.rank)

@@ -20,8 +20,8 @@ def test_defaults_are_the_papers_settings():
 
 def test_preset_then_flags_override_in_order():
     cfg = parse("--preset", "tiny", "--train.epochs", "7", "--model.freeze_text", "false",
-                "--model.mode", "baseline")
-    assert cfg.train.epochs == 7 and cfg.model.freeze_text is False and cfg.model.mode == "baseline"
+                "--objective.name", "baseline")
+    assert cfg.train.epochs == 7 and cfg.model.freeze_text is False and cfg.objective.name == "baseline"
     assert cfg.model.image_model == PRESETS["tiny"]["model"]["image_model"]
 
 
@@ -33,7 +33,7 @@ def test_config_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model.mode", "teacher"], "model.mode='teacher'"),
+    (["--objective.name", "teacher"], "objective.name='teacher'"),
     (["--model.attention", "cross"], "model.attention='cross'"),
     (["--train.zero_stage", "3"], "train.zero_stage=3"),
     (["--model.image_model", "resnet50"], "model.image_model='resnet50'"),

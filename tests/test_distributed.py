@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from mgn.distributed import detect_world, first_host, free_port, slurm_port
-from mgn.model import build_model
-from mgn.train import compute_loss
+from mgn.objectives import build_objective
 from tests.dist_worker import MICRO_BATCH, global_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +75,13 @@ def test_gradients_are_the_average_of_the_concatenated_batch(records):
     (r0, r1), text_model = records
     assert torch.equal(r0["grads"], r1["grads"])
     cfg = tiny_config(text_model)
-    reference = build_model(cfg.model)
+    reference = build_objective(cfg)
     reference.load_state_dict(r0["initial_state"])
     reference.eval()
     batch = global_batch(0, world_size=2)  # both ranks' slices, in one process
     labels = batch.pop("label")
     assert len(labels) == 2 * MICRO_BATCH
-    compute_loss(reference(**batch), labels, cfg).backward()
+    reference(**batch, label=labels).loss.backward()
     expected = torch.cat([p.grad.flatten().double() if p.grad is not None else torch.zeros(p.numel(),
                           dtype=torch.double) for p in reference.parameters()])
     assert expected.abs().sum() > 0

@@ -19,18 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from mgn.checkpoint import CheckpointError, load_checkpoint, resolve
 from mgn.config import Config
-from mgn.evaluate import (
-    CheckpointError,
-    Predictions,
-    format_table,
-    load_checkpoint,
-    merge,
-    predict,
-    resolve,
-    run,
-    summarize,
-)
+from mgn.evaluate import Predictions, format_table, merge, predict, run, summarize
 from mgn.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +45,8 @@ def train(workdir: Path, name: str, *flags: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("train")
-    train(workdir, "baseline-z2", "--model.mode", "baseline", "--train.zero_stage", "2")
-    train(workdir, "guided-z0", "--model.mode", "guided", "--train.zero_stage", "0")
+    train(workdir, "baseline-z2", "--objective.name", "baseline", "--train.zero_stage", "2")
+    train(workdir, "guided-z0", "--objective.name", "guided", "--train.zero_stage", "0")
     return workdir
 
 
@@ -217,9 +208,9 @@ def test_corrupt_checkpoints(tmp_path, runs):
         load_checkpoint(shard_run)
 
 
-def _rewrite_config(states_file: Path, **model_changes) -> None:
+def _rewrite_config(states_file: Path, section: str = "model", **changes) -> None:
     states = torch.load(states_file, map_location="cpu", weights_only=True)
-    states["config"]["model"].update(model_changes)
+    states["config"][section].update(changes)
     torch.save(states, states_file)
 
 
@@ -239,12 +230,12 @@ def test_checkpoint_from_another_model_config(tmp_path, runs):
     other.save(run_dir / "config.json")
     with pytest.raises(CheckpointError, match=r"model.num_classes: checkpoint 2 vs config.json 3"):
         load_checkpoint(run_dir)
-    # A guided checkpoint whose saved config says baseline: the student's keys are prefixed, nothing fits.
-    run_dir = copy_run(runs, "guided-z0", tmp_path / "mode")
+    # A guided checkpoint whose saved config says another objective: its guidance weights do not fit.
+    run_dir = copy_run(runs, "guided-z0", tmp_path / "objective")
     (run_dir / "config.json").unlink()
-    _rewrite_config(tag_of(run_dir) / "mp_rank_00_model_states.pt", mode="baseline")
+    _rewrite_config(tag_of(run_dir) / "mp_rank_00_model_states.pt", "objective", name="tram")
     with pytest.raises(CheckpointError, match="missing"):
-        load_checkpoint(run_dir)
+        load_checkpoint(run_dir, teacher=True)
 
 
 def _unlabelled_shards(folder: Path, batch: list[dict]) -> str:

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mgn.config import PACKAGED_MINILM, Config, ModelConfig, validate
-from mgn.model import GuidanceNetwork, ImageClassifier, PoolAttention, TokenAttention, build_model, student_of
+from mgn.config import PACKAGED_MINILM, Config, ModelConfig, ObjectiveConfig, validate
+from mgn.model import ImageClassifier, PoolAttention, TokenAttention
+from mgn.objectives import Guided, build_objective
 
 
 def tiny(text_model: str, **overrides) -> ModelConfig:
@@ -12,6 +13,11 @@ def tiny(text_model: str, **overrides) -> ModelConfig:
                 attention_heads=4)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def guided(model: ModelConfig, name: str = "guided", **objective) -> Guided:
+    """The paper's objective (or another guided one) around a model config."""
+    return build_objective(Config(model=model, objective=ObjectiveConfig(name=name, **objective)))
 
 
 def captions(batch: int, seq_len: int, vocab: int = 50):
@@ -26,23 +32,23 @@ def captions(batch: int, seq_len: int, vocab: int = 50):
 def test_shapes_paper_and_minilm(request, seq_len, hidden_fixture):
     text_model = request.getfixturevalue("bert768") if hidden_fixture == "bert768" else PACKAGED_MINILM
     cfg = tiny(text_model, seq_len=seq_len, image_size=224, fusion_dim=1024, attention_heads=8)
-    model = GuidanceNetwork(cfg)
+    model = guided(cfg)
     side = int(seq_len ** 0.5)
     expected_hidden = 768 if hidden_fixture == "bert768" else 384
     ids, mask = captions(2, seq_len)
-    block = model.text(ids, mask)
+    block = model.guide.text(ids, mask)
     assert block.shape == (2, expected_hidden, side, side)
-    out = model(torch.randn(2, 3, 224, 224), ids, mask)
-    assert out.logits.shape == out.student_logits.shape == (2, 2)
+    out = model.predict(torch.randn(2, 3, 224, 224), input_ids=ids, attention_mask=mask)
+    assert out.teacher.shape == out.student.shape == (2, 2)
     assert out.attention.shape == (2, 7, 7)  # MobileOne at 224 px: a 7x7 grid
-    assert model.fusion.layers[-1].num_features == 1024
+    assert model.guide.fusion.layers[-1].num_features == 1024
 
 
 def test_text_block_is_the_token_sequence_reshaped(bert768):
-    model = GuidanceNetwork(tiny(bert768, seq_len=121)).eval()
+    text = guided(tiny(bert768, seq_len=121)).eval().guide.text
     ids, mask = captions(1, 121)
-    tokens = model.text.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]  # [L, H]
-    block = model.text(ids, mask)[0]  # [H, 11, 11]
+    tokens = text.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]  # [L, H]
+    block = text(ids, mask)[0]  # [H, 11, 11]
     # token t sits at row t // 11, column t % 11; padding tokens are zeroed
     assert torch.allclose(block[:, 0, 0], tokens[0])
     assert torch.allclose(block[:, 5, 3], tokens[5 * 11 + 3] * mask[0, 58])
@@ -103,54 +109,54 @@ def test_uniform_attention_reduces_to_the_student():
 
 @pytest.mark.parametrize("attention", ["token", "pool"])
 def test_gradients_reach_the_image_encoder_through_the_guided_path(attention):
-    model = GuidanceNetwork(tiny(PACKAGED_MINILM, attention=attention)).train()
+    model = guided(tiny(PACKAGED_MINILM, attention=attention), student_weight=0.0).train()
     ids, mask = captions(4, 16)
-    out = model(torch.randn(4, 3, 64, 64), ids, mask)
-    out.logits.sum().backward()  # guided logits only: no student loss term
+    out = model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids, attention_mask=mask)
+    assert set(out.terms) == {"guided_ce"}  # guided logits only: no student loss term
+    out.loss.backward()
     encoder_grads = [p.grad for p in model.student.encoder.parameters() if p.grad is not None]
     assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.guide.fusion.parameters())
 
 
 def test_frozen_text_encoder_gets_no_gradients_and_stays_in_eval():
-    model = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=True)).train()
-    assert not model.text.model.training
+    model = guided(tiny(PACKAGED_MINILM, freeze_text=True)).train()
+    assert not model.guide.text.model.training
     ids, mask = captions(4, 16)
-    out = model(torch.randn(4, 3, 64, 64), ids, mask)
-    (out.logits.sum() + out.student_logits.sum()).backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.text.parameters())
+    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids, attention_mask=mask).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.guide.text.parameters())
 
 
 def test_unfrozen_text_encoder_is_trained():
-    model = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=False)).train()
-    assert model.text.model.training
+    model = guided(tiny(PACKAGED_MINILM, freeze_text=False)).train()
+    assert model.guide.text.model.training
     ids, mask = captions(4, 16)
-    model(torch.randn(4, 3, 64, 64), ids, mask).logits.sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())
+    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids, attention_mask=mask).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.guide.text.parameters())
 
 
 def test_attend_to_fusion_ablation_uses_its_own_head():
-    model = GuidanceNetwork(tiny(PACKAGED_MINILM, attend_to="fusion")).train()
+    model = guided(tiny(PACKAGED_MINILM, attend_to="fusion")).train()
     ids, mask = captions(4, 16)
-    out = model(torch.randn(4, 3, 64, 64), ids, mask)
-    out.logits.sum().backward()
-    assert model.fusion_head is not None
+    model.guided(model.student.encoder(torch.randn(4, 3, 64, 64)), ids, mask).logits.sum().backward()
+    assert model.guide.teacher_head is not None
     assert all(p.grad is None for p in model.student.head.parameters())  # student head: student loss only
-    assert any(p.grad is not None for p in model.fusion_head.parameters())
+    assert any(p.grad is not None for p in model.guide.teacher_head.parameters())
 
 
 def test_attend_to_fusion_without_student_loss_is_rejected():
     cfg = Config()
-    cfg.model.attend_to, cfg.model.student_loss_weight = "fusion", 0.0
-    with pytest.raises(ValueError, match="student_loss_weight"):
+    cfg.model.attend_to, cfg.objective.student_weight = "fusion", 0.0
+    with pytest.raises(ValueError, match="student_weight"):
         validate(cfg)
 
 
 def test_baseline_and_student_have_identical_parameters_and_flops():
-    guided = build_model(tiny(PACKAGED_MINILM, num_classes=3))
-    baseline = build_model(tiny(PACKAGED_MINILM, num_classes=3, mode="baseline"))
-    assert isinstance(baseline, ImageClassifier) and isinstance(student_of(guided), ImageClassifier)
-    student = student_of(guided)
+    model = guided(tiny(PACKAGED_MINILM, num_classes=3))
+    baseline = build_objective(Config(model=tiny(PACKAGED_MINILM, num_classes=3),
+                                      objective=ObjectiveConfig(name="baseline"))).student
+    assert isinstance(baseline, ImageClassifier) and isinstance(model.student, ImageClassifier)
+    student = model.student
 
     def count(model):
         return sum(p.numel() for p in model.parameters())
@@ -162,11 +168,11 @@ def test_baseline_and_student_have_identical_parameters_and_flops():
 
     assert count(student) == count(baseline) > 0
     assert flops(student) == flops(baseline) > 0
-    assert count(guided) > count(student)  # the guidance parts exist only at training time
+    assert count(model) > count(student)  # the guidance parts exist only at training time
 
 
 def test_frozen_text_cache_returns_the_same_blocks_without_re_encoding():
-    cached = GuidanceNetwork(tiny(PACKAGED_MINILM, text_cache=3)).text
+    cached = guided(tiny(PACKAGED_MINILM, text_cache=3)).guide.text
     calls = []
     cached.model.register_forward_hook(lambda module, args, output: calls.append(len(args) or 1))
     ids, mask = captions(2, 16)
@@ -180,6 +186,6 @@ def test_frozen_text_cache_returns_the_same_blocks_without_re_encoding():
 
 
 def test_unfrozen_text_is_never_cached():
-    text = GuidanceNetwork(tiny(PACKAGED_MINILM, freeze_text=False, text_cache=100)).text
+    text = guided(tiny(PACKAGED_MINILM, freeze_text=False, text_cache=100)).guide.text
     text(*captions(2, 16))
     assert text.cache_size == 0 and len(text.cache) == 0

@@ -77,7 +77,7 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     assert "MGN: done step=" in result.stdout and str(run / "student" / "student.pt2") in result.stdout
     for path in ("config.json", "train.log", "checkpoints/latest", "student/student.pt2", "student_best/student.pt2"):
         assert (run / path).exists(), path
-    assert json.loads((run / "config.json").read_text())["model"]["mode"] == "guided"
+    assert json.loads((run / "config.json").read_text())["objective"]["name"] == "guided"
     steps = scalars(run / "tb")
     for tag in ("train/loss", "train/samples_per_s", "train/data_wait_fraction", "train/peak_memory_mb",
                 "lr/image", "lr/head", "eval/student_accuracy", "eval/student_auroc", "eval/teacher_accuracy",
@@ -95,7 +95,7 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
 
     from mgn.data import expand_shards, read_sizes
 
-    args = train_args(shards, tmp_path, "base", "--model.mode", "baseline", "--train.epochs", "2",
+    args = train_args(shards, tmp_path, "base", "--objective.name", "baseline", "--train.epochs", "2",
                       "--train.grad_accum", "4", "--train.log_every", "1", "--train.ckpt_every", "4",
                       "--train.keep_last", "0")
     first = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
