@@ -6,27 +6,13 @@
 A guided teacher that scores near this number is reading the captions, not the images.
 """
 import argparse
-import glob
 import json
-import tarfile
+import sys
 from pathlib import Path
 
-from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def captions_and_labels(pattern: str) -> tuple[list[str], list[int]]:
-    samples: dict[str, dict[str, str]] = {}
-    for path in sorted(glob.glob(pattern)):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                if ext in ("txt", "cls"):
-                    samples.setdefault(f"{path}/{key}", {})[ext] = tar.extractfile(member).read().decode()
-    if not samples:
-        raise SystemExit(f"no samples in {pattern}")
-    return [s["txt"] for s in samples.values()], [int(s["cls"]) for s in samples.values()]
+from mgn.caption_only import caption_only_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -34,16 +20,9 @@ def main() -> None:
     parser.add_argument("--shards", default="shards/demo", help="folder with train-*.tar and test-*.tar")
     parser.add_argument("--out", default="benchmarks/results/caption_baseline.json")
     args = parser.parse_args()
-    train_text, train_y = captions_and_labels(f"{args.shards}/train-*.tar")
-    test_text, test_y = captions_and_labels(f"{args.shards}/test-*.tar")
-    words = CountVectorizer().fit(train_text)
-    classifier = LogisticRegression(max_iter=2000).fit(words.transform(train_text), train_y)
-    test_x = words.transform(test_text)
-    result = {"shards": args.shards, "train": len(train_y), "test": len(test_y),
-              "accuracy": classifier.score(test_x, test_y),
-              "auroc": roc_auc_score(test_y, classifier.predict_proba(test_x)[:, 1])}
+    result = {"shards": args.shards, **caption_only_metrics(f"{args.shards}/train-*.tar", f"{args.shards}/test-*.tar")}
     print(f"caption-only bag of words: {result['train']} train / {result['test']} test captions, "
-          f"accuracy {result['accuracy']:.3f}, AUROC {result['auroc']:.3f}")
+          f"accuracy {result['accuracy']:.3f}, AUROC {result.get('auroc', float('nan')):.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

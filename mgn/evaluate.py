@@ -103,6 +103,50 @@ def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, 
                        seconds=time.perf_counter() - start)
 
 
+@torch.inference_mode()
+def caption_reliance(objective, batches: Iterable[dict], *, device: torch.device) -> dict:
+    """How much the guided (teacher) prediction follows the caption rather than the image.
+
+    Teacher accuracy with each image's own caption, with the caption of an image of another label
+    (sample i of label y gets the caption of the i-th sample whose label is not y, cyclically), and with
+    an empty caption (every text position masked, as caption dropout does), plus the share of
+    predictions the swap changes. A teacher that reads the image barely moves; one that reads the
+    label off the caption falls below chance when captions are swapped. `batches` is read twice.
+    """
+    captions, labels = {}, {}
+    for batch in batches:  # pass 1: every sample's caption tokens and label
+        for key, ids, mask, label in zip(batch["key"], batch["input_ids"], batch["attention_mask"], batch["label"]):
+            captions[key], labels[key] = (ids, mask), int(label)
+    if not labels:
+        raise ValueError(NO_SAMPLES)
+    keys = sorted(labels)
+    donor_of = {}
+    for label in set(labels.values()):
+        others = [k for k in keys if labels[k] != label]
+        if not others:
+            raise ValueError("caption swap needs test samples of at least two labels")
+        mine = [k for k in keys if labels[k] == label]
+        donor_of.update({k: others[i % len(others)] for i, k in enumerate(mine)})
+    own_correct = swapped_correct = empty_correct = changed = 0
+    objective = objective.to(device).eval()
+    for batch in batches:  # pass 2: the same images under three captions
+        image = batch["image"].to(device, torch.float32)
+        truth = batch["label"].to(device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        swapped_ids = torch.stack([captions[donor_of[k]][0] for k in batch["key"]]).to(device)
+        swapped_mask = torch.stack([captions[donor_of[k]][1] for k in batch["key"]]).to(device)
+        own = objective.predict(image, input_ids=ids, attention_mask=mask).teacher.argmax(-1)
+        swapped = objective.predict(image, input_ids=swapped_ids, attention_mask=swapped_mask).teacher.argmax(-1)
+        empty = objective.predict(image, input_ids=ids, attention_mask=torch.zeros_like(mask)).teacher.argmax(-1)
+        own_correct += int((own == truth).sum())
+        swapped_correct += int((swapped == truth).sum())
+        empty_correct += int((empty == truth).sum())
+        changed += int((own != swapped).sum())
+    n = len(labels)
+    return {"samples": n, "teacher_accuracy": own_correct / n, "swapped_caption_accuracy": swapped_correct / n,
+            "empty_caption_accuracy": empty_correct / n, "changed_by_swap": changed / n}
+
+
 def _labels_of(batch: dict, num_classes: int) -> np.ndarray:
     labels = batch.get("label")
     if labels is None:
@@ -267,7 +311,7 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
     data_cfg = dataclasses.replace(cfg.data, **({"test_shards": shards} if shards else {}),
                                    **({"num_workers": num_workers} if num_workers is not None else {}))
     require_labels(expand_shards(data_cfg.test_shards))
-    preds = predict(ckpt, _batches(cfg, data_cfg, teacher, batch_size, world.rank, world.world_size),
+    preds = predict(ckpt, test_batches(cfg, data_cfg, teacher, batch_size, world.rank, world.world_size),
                     device=torch_device, teacher=teacher, fusion_check_batches=fusion_check_batches,
                     allow_empty=world.world_size > 1)
     preds = merge(distributed.gather_objects(preds))
@@ -320,7 +364,8 @@ def require_labels(shards: list[str], members: int = 12) -> None:
                              f"evaluation needs labelled shards, e.g. written by `python -m mgn.shards`")
 
 
-def _batches(cfg: Config, data_cfg, teacher: bool, batch_size: int | None, rank: int, world_size: int):
+def test_batches(cfg: Config, data_cfg, teacher: bool, batch_size: int | None, rank: int = 0, world_size: int = 1):
+    """The test loader for a checkpoint's config: its image size and normalisation, captions when asked."""
     import timm  # noqa: PLC0415
 
     from mgn.config import resolve_text_model  # noqa: PLC0415

@@ -389,12 +389,12 @@ def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed:
 
     def records() -> Iterator[Record]:
         for s in _ordered_map(partial(synthetic.render, spec), items, workers):
-            meta = {"id": s.key, "label": synthetic.LABELS[s.label], **s.meta}
+            meta = {"id": s.key, "label": spec.labels[s.label], **s.meta}
             yield Record(s.key, s.split, s.label, s.caption, s.jpeg, "jpg", meta)
 
     card = {"source": "synthetic", "created_by": "mgn.shards", "generator": spec.to_dict(),
             "options": {"max_samples": max_samples}}
-    return write_records(records(), out_dir, labels=list(synthetic.LABELS), max_samples=max_samples,
+    return write_records(records(), out_dir, labels=list(spec.labels), max_samples=max_samples,
                          max_bytes=1 << 40, strict=True, card=card, overwrite=overwrite)
 
 
@@ -435,12 +435,14 @@ def main(argv: list[str] | None = None) -> int:
                  "spurious_test"):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     g.add_argument("--decoys", type=int, default=defaults.decoys)
+    g.add_argument("--target", choices=sorted(synthetic.TARGETS), default=defaults.target,
+                   help="stored label: violence (the moderation task) or scene_quadrant (8 classes, for pretraining)")
     args = p.parse_args(argv)
 
     try:
         if args.synthetic:
             knobs = {k: getattr(args, k) for k in ("cue_strength", "caption_info", "label_noise",
-                                                    "positive_fraction", "spurious_train", "spurious_test", "decoys")}
+                                                    "positive_fraction", "spurious_train", "spurious_test", "decoys", "target")}
             card = write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
                                    max_samples=args.max_samples_per_shard or 256, workers=args.workers,
                                    overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)

@@ -32,6 +32,10 @@ from PIL import Image, ImageDraw
 
 LABELS = ("non_violent", "violent")  # class index = position; 1 is the class to moderate
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+# A second task on the same kind of frames, for pretraining a stand-in image encoder: which kind of scene
+# and where the (first) splat is. It shares no label with the moderation task.
+SCENE_QUADRANT_LABELS = tuple(f"{scene}_{q}" for scene in ("game", "camera") for q in QUADRANTS)
+TARGETS = {"violence": LABELS, "scene_quadrant": SCENE_QUADRANT_LABELS}
 
 # Caption pools. "neutral" fields carry no label information.
 CATEGORY = {0: ["Shooter", "Battle Royale", "Horror Games", "Fighting Games", "Tactical FPS"],
@@ -64,6 +68,7 @@ class SyntheticSpec:
     spurious_test: float = 0.0  # ... and in test
     decoys: int = 1  # extra game-like splats per frame (0..3)
     test_fraction: float = 0.15  # the paper's 85/15 split
+    target: str = "violence"  # the stored label: violence (the task), or scene_quadrant (a pretraining task)
 
     def validate(self) -> None:
         if self.samples < 1 or self.image_size < 32:
@@ -76,6 +81,12 @@ class SyntheticSpec:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [-1, 1]")
         if not 0 <= self.decoys <= 3:
             raise ValueError(f"decoys={self.decoys} must be in 0..3 (one splat per quadrant)")
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r}: expected one of {list(TARGETS)}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return TARGETS[self.target]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +135,8 @@ def render(spec: SyntheticSpec, item: tuple[int, str]) -> SyntheticSample:
     meta = {"true_label": label, "label_flipped": flipped, "scene": scene, "badge": badge,
             "caption_informative": informative, "cue": target, "cue_quadrant": QUADRANTS[splats[0][0]],
             "cue_box": boxes[0], "decoy_boxes": boxes[1:]}
-    return SyntheticSample(f"syn{index:07d}", split, label ^ flipped, caption, buf.getvalue(), meta)
+    stored = label ^ flipped if spec.target == "violence" else 4 * (scene == "camera") + int(splats[0][0])
+    return SyntheticSample(f"syn{index:07d}", split, stored, caption, buf.getvalue(), meta)
 
 
 def _cue_value(rng: np.random.Generator, label: int, strength: float) -> float:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -173,6 +174,7 @@ class Trainer:
         objective = build_objective(cfg)
         if cfg.train.init_from:
             log.info("MGN: initialised %s", checkpoint.init_student(objective.student, cfg))
+        self.start_record = {"student_sha256": weights_digest(objective.student)}  # pairing evidence, see fit()
         if device.type == "cuda" and world.world_size > 1:
             objective = timm.layers.convert_sync_batchnorm(objective)  # keeps timm's BatchNormAct2d activations
         self.batches_per_epoch = len(self._train_batches(epoch=0))
@@ -222,7 +224,7 @@ class Trainer:
         cfg, state, engine = self.cfg, self.state, self.engine
         timer = StepTimer()
         stopped_by_signal = False
-        started, first_step = time.perf_counter(), state.step
+        self.started, first_step = time.perf_counter(), state.step
         while state.epoch < cfg.train.epochs and not stopped_by_signal:
             engine.train()
             batches = iter(self._train_batches(state.epoch))
@@ -235,6 +237,8 @@ class Trainer:
                 if state.batch_in_epoch >= usable:
                     continue  # read the stream to its end (its skip report), train on none of the rest
                 fetched = time.perf_counter()
+                if state.step == 0 and state.batch_in_epoch == 0 and state.epoch == 0:
+                    self._record_start(batch)
                 labels = batch["label"].to(self.device, non_blocking=True)
                 output = engine(**self._inputs(batch), label=labels)
                 engine.backward(output.loss)
@@ -250,7 +254,7 @@ class Trainer:
                 state.step += 1
                 timer.updates += 1
                 if state.step % cfg.train.log_every == 0:
-                    self._log_train(timer, (time.perf_counter() - started) / (state.step - first_step))
+                    self._log_train(timer, (time.perf_counter() - self.started) / (state.step - first_step))
                     timer.reset()
                 if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
                     self.evaluate()
@@ -274,6 +278,13 @@ class Trainer:
             self.tensorboard.flush()
             return {"step": state.step, "rank": self.world.rank, "preempted": True, "requeue": requeue}
         return self._finish()
+
+    def _record_start(self, batch: dict) -> None:
+        """`start.json`: a digest of the initial student and the first batch's sample keys. Runs that differ only
+        in their objective must agree on both (the comparison runner checks it: mgn/verdict.py)."""
+        if self.world.is_main:
+            record = {**self.start_record, "first_batch_keys": list(batch["key"])}
+            (self.cfg.run_dir / "start.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def _log_train(self, timer: StepTimer, seconds_per_update: float) -> None:
         names = sorted(timer.terms)
@@ -362,6 +373,7 @@ class Trainer:
         if not (self.ckpt_dir / checkpoint.tag_for(self.state.step)).exists():
             self.save()
         summary = {"step": self.state.step, "epochs": self.state.epoch, "world_size": self.world.world_size,
+                   "train_seconds": round(time.perf_counter() - self.started, 2),
                    "best_student_accuracy": self.state.best_metric, "run_dir": str(self.cfg.run_dir),
                    "checkpoints": str(self.ckpt_dir), "tensorboard": str(self.cfg.run_dir / "tb"),
                    "preempted": False}
@@ -373,6 +385,15 @@ class Trainer:
                      summary["student"])
         distributed.barrier()
         return summary
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def format_duration(seconds: float) -> str:

@@ -297,3 +297,28 @@ def test_table_shows_student_teacher_and_kept():
     assert report["teacher"]["accuracy"] == 1.0 and report["kept"]["accuracy"] == pytest.approx(4 / 6)
     table = format_table(report)
     assert "66.7%" in table and "recall at precision >= 0.9" in table and "confusion matrix, teacher" in table
+
+
+class _CaptionReader(torch.nn.Module):
+    """A teacher that ignores the image: class = parity of the first caption token; an empty caption -> 0."""
+
+    def predict(self, image, input_ids, attention_mask):
+        from mgn.objectives import Prediction
+
+        cls = (input_ids[:, 0] % 2) * attention_mask[:, 0]
+        logits = torch.nn.functional.one_hot(cls, 2).float()
+        return Prediction(student=torch.zeros_like(logits), teacher=logits)
+
+
+def test_caption_reliance_of_a_teacher_that_only_reads_captions():
+    from mgn.evaluate import caption_reliance
+
+    batches = labelled_batches(n_batches=3, batch=8)
+    for b in batches:  # the caption gives the label away: the first token's parity
+        b["input_ids"][:, 0] = 1000 + b["label"]
+    labels = torch.cat([b["label"] for b in batches])
+    result = caption_reliance(_CaptionReader(), batches, device=torch.device("cpu"))
+    assert result["samples"] == 24
+    assert result["teacher_accuracy"] == 1.0 and result["swapped_caption_accuracy"] == 0.0
+    assert result["changed_by_swap"] == 1.0
+    assert result["empty_caption_accuracy"] == pytest.approx((labels == 0).float().mean().item())

@@ -1,0 +1,40 @@
+"""How much the captions alone say: a bag-of-words logistic regression, train shards -> test shards.
+
+A guided teacher that scores near this number is reading the captions, not the images. The comparison
+runner reports it beside every table; `benchmarks/caption_baseline.py` runs it alone.
+"""
+from __future__ import annotations
+
+from mgn.data import expand_shards, tar_files
+
+
+def captions_and_labels(spec: str) -> tuple[list[str], list[int]]:
+    """Every sample's caption and label, from shards given as in `data.train_shards`."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in expand_shards(spec):
+        with open(shard, "rb") as f:
+            for name, data in tar_files(f):
+                key, _, ext = name.partition(".")
+                if ext in ("txt", "cls"):
+                    samples.setdefault(f"{shard}/{key}", {})[ext] = data
+    complete = [s for s in samples.values() if "txt" in s and "cls" in s]
+    if not complete:
+        raise ValueError(f"no captioned, labelled samples in {spec!r}")
+    return [s["txt"].decode("utf-8") for s in complete], [int(s["cls"]) for s in complete]
+
+
+def caption_only_metrics(train_shards: str, test_shards: str) -> dict:
+    """Fit on the train captions, score the test captions: accuracy and (binary) AUROC."""
+    from sklearn.feature_extraction.text import CountVectorizer  # noqa: PLC0415
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    train_text, train_y = captions_and_labels(train_shards)
+    test_text, test_y = captions_and_labels(test_shards)
+    words = CountVectorizer().fit(train_text)
+    classifier = LogisticRegression(max_iter=2000).fit(words.transform(train_text), train_y)
+    test_x = words.transform(test_text)
+    result = {"train": len(train_y), "test": len(test_y), "accuracy": float(classifier.score(test_x, test_y))}
+    if len(set(test_y)) == 2 and len(classifier.classes_) == 2:
+        result["auroc"] = float(roc_auc_score(test_y, classifier.predict_proba(test_x)[:, 1]))
+    return result
