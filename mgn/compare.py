@@ -152,8 +152,8 @@ class Options:
     arms: list[str] | None = None  # None: the default plan's arms
     arms_file: str | None = None
     seeds: int = 5
-    scarce: int = 800  # training samples of the scarce setting
-    plentiful: int = 2400
+    scarce: int = 600  # training samples of the scarce setting
+    plentiful: int = 1800
     test: int = 1000
     train_shards: str | None = None  # the user's own data, instead of the synthetic sets
     test_shards: str | None = None
@@ -304,18 +304,20 @@ def run_cell(spec: dict) -> dict | None:
         if _finished(cfg):
             train_seconds += json.loads((cfg.run_dir / "summary.json").read_text()).get("train_seconds", 0.0)
             continue
-        summary = run(cfg)
+        summary = run(cfg, keep_process_group=True)
         if summary.get("preempted"):
             return summary
         train_seconds += summary["train_seconds"]
+    distributed.shutdown()
     if distributed.detect_world().rank != 0:
         return None
     start = time.perf_counter()
+    guided = [c for c in configs if c.uses_captions]
     row = {"key": spec["key"], "setting": spec["setting"], "arm": spec["arm"], "seed": spec["seed"],
            "fingerprint": spec["fingerprint"], "train_seconds": round(train_seconds, 2),
-           **evaluate_run(configs[-1].run_dir),
+           **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None),
            "start": json.loads((configs[0].run_dir / "start.json").read_text()),
-           "run_dirs": [str(c.run_dir) for c in configs]}
+           "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -329,25 +331,40 @@ def _finished(cfg: Config) -> bool:
         return False
 
 
-def evaluate_run(run_dir: Path) -> dict:
-    """The final checkpoint's student (fused, as deployed) on the test shards; the teacher and its caption
-    reliance when the objective reads captions."""
+def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
+    """The final checkpoint's student (fused, as deployed) on the test shards; the guided teacher and its
+    caption reliance from `teacher_run` (the last stage that read captions), if any."""
     import torch  # noqa: PLC0415
 
     from mgn.checkpoint import load_checkpoint  # noqa: PLC0415
     from mgn.evaluate import caption_reliance, predict, summarize, test_batches  # noqa: PLC0415
 
-    ckpt = load_checkpoint(run_dir, teacher=Config.load(run_dir / "config.json").uses_captions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = ckpt.teacher is not None
-    batches = test_batches(ckpt.cfg, ckpt.cfg.data, teacher, batch_size=256)
-    report = summarize(predict(ckpt, batches, device=device, teacher=teacher), target_precision=None)
     metrics = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")
+    ckpt = load_checkpoint(student_run)
+    report = summarize(predict(ckpt, test_batches(ckpt.cfg, ckpt.cfg.data, False, batch_size=256), device=device),
+                       target_precision=None)
     row = {"test_samples": report["samples"], "student": {k: report["student"][k] for k in metrics}}
-    if teacher:
+    if teacher_run is not None:
+        guided = load_checkpoint(teacher_run, teacher=True)
+        batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256)
+        report = summarize(predict(guided, batches, device=device, teacher=True), target_precision=None)
         row["teacher"] = {k: report["teacher"][k] for k in metrics}
-        row["reliance"] = caption_reliance(ckpt.teacher, batches, device=device)
+        row["reliance"] = caption_reliance(guided.teacher, batches, device=device)
     return row
+
+
+def code_version() -> str:
+    """The commit the runs were made with (and '+dirty' with uncommitted changes), for results.jsonl."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
 def main_cell(spec_file: str, result_file: str) -> int:

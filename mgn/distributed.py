@@ -73,6 +73,8 @@ def init_distributed(world: World, timeout_s: int) -> torch.device:
     """Export the rank variables, pick the device, and start the process group through DeepSpeed."""
     import deepspeed  # noqa: PLC0415 - heavy import
 
+    if dist.is_initialized():  # a second run in the same process (mgn.train.run's keep_process_group)
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
     if torch.cuda.is_available():

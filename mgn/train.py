@@ -34,8 +34,12 @@ from mgn.objectives import Objective, StepOutput, build_objective
 log = logging.getLogger("mgn")
 
 
-def run(cfg: Config) -> dict:
-    """Train as configured; every rank calls this. Returns the run summary (rank 0's view)."""
+def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
+    """Train as configured; every rank calls this. Returns the run summary (rank 0's view).
+
+    `keep_process_group`: leave the process group up for another run in this process (the comparison
+    runner's stages); DeepSpeed caches its groups, so a torn-down group cannot be built a second time.
+    """
     world = distributed.detect_world()
     device = distributed.init_distributed(world, cfg.train.dist_timeout_s)
     if not cfg.train.run_name:  # rank 0's clock names the run, so every rank writes to the same new folder
@@ -62,7 +66,8 @@ def run(cfg: Config) -> dict:
         return trainer.fit()
     finally:
         trainer.tensorboard.close()
-        distributed.shutdown()
+        if not keep_process_group:
+            distributed.shutdown()
 
 
 def ensure_demo_shards(cfg: Config) -> None:
