@@ -4,6 +4,7 @@
     python benchmark.py --ckpt runs/demo                     # a trained student, at its own image size
     python benchmark.py --tiny                               # seconds: S0 at 64 px, few iterations
     python benchmark.py --model mobileone_s4 --precision bf16 --channels-last --compile   # on a GPU
+    python benchmark.py --ckpt runs/demo --clip models/clip-b16   # the student beside CLIP's image tower
 
 Before timing, fused and unfused outputs (and student vs plain timm) are compared; a mismatch stops the run.
 CPU: perf_counter per call with --threads torch threads; GPU: CUDA events with synchronisation.
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", default=None, help="run folder, checkpoint tag/latest, or student.pt2")
+    source.add_argument("--ckpt", default=None, help="run folder, checkpoint tag/latest, or student.safetensors / .pt2")
     source.add_argument("--model", default=None, help="timm MobileOne variant with random init (default mobileone_s4)")
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, or 224 (64 with --tiny)")
     p.add_argument("--num-classes", type=int, default=2, help="with --model (default 2)")
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the unfused student as the reference (default: yes)")
     p.add_argument("--rtol", type=float, default=d.rtol, help="fused vs unfused: max |diff| / max |logit|")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (S0, 64 px, few iterations)")
+    p.add_argument("--clip", default=None, metavar="MODEL",
+                   help="also time a CLIP model's image tower (local transformers folder), beside the student")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading a student.pt2 that holds pickled parts (can run code): trusted sources only")
     p.add_argument("--out", default="benchmarks/results/latency.json", help="JSON report path")
     a = p.parse_args(argv)
     settings = Settings(device=a.device, precision=a.precision, channels_last=a.channels_last, compile=a.compile,
@@ -53,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         variant = a.model or "mobileone_s0"
         image_size = image_size or (None if a.ckpt else 64)
     try:
-        run(settings, ckpt=a.ckpt, variant=variant, image_size=image_size, num_classes=a.num_classes, out=a.out)
-    except (BenchmarkError, CheckpointError, ValueError) as error:
+        run(settings, ckpt=a.ckpt, variant=variant, image_size=image_size, num_classes=a.num_classes, out=a.out,
+            trust=a.trust_checkpoint, clip=a.clip)
+    except (BenchmarkError, CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2
     return 0

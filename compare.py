@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the pretrained setting's image encoder: standin (built here, offline; the default), "
                         "hub (timm's ImageNet weights, downloads), a weights file, or none (no such setting)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per local run (default: all CPUs)")
+    p.add_argument("--clip", default=None, metavar="MODEL",
+                   help="add the CLIP zero-shot reference row: a local transformers CLIP folder (no training)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
     slurm = p.add_argument_group("slurm (with --slurm: one submitit job per run)")
     slurm.add_argument("--slurm", action="store_true")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds, scarce=args.scarce,
         plentiful=args.plentiful, test=args.test, train_shards=args.train_shards, test_shards=args.test_shards,
-        pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads,
+        pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads, clip=args.clip,
         dry_run=args.dry_run, base=config_from_args(args).to_dict(), command=shlex.join(["python", "compare.py", *argv]),
         arms=None if args.arms is None else args.arms.split(","),
         slurm=args.slurm, slurm_args={"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,

@@ -2,25 +2,33 @@
 
     python evaluate.py --ckpt runs/demo                         # run folder: its checkpoints/latest
     python evaluate.py --ckpt runs/demo/checkpoints/step_00000150 --teacher
-    python evaluate.py --ckpt runs/demo/student/student.pt2 --shards 'shards/other/test-*.tar'
+    python evaluate.py --ckpt runs/demo/student/student.safetensors --shards 'shards/other/test-*.tar'
     torchrun --standalone --nproc_per_node 2 evaluate.py --ckpt runs/demo   # each rank reads its share
     srun python evaluate.py --ckpt runs/demo                    # one task per GPU under Slurm
+    python evaluate.py --clip models/clip-b16 --shards 'shards/demo/test-*.tar'   # CLIP zero-shot baseline
 
---ckpt takes a run folder, its checkpoints/ folder or `latest` file, a tag folder (ZeRO-0 module states, or
-ZeRO-1/2 shards consolidated to fp32 with DeepSpeed's zero_to_fp32), or an exported student.pt2. The model
-is rebuilt from the config saved with the checkpoint. Writes eval.json and pr_curve.png to --out
+--ckpt takes a run folder, its checkpoints/ folder or `latest` file, a tag folder (its module states; with
+--trust-checkpoint, ZeRO-1/2 fp32 weights consolidated from the optimizer shards), or an exported student
+(student.safetensors; student.pt2 when it holds no pickles, or with --trust-checkpoint). The model is rebuilt
+from the config saved with the checkpoint; nothing is unpickled unless --trust-checkpoint says so. Writes eval.json and pr_curve.png to --out
 (default: <run>/eval/<tag>/, or eval/ beside the artifact) and prints a table.
 """
 import argparse
 import sys
 
 from mgn.checkpoint import CheckpointError
-from mgn.evaluate import run
+from mgn.evaluate import run, run_clip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/tag/latest, or student.pt2")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="run folder, checkpoint folder/tag/latest, or student.safetensors / .pt2")
+    source.add_argument("--clip", metavar="MODEL", help="CLIP zero-shot baseline instead: a local folder (or hub "
+                                                         "name with --allow-download) of a transformers CLIPModel")
+    parser.add_argument("--prompts", default=None, help="--clip: JSON {class name: [prompts]} in class-index order "
+                                                        "(default: the binary moderation prompts of mgn/clip.py)")
+    parser.add_argument("--allow-download", action="store_true", help="--clip: fetch the model from the hub")
     parser.add_argument("--shards", default=None, help="test shards (brace pattern, glob or list file); "
                                                        "default: data.test_shards from the checkpoint's config")
     parser.add_argument("--teacher", action="store_true", help="also evaluate the guided multimodal path")
@@ -33,15 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensorboard", default=None, metavar="DIR", help="also log metrics and PR curves here")
     parser.add_argument("--fusion-check-batches", type=int, default=1,
                         help="batches on which fused and unfused students are compared (-1: all; 0: none)")
-    parser.add_argument("--module-states", action="store_true",
-                        help="ZeRO-1/2: read the module states instead of consolidating fp32 weights from the shards")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow what unpickles files (can run code): a student.pt2 with pickled parts, ZeRO-1/2 "
+                             "fp32 consolidation from the optimizer shards. Only for files from sources you trust")
     args = parser.parse_args(argv)
     checks = None if args.fusion_check_batches < 0 else args.fusion_check_batches
     try:
-        run(args.ckpt, shards=args.shards, teacher=args.teacher, target_precision=args.target_precision,
-            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, out_dir=args.out,
-            tensorboard=args.tensorboard, fusion_check_batches=checks,
-            consolidate_zero=False if args.module_states else None)
+        if args.clip:
+            if not args.shards:
+                parser.error("--clip needs --shards (the test shards to score)")
+            run_clip(args.clip, shards=args.shards, prompts=args.prompts, target_precision=args.target_precision,
+                     batch_size=args.batch_size or 64, num_workers=2 if args.num_workers is None else args.num_workers,
+                     device=args.device, out_dir=args.out, allow_download=args.allow_download)
+        else:
+            run(args.ckpt, shards=args.shards, teacher=args.teacher, target_precision=args.target_precision,
+                batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, out_dir=args.out,
+                tensorboard=args.tensorboard, fusion_check_batches=checks, trust=args.trust_checkpoint)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

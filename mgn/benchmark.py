@@ -35,6 +35,7 @@ from mgn.model import ImageClassifier
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STUDENT_UNFUSED, STUDENT_FUSED, PLAIN_FUSED = "student, unfused", "student, fused (deployed)", "plain timm, fused"
+CLIP_TOWER = "CLIP zero-shot (image tower)"
 
 
 @dataclass
@@ -74,12 +75,12 @@ class Models:
 
 
 def prepare(*, ckpt: str | None = None, variant: str = "mobileone_s4", image_size: int | None = None,
-            num_classes: int = 2, bn_warmup_batches: int = 4, seed: int = 0) -> Models:
+            num_classes: int = 2, bn_warmup_batches: int = 4, seed: int = 0, trust: bool = False) -> Models:
     """Student from a checkpoint (any kind mgn.evaluate reads), or random init of `variant`."""
     if ckpt:
         from mgn.checkpoint import load_checkpoint  # noqa: PLC0415
 
-        loaded = load_checkpoint(ckpt)
+        loaded = load_checkpoint(ckpt, trust=trust)
         cfg = loaded.cfg.model
         weights = f"{loaded.kind} checkpoint {loaded.path}"
         if loaded.kind == "student":  # an exported program: rebuild an nn.Module with its weights to time it
@@ -318,7 +319,8 @@ def tiny_settings(settings: Settings) -> Settings:
 
 
 def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileone_s4", image_size: int | None = None,
-        num_classes: int = 2, out: str | Path | None = None, quiet: bool = False) -> dict:
+        num_classes: int = 2, out: str | Path | None = None, quiet: bool = False, trust: bool = False,
+        clip: str | None = None) -> dict:
     """Prepare, check, time, report. Returns the JSON-able result (also written to `out`)."""
     s = settings
     if s.precision not in DTYPES:
@@ -331,7 +333,7 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
     models = prepare(ckpt=ckpt, variant=variant, image_size=image_size, num_classes=num_classes,
-                     bn_warmup_batches=s.bn_warmup_batches)
+                     bn_warmup_batches=s.bn_warmup_batches, trust=trust)
     equivalence = check_equivalence(models, s.rtol)
     failed = [k for k in ("fused_vs_unfused", "student_vs_plain") if k in equivalence and not equivalence[k]["ok"]]
     if failed:
@@ -340,14 +342,21 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     candidates = {STUDENT_FUSED: models.fused, PLAIN_FUSED: models.plain}
     if s.compare_unfused and models.unfused is not None:
         candidates = {STUDENT_UNFUSED: models.unfused, **candidates}
-    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     size = models.image_size
+    sizes = dict.fromkeys(candidates, size)
+    if clip:  # the paper's other baseline, timed by the same protocol at its own input size
+        from mgn.clip import load_clip  # noqa: PLC0415
+
+        clip_model = load_clip(clip)
+        candidates[CLIP_TOWER] = clip_model
+        sizes[CLIP_TOWER] = clip_model.image_size
+    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     flops, runners = {}, {}
     for name, model in candidates.items():
-        guard(model, name, allow_unfused=name == STUDENT_UNFUSED)
-        flops[name] = count_flops(model.float().cpu(), torch.zeros(1, 3, size, size))
+        guard(model, name, allow_unfused=name in (STUDENT_UNFUSED, CLIP_TOWER))
+        flops[name] = count_flops(model.float().cpu(), torch.zeros(1, 3, sizes[name], sizes[name]))
         model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format).eval()
-        runners[name] = torch.compile(model) if s.compile else model
+        runners[name] = _at_own_size(torch.compile(model) if s.compile else model, sizes[name], size)
 
     if dtype != torch.float32:  # what the reduced precision costs in accuracy, on the timed device
         x = realistic_images(4, size, torch.Generator().manual_seed(1))
@@ -386,6 +395,9 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
               "student_p50_half_to_half": _half_ratio(latency[STUDENT_FUSED])}
     if STUDENT_UNFUSED in results:
         ratios["unfused_over_fused_p50"] = p50[STUDENT_UNFUSED] / p50[STUDENT_FUSED]
+    if CLIP_TOWER in results:
+        ratios["student_over_clip_p50"] = p50[STUDENT_FUSED] / p50[CLIP_TOWER]
+        results[CLIP_TOWER]["image_size"] = sizes[CLIP_TOWER]
     report = {
         "model": {"variant": models.variant, "image_size": size, "num_classes": models.num_classes,
                   "weights": models.weights, "notes": models.notes,
@@ -406,6 +418,20 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
         if out:
             print(f"wrote {out}")
     return report
+
+
+def _at_own_size(model: nn.Module, own: int, timed: int):
+    """A runner for a model whose input side differs from the timed one (CLIP): same batch, its own size."""
+    if own == timed:
+        return model
+    inputs: dict[int, torch.Tensor] = {}  # made once per batch size: the timing is the model's, not an allocation
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] not in inputs:
+            inputs[x.shape[0]] = torch.randn(x.shape[0], x.shape[1], own, own, device=x.device, dtype=x.dtype)
+        return model(inputs[x.shape[0]])
+
+    return run
 
 
 def _half_ratio(samples: list[float]) -> float:
@@ -464,6 +490,9 @@ def format_report(r: dict) -> str:
     ratios = r["ratios"]
     if "unfused_over_fused_p50" in ratios:
         lines.append(f"fused speed-up over unfused (p50): {ratios['unfused_over_fused_p50']:.2f}x")
+    if "student_over_clip_p50" in ratios:
+        lines.append(f"student / CLIP image tower latency (p50): {ratios['student_over_clip_p50']:.3f}; CLIP runs at "
+                     f"{r['models'][CLIP_TOWER]['image_size']} px, the student at {m['image_size']} px")
     lines.append(f"student / plain timm latency: {ratios['student_over_plain_p50']:.2f} (p50), "
                  f"{ratios['student_over_plain_trimmed_mean']:.2f} (trimmed mean); noise: the student's own p50 moves "
                  f"by {ratios['student_p50_half_to_half']:.2f}x between halves of its samples")

@@ -5,19 +5,17 @@ runner reports it beside every table; `benchmarks/caption_baseline.py` runs it a
 """
 from __future__ import annotations
 
-from mgn.data import expand_shards, tar_files
+from mgn.data import expand_shards
+from mgn.tar import tar_samples
 
 
 def captions_and_labels(spec: str) -> tuple[list[str], list[int]]:
     """Every sample's caption and label, from shards given as in `data.train_shards`."""
-    samples: dict[str, dict[str, bytes]] = {}
+    samples = []
     for shard in expand_shards(spec):
         with open(shard, "rb") as f:
-            for name, data in tar_files(f):
-                key, _, ext = name.partition(".")
-                if ext in ("txt", "cls"):
-                    samples.setdefault(f"{shard}/{key}", {})[ext] = data
-    complete = [s for s in samples.values() if "txt" in s and "cls" in s]
+            samples += list(tar_samples(f))
+    complete = [s for s in samples if "txt" in s and "cls" in s]
     if not complete:
         raise ValueError(f"no captioned, labelled samples in {spec!r}")
     return [s["txt"].decode("utf-8") for s in complete], [int(s["cls"]) for s in complete]

@@ -17,6 +17,7 @@ weights into a new run's student.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -28,7 +29,7 @@ from torch import nn
 
 from mgn import distributed
 from mgn.config import Config
-from mgn.export import ARTIFACT_NAME, fuse_student, load_student, unfuse_into
+from mgn.export import ARTIFACT_NAME, PROGRAM_NAME, fuse_student, unfuse_into
 from mgn.model import ImageClassifier
 
 log = logging.getLogger("mgn")
@@ -42,28 +43,111 @@ STUDENT_PREFIX = "student."  # every objective holds the deployed model as `self
 @dataclass
 class TrainState:
     """Where the run is. `batch_in_epoch` counts micro-batches consumed in the current epoch."""
-    step: int = 0  # optimizer updates done
+    step: int = 0  # optimizer updates done (skipped non-finite ones included: the schedule moved on)
     epoch: int = 0
     batch_in_epoch: int = 0
     best_metric: float = float("-inf")
+    best_step: int = 0  # the step of student_best
     attention_grids: int = 0  # attention images written so far: the cap holds across requeues
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save(engine, ckpt_dir: Path, state: TrainState, config: dict, keep_last: int, rank: int) -> str:
-    """All ranks: write a tag, then drop tags beyond the newest `keep_last`."""
+def save(engine, ckpt_dir: Path, state: TrainState, config: dict, keep_last: int, rank: int, world_size: int) -> str:
+    """All ranks: check the free space, write a tag, write its manifest last, then move `latest` to it and drop
+    tags beyond the newest `keep_last`. A tag without a manifest is never resumed from.
+
+    Frozen parameters (a frozen text encoder) are not stored: they never change, and the model rebuilds them
+    from the config's `model.text_model`.
+    """
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state), "config": config})
-    torch.save(_rank_state(state), ckpt_dir / tag / f"rank_{rank:05d}.pt")
+    folder = ckpt_dir / tag
+    needed = _previous_size(ckpt_dir, engine)
+    free = shutil.disk_usage(ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent).free
+    if distributed.any_rank(needed * 1.1 > free, _device_of(engine)):
+        raise CheckpointError(f"not enough disk space to save a checkpoint in {ckpt_dir}: it needs about "
+                              f"{needed / 2**20:.0f} MB (the size of the last one, or of the weights and optimizer "
+                              f"state) and {free / 2**20:.0f} MB are free (on this rank or another); free space "
+                              f"there, or lower train.keep_last. Nothing was written")
+    failed = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": asdict(state), "config": config},
+                               save_latest=False, exclude_frozen_parameters=True)
+        torch.save(_rank_state(state), folder / f"rank_{rank:05d}.pt")
+    except (OSError, RuntimeError) as error:  # a full disk shows as 'basic_ios::clear: iostream error'
+        failed = error
+    if distributed.any_rank(failed is not None, _device_of(engine)):
+        distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {folder} failed ({failed or 'on another rank'}); the partial tag "
+                              f"was removed and {ckpt_dir / 'latest'} still names the last complete one. Free disk "
+                              f"space: {shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MB")
     distributed.barrier()
-    if rank == 0 and keep_last:
-        for old in sorted(ckpt_dir.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        _write_manifest(folder, step=state.step, world_size=world_size, zero_stage=engine.zero_optimization_stage())
+        _write_atomically(ckpt_dir / "latest", tag)
+        if keep_last:
+            for old in sorted(ckpt_dir.glob("step_*"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return tag
+
+
+MANIFEST = "manifest.json"
+
+
+def _write_manifest(folder: Path, **facts) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    _write_atomically(folder / MANIFEST, json.dumps({**facts, "files": files}, indent=1) + "\n")
+
+
+def verify(folder: Path) -> str | None:
+    """None if the tag is complete and intact, else what is wrong with it, in words."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST} (the save did not finish)"
+    for name, facts in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != facts["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {facts['bytes']} were written"
+        if _sha256(path) != facts["sha256"]:
+            return f"{name} is corrupt (checksum differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _previous_size(ckpt_dir: Path, engine) -> int:
+    """Bytes the last tag took; before the first one, the trainable weights plus AdamW's two moments."""
+    tags = sorted(ckpt_dir.glob("step_*"))
+    if tags:
+        return sum(p.stat().st_size for p in tags[-1].iterdir() if p.is_file())
+    return sum(3 * p.numel() * 4 for p in engine.module.parameters() if p.requires_grad)
+
+
+def _device_of(engine) -> torch.device:
+    return next(engine.module.parameters()).device
 
 
 def _rank_state(state: TrainState) -> dict:
@@ -73,33 +157,72 @@ def _rank_state(state: TrainState) -> dict:
     return {"rng": rng, "position": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}}
 
 
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / "latest").exists() or any(ckpt_dir.glob("step_*"))
+
+
 def find_resume_tag(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
-    """`auto` -> the newest tag in this run, if any; a path -> that checkpoint dir (or its tag dir)."""
+    """`auto` -> the newest verified tag of this run, if any; a path -> that checkpoint dir (or its tag dir).
+
+    A damaged or partial tag is named in a warning and passed over for the newest one that verifies; a
+    folder with tags of which none verifies is an error, never a silent fresh start.
+    """
     if not resume:
         return None
     if resume == "auto":
-        latest = ckpt_dir / "latest"
-        return (ckpt_dir, latest.read_text().strip()) if latest.exists() else None
-    path = Path(resume)
-    if (path / "latest").exists():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"train.resume={resume!r}: no DeepSpeed checkpoint (no 'latest' file or tag folder)")
+        folder = ckpt_dir
+        if not has_checkpoints(folder):
+            return None
+    else:
+        path = Path(resume)
+        if (path / "latest").exists() or any(path.glob("step_*")):
+            folder = path
+        elif path.is_dir() and any(path.glob("*model_states.pt")):
+            problem = verify(path)
+            if problem:
+                raise CheckpointError(f"train.resume={resume!r}: {problem}")
+            return path.parent, path.name
+        else:
+            raise FileNotFoundError(f"train.resume={resume!r}: no DeepSpeed checkpoint (no 'latest' file or tag folder)")
+    latest = (folder / "latest").read_text().strip() if (folder / "latest").exists() else None
+    candidates = sorted((p for p in folder.glob("step_*") if p.is_dir()), reverse=True)
+    candidates.sort(key=lambda p: p.name != latest)  # `latest` first, then newest to oldest
+    for tag in candidates:
+        problem = verify(tag)
+        if problem is None:
+            return folder, tag.name
+        log.warning("MGN: checkpoint %s is damaged or incomplete (%s); trying an older one", tag, problem)
+    raise CheckpointError(f"{folder} holds checkpoints, but none is complete and intact ({len(candidates)} tags "
+                          f"checked, see the warnings); move the folder away to start afresh")
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> TrainState:
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> TrainState:
     """All ranks: restore model, optimizer, scheduler, RNG; return the saved position."""
-    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    manifest = json.loads((ckpt_dir / tag / MANIFEST).read_text())
+    if manifest["world_size"] != world_size and manifest["zero_stage"] > 0:
+        raise CheckpointError(
+            f"{ckpt_dir / tag} is a ZeRO-{manifest['zero_stage']} checkpoint of {manifest['world_size']} ranks: its "
+            f"optimizer state is split across them, so it resumes only at {manifest['world_size']} ranks. To go on "
+            f"at {world_size}, start a new run from its weights: --train.init_from {ckpt_dir / tag} (the optimizer "
+            f"state restarts)")
+    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
+    frozen = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
+    if frozen and rank == 0:
+        log.info("MGN: %d frozen parameter tensors are not stored in checkpoints; they come from the config's "
+                 "text model, as at the start of the run", len(frozen))
     state = TrainState(**client["train_state"])
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
-    if rank_file.exists():  # absent when resuming at a different world size: keep fresh RNG
+    if rank_file.exists():
         rank_state = torch.load(rank_file, weights_only=True)
         torch.set_rng_state(rank_state["rng"]["torch"])
         if "cuda" in rank_state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(rank_state["rng"]["cuda"])
+    else:
+        log.warning("MGN: %s is missing: rank %d's random-number state is lost (the run was saved by %d ranks); it "
+                    "continues with a fresh one, so dropout and caption dropout will differ from an uninterrupted "
+                    "run", rank_file, rank, manifest["world_size"])
     log.info("MGN: resumed from %s (step %d, epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch,
              state.batch_in_epoch)
     return state
@@ -111,10 +234,18 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the config saved with it."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """Reading this file would unpickle it, which can run code: it needs --trust-checkpoint."""
+
+
+TRUST_HINT = ("unpickling can run code hidden in the file; pass --trust-checkpoint (train.trust_checkpoint true) "
+              "only if you trust where it came from")
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint of any kind, with the deployed student ready to run (fused, eval, fp32, CPU)."""
-    kind: str  # "deepspeed" (module states) | "zero" (ZeRO-1/2, consolidated to fp32) | "student" (student.pt2)
+    kind: str  # "deepspeed" (module states) | "zero" (ZeRO-1/2, consolidated to fp32) | "student" (artifact)
     path: Path  # the tag folder or the artifact file actually read
     cfg: Config
     student: nn.Module  # as deployed: fused MobileOne + head (or the exported program itself)
@@ -143,7 +274,7 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         raise CheckpointError(f"{path}: no such file or folder (expected a run folder, its checkpoints/ folder, "
                               f"checkpoints/latest, a checkpoints/<tag>/ folder, or {ARTIFACT_NAME})")
     if path.is_file():
-        if path.suffix == ".pt2":
+        if path.suffix in (".safetensors", ".pt2"):
             return "artifact", path
         if path.name == "latest":
             return "tag", _tag_from_latest(path)
@@ -157,7 +288,8 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         return "tag", _tag_from_latest(path / "latest")
     if (path / "checkpoints" / "latest").exists():
         return "tag", _tag_from_latest(path / "checkpoints" / "latest")
-    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME):
+    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME, path / PROGRAM_NAME,
+                     path / "student" / PROGRAM_NAME):
         if artifact.exists():
             return "artifact", artifact
     if any(path.glob("*optim_states.pt")):
@@ -175,27 +307,71 @@ def _tag_from_latest(latest: Path) -> Path:
     return folder
 
 
-def load_checkpoint(path: str | Path, *, teacher: bool = False, consolidate_zero: bool | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = False) -> Checkpoint:
     """Load any checkpoint kind; build the student (and with `teacher`, the whole objective) from its own config.
 
-    `consolidate_zero=None` consolidates fp32 weights from the ZeRO shards whenever the tag has them;
-    False reads the module states even then (under bf16 those are bf16 copies of the fp32 masters).
+    Without `trust` nothing is unpickled: student.safetensors and the DeepSpeed model-states file are read as
+    tensors only; a student.pt2 that marks any weight as pickled is refused; ZeRO-1/2 tags are read from
+    their module states (fp32 masters would need DeepSpeed's unpickling consolidation of the optimizer shards,
+    which `trust` allows).
     """
     kind, where = resolve(path)
     if kind == "artifact":
         if teacher:
             raise CheckpointError(f"{where}: an exported student holds no text encoder or fusion; pass the training "
                                   f"checkpoint (run folder or checkpoints/<tag>) to evaluate the guided teacher")
-        return _load_artifact(where)
-    return _load_tag(where, teacher=teacher, consolidate_zero=consolidate_zero)
+        return _load_artifact(where, trust)
+    return _load_tag(where, teacher=teacher, consolidate_zero=trust)
 
 
-def _load_artifact(path: Path) -> Checkpoint:
+def read_student(path: Path, trust: bool = False) -> tuple[nn.Module, Config, dict]:
+    """(module, config, export facts) of an exported student: .safetensors (safe) or .pt2 (trusted only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if "config.json" not in meta or "export.json" not in meta:
+            raise CheckpointError(f"{path}: not an MGN student (no config.json/export.json in its metadata)")
+        cfg = Config.from_dict(json.loads(meta["config.json"]))
+        student = fuse_student(ImageClassifier(cfg.model))  # timm's MobileOne, reparameterized: the deployed shape
+        student.load_state_dict(weights, strict=True)
+        return student.eval(), cfg, json.loads(meta["export.json"])
+    pickled = pt2_pickled_members(path)
+    if pickled and not trust:
+        raise UntrustedCheckpointError(f"{path}: this torch.export archive stores {len(pickled)} item(s) as pickles "
+                                       f"({pickled[:3]}), and loading it would unpickle them: {TRUST_HINT}")
+    extra = {"config.json": "", "export.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    if not extra["config.json"] or not extra["export.json"]:
+        raise CheckpointError(f"{path}: not an MGN student artifact (no embedded config.json/export.json)")
+    return program.module(), Config.from_dict(json.loads(extra["config.json"])), json.loads(extra["export.json"])
+
+
+def pt2_pickled_members(path: Path) -> list[str]:
+    """What torch.export.load would unpickle in a .pt2 archive: weights or constants marked `use_pickle`, and
+    any pickle file inside."""
+    import zipfile  # noqa: PLC0415
+
+    found = []
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith((".pkl", ".pickle")) or name.endswith("/data.pkl"):
+                found.append(name)
+            elif name.endswith(("model_weights_config.json", "model_constants_config.json")):
+                config = json.loads(archive.read(name)).get("config", {})
+                found += [f"{name}:{key}" for key, item in config.items() if item.get("use_pickle")]
+    return found
+
+
+def _load_artifact(path: Path, trust: bool) -> Checkpoint:
     try:
-        module, cfg, meta = load_student(path)
-    except Exception as error:  # torch.export raises several types for a damaged archive
+        module, cfg, meta = read_student(path, trust)
+    except CheckpointError:
+        raise
+    except Exception as error:  # torch.export and safetensors raise several types for a damaged file
         raise CheckpointError(f"{path}: cannot read the exported student ({type(error).__name__}: {error}); "
-                              f"the file is truncated, corrupt or not a torch.export archive") from error
+                              f"the file is truncated, corrupt or not a student artifact") from error
     for key, value in (("image_model", cfg.model.image_model), ("num_classes", cfg.model.num_classes)):
         if key in meta and meta[key] != value:
             raise CheckpointError(f"{path}: export.json says {key}={meta[key]!r} but the embedded config says "
@@ -247,7 +423,7 @@ def _config_for(tag_dir: Path, states: dict) -> Config:
     return cfg
 
 
-def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool | None) -> Checkpoint:
+def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool) -> Checkpoint:
     states = _read_model_states(tag_dir)
     cfg = _config_for(tag_dir, states)
     zero_stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
@@ -256,9 +432,13 @@ def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool | None) ->
     has_shards = any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
     notes = []
     kind = "deepspeed"
-    if has_shards and zero_stage in (1, 2) and consolidate_zero is not False:
+    if has_shards and zero_stage in (1, 2) and consolidate_zero:
         weights.update(_consolidate_zero(tag_dir))  # fp32 masters; frozen params and buffers stay from the module
         kind = "zero"
+    elif has_shards and zero_stage in (1, 2):
+        notes.append(f"ZeRO-{zero_stage}: read from the module states, not from the optimizer shards (consolidating "
+                     f"those unpickles them; --trust-checkpoint allows it)"
+                     + ("" if stored_dtype == "float32" else f"; the module states are {stored_dtype} copies"))
     elif stored_dtype != "float32":
         notes.append(f"weights stored as {stored_dtype} (ZeRO-{zero_stage} keeps its fp32 masters in optimizer state, "
                      f"not read); evaluated in fp32 after conversion")
@@ -308,9 +488,13 @@ def _dominant_dtype(weights: dict) -> str:
 
 
 def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, what: str) -> None:
-    """load_state_dict, but a mismatch names the config the model was built from and the first differences."""
+    """load_state_dict, but a mismatch names the config the model was built from and the first differences.
+
+    Frozen parameters may be absent: checkpoints do not store them, the model built them from its config.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in expected if k not in weights and k not in frozen]
     unexpected = [k for k in weights if k not in expected]
     shapes = [f"{k}: checkpoint {list(weights[k].shape)} vs model {list(v.shape)}" for k, v in expected.items()
               if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
@@ -324,7 +508,7 @@ def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, wha
             f"(objective.name={cfg.objective.name!r}, model.image_model={m.image_model!r}, "
             f"model.num_classes={m.num_classes}): {'; '.join(p for p in parts if p)}. "
             f"The checkpoint comes from another model config.")
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=not frozen)
 
 
 def init_student(student: ImageClassifier, cfg: Config) -> str:
@@ -334,7 +518,7 @@ def init_student(student: ImageClassifier, cfg: Config) -> str:
     fused weights only; they are written into the unfused layout so that it computes the same function in
     eval mode (mgn.export.unfuse_into). Returns a line for the log.
     """
-    source = load_checkpoint(cfg.train.init_from)
+    source = load_checkpoint(cfg.train.init_from, trust=cfg.train.trust_checkpoint)
     if source.cfg.model.image_model != cfg.model.image_model:
         raise CheckpointError(f"train.init_from={cfg.train.init_from!r} holds a {source.cfg.model.image_model}, "
                               f"this run trains a {cfg.model.image_model} (model.image_model)")

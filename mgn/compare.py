@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -29,7 +28,6 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mgn.caption_only import caption_only_metrics
 from mgn.config import PRESETS, Config, preset_config
@@ -164,6 +162,7 @@ class Options:
     slurm_args: dict = field(default_factory=dict)  # nodes, gpus_per_node, partition, time, cpus_per_task
     base: dict = field(default_factory=lambda: preset_config("compare").to_dict())  # every arm's starting config
     dry_run: bool = False
+    clip: str | None = None  # a CLIP model folder: adds the zero-shot reference row
     command: str = "python compare.py"  # as typed, for the verdict's header
 
 
@@ -437,7 +436,12 @@ def run(options: Options) -> dict:
     rows = [r for r in read_results(results_file) if (r["key"], r["fingerprint"]) in wanted]
     references = {name: {"caption_only": caption_only_metrics(s.train_shards, s.test_shards)}
                   for name, s in settings.items()}
-    summary = verdict.summarize(rows, arms, list(settings), references, deployment_costs(rows, options.threads))
+    costs = deployment_costs(rows, options.threads, options.clip)
+    clip_latency = costs.pop("clip", {}).get("latency_ratio")
+    if options.clip:
+        for name, metrics in clip_metrics(options.clip, settings).items():
+            references[name]["clip"] = {"model": options.clip, **metrics, "student_latency_over_clip": clip_latency}
+    summary = verdict.summarize(rows, arms, list(settings), references, costs)
     summary["plan"] = {"command": options.command, "seeds": options.seeds, "base_config": options.base,
                        "settings": {n: dataclasses.asdict(s) for n, s in settings.items()},
                        "standin": STANDIN_NOTE if any(s.init == "standin" for s in settings.values()) else None,
@@ -447,9 +451,31 @@ def run(options: Options) -> dict:
     return verdict.write(summary, options.out, header)
 
 
-def deployment_costs(rows: list[dict], threads: int) -> dict:
+def clip_metrics(model: str, settings: dict[str, Setting]) -> dict[str, dict]:
+    """The CLIP zero-shot baseline on each setting's test shards (no training): the paper's Table I row."""
+    import torch  # noqa: PLC0415
+
+    from mgn.clip import clip_batches, load_clip  # noqa: PLC0415
+    from mgn.evaluate import predict_clip, summarize  # noqa: PLC0415
+
+    clip = load_clip(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scored: dict[str, dict] = {}
+    out = {}
+    for name, setting in settings.items():
+        if setting.test_shards not in scored:
+            report = summarize(predict_clip(clip, clip_batches(clip, setting.test_shards), device=device), None)
+            scored[setting.test_shards] = {k: report["student"][k] for k in
+                                           ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")}
+        out[name] = scored[setting.test_shards]
+    return out
+
+
+def deployment_costs(rows: list[dict], threads: int, clip: str | None = None) -> dict:
     """Per arm: the deployed student's FLOPs equal to the baseline's, and its batch-1 latency over the baseline's,
-    timed side by side (interleaved rounds) on the lowest seed's students of the first setting."""
+    timed side by side (interleaved rounds) on the lowest seed's students of the first setting. With `clip`, its
+    image tower is timed in the same rounds (at its own input size): costs["clip"]["latency_ratio"] is the
+    baseline student's latency over CLIP's."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -468,10 +494,20 @@ def deployment_costs(rows: list[dict], threads: int) -> dict:
     size = load_checkpoint(first["baseline"]["run_dirs"][-1]).cfg.model.image_size
     image = torch.randn(1, 3, size, size)
     flops = {arm: count_flops(model, image) for arm, model in students.items()}
-    samples = time_latency(students, image, Timer(torch.device("cpu")), warmup=5, iters=60, rounds=3)
+    runners = dict(students)
+    if clip:
+        from mgn.benchmark import _at_own_size  # noqa: PLC0415
+        from mgn.clip import load_clip  # noqa: PLC0415
+
+        tower = load_clip(clip)
+        runners["clip"] = _at_own_size(tower, tower.image_size, size)
+    samples = time_latency(runners, image, Timer(torch.device("cpu")), warmup=5, iters=60, rounds=3)
     median = {arm: float(np.median(ms)) for arm, ms in samples.items()}
-    return {arm: {"latency_ratio": median[arm] / median["baseline"], "flops_equal": flops[arm] == flops["baseline"]}
-            for arm in students}
+    costs = {arm: {"latency_ratio": median[arm] / median["baseline"], "flops_equal": flops[arm] == flops["baseline"]}
+             for arm in students}
+    if clip:
+        costs["clip"] = {"latency_ratio": median["baseline"] / median["clip"]}
+    return costs
 
 
 def machine() -> dict:

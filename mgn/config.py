@@ -80,6 +80,9 @@ class DataConfig:
     shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
     max_skip_fraction: float = option(0.01, "stop the run if more bad samples than this are skipped")
     synthetic_samples: int = option(0, ">0: write missing demo shards with the synthetic generator")
+    max_image_pixels: int = option(25_000_000, "width x height cap read from the header before decoding: bigger "
+                                               "images are bad samples (JPEG is decoded reduced instead)")
+    max_caption_bytes: int = option(4096, "captions are cut to this many UTF-8 bytes before tokenizing")
 
 
 @dataclass
@@ -94,6 +97,8 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (not on biases and norms)")
     warmup_steps: int = option(100, "linear warmup updates before the cosine decay")
     grad_clip: float = option(1.0, "gradient norm clip; 0 disables (DeepSpeed's own default would be 1.0)")
+    max_skipped_steps: int = option(5, "updates in a row skipped for a non-finite loss or gradient before the run "
+                                       "stops with an error")
     label_smoothing: float = option(0.1, "label smoothing of every cross-entropy term")
     zero_stage: int = option(0, "DeepSpeed ZeRO stage", (0, 1, 2))
     precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
@@ -106,7 +111,9 @@ class TrainConfig:
     output_dir: str = option("runs", "folder that holds run folders")
     run_name: str = option("", "run folder name; '': derived from the time and the objective")
     resume: str = option("", "'': fresh run; 'auto': latest checkpoint of run_name; or a checkpoint path")
-    init_from: str = option("", "start from these weights: a run folder, checkpoint tag or student.pt2")
+    init_from: str = option("", "start from these weights: a run folder, checkpoint tag or exported student")
+    trust_checkpoint: bool = option(False, "allow loading files by unpickling them (which can run code): a resume "
+                                           "path outside this run's folder, ZeRO-1/2 consolidation for init_from")
     init_parts: str = option("student", "what init_from loads: student = image encoder + head, "
                                         "image_encoder = the encoder only (fresh head)", ("student", "image_encoder"))
 
@@ -234,7 +241,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("objective.caption_dropout and objective.distill_weight are fractions in [0, 1]")
     if o.temperature <= 0:
         raise ValueError(f"objective.temperature={o.temperature} must be > 0")
-    for name in ("micro_batch", "grad_accum", "epochs", "log_every"):
+    for name in ("micro_batch", "grad_accum", "epochs", "log_every", "max_skipped_steps"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
     for name in ("ckpt_every", "keep_last", "attention_images"):

@@ -1,30 +1,32 @@
 """WebDataset input pipelines: equal batches on every rank for training, every test sample once for eval.
 
-Training, per epoch: the shard list is shuffled with (seed, epoch), identically on every rank;
-`split_by_node` gives rank r the shards r, r+W, ...; `split_by_worker` deals those out to the
-DataLoader workers. Each worker reads its tars, shuffles samples in a buffer, decodes to RGB,
-applies the train transform, batches and tokenizes. The number of batches per rank is fixed up
-front from `sizes.json`: ceil(samples / (batch_size * world_size)), the same on every rank and
-for any `num_workers`, split among the workers in proportion to the samples their shards hold.
-A worker whose shards hold fewer samples than its share reads them again, reshuffled (a few
-samples repeat, as in open_clip); one with more stops early (the rest are seen in other epochs,
-since the shard shuffle changes). So no rank waits at a collective for a rank that ran out of
-data. A rank with fewer shards than `num_workers` runs fewer workers (logged); fewer shards than
-ranks is an error. The order is a function of (seed, epoch, rank, num_workers), so a resumed
-run can skip the batches it already consumed.
+Training, per epoch: the shard list is shuffled with (seed, epoch), identically on every rank, and its
+samples, concatenated in that order, are cut into one contiguous range per rank and then per DataLoader
+worker, balanced by sample count (`sizes.json`), not by shard: a rank or worker may read part of a
+shard, so uneven shards neither idle a rank nor make it repeat a small shard many times. Each worker
+reads its range, shuffles raw samples in a buffer, decodes to RGB, applies the train transform, batches
+and tokenizes. The number of batches per rank is fixed up front: ceil(samples / (batch_size x world_size)),
+the same on every rank and for any `num_workers`; each worker's range holds exactly its batches' worth of
+samples, so only the last global batch of an epoch can be short: its missing places (fewer than batch_size x
+world_size) are filled by reading the rank's range again, reshuffled. `TrainLoader.balance` reports the
+repeated and never-seen shares per epoch.
 
-Evaluation reads shards in order, split the same way but without repetition or shuffling, and
-keeps the last partial batch: every test sample is read exactly once across all ranks.
+The order is a function of (seed, epoch, rank, num_workers), and augmentation is seeded per sample (seed,
+epoch, key, pass), so a resumed run skips what it already consumed as raw samples, before any decoding
+or tokenization (`skip_batches`), and continues with exactly the batches an uninterrupted run would have
+seen; batches come out in a fixed round-robin order of the workers, whatever the resume point.
 
-Bad samples (truncated tar, undecodable image, missing field, duplicate key) are skipped and
-counted per shard; samples lost to a truncated tar are counted from `sizes.json`. The counts
-travel with the batches and the loader aggregates them: `loader.skipped()`. More than
-`max_skip_fraction` of the samples skipped stops the run with an error naming the shards.
+Evaluation reads the samples in order, split the same way but without repetition or shuffling, and keeps
+the last partial batch: every test sample is read exactly once across all ranks.
+
+Bad samples (truncated tar, undecodable image, missing field, duplicate key) are skipped and counted
+per shard; samples lost to a truncated tar are counted from `sizes.json`. The counts travel with the
+batches and the loader aggregates them: `loader.skipped()`. More than `max_skip_fraction` of the
+samples skipped stops the run with an error naming the shards.
 """
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import math
@@ -32,9 +34,10 @@ import os
 import random
 import tarfile
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import braceexpand
 import numpy as np
@@ -43,7 +46,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mgn.config import DataConfig, resolve_text_model
+from mgn.config import Config, DataConfig, resolve_text_model
+from mgn.images import DEFAULT_MAX_PIXELS, cap_caption, open_capped, to_rgb
+from mgn.tar import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 TRAIN_SCALE, TRAIN_RATIO = (0.6, 1.0), (3 / 4, 4 / 3)
 EVAL_CROP_PCT = 0.875  # timm's default for MobileOne: resize to size/0.875, centre-crop size
 MAX_EXAMPLES = 20  # skip reasons kept for the report
+BALANCE_WARNING = 0.05  # warn when more than this share of an epoch repeats or is never seen
 
 
 # ---------------------------------------------------------------------------------------------- shard lists
@@ -82,6 +88,15 @@ def expand_shards(spec: str) -> list[str]:
     return shards
 
 
+def class_names(spec: str) -> list[str]:
+    """The label names of a shard set, from the `dataset_card.json` beside its first shard ([] if there is none)."""
+    try:
+        card = Path(expand_shards(spec)[0]).parent / "dataset_card.json"
+        return [str(x) for x in json.loads(card.read_text())["labels"]]
+    except (OSError, ValueError, KeyError, TypeError, FileNotFoundError):
+        return []
+
+
 def read_sizes(shards: list[str]) -> dict[str, int]:
     """Samples per shard from the `sizes.json` beside each shard (written by mgn.shards)."""
     tables: dict[Path, dict] = {}
@@ -106,13 +121,41 @@ def read_sizes(shards: list[str]) -> dict[str, int]:
     return sizes
 
 
-def split_by_node(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """Explicit rank arguments instead of webdataset's environment lookup: the caller knows them."""
-    return list(shards[rank::world_size])
+# ---------------------------------------------------------------------------------------------- splitting
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of one shard, counted in the order the shard holds them."""
+    shard: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
-def split_by_worker(shards: Sequence[str], worker: int, num_workers: int) -> list[str]:
-    return list(shards[worker::num_workers])
+def split_samples(pieces: list[Piece], parts: int) -> list[list[Piece]]:
+    """Cut the samples of `pieces` (in order) into `parts` contiguous ranges of near-equal size.
+
+    Part i gets samples [floor(i T / parts), floor((i + 1) T / parts)) of the T samples, so sizes differ
+    by at most one, whatever the shard sizes.
+    """
+    total = sum(p.size for p in pieces)
+    return cut_samples(pieces, [i * total // parts for i in range(parts + 1)])
+
+
+def cut_samples(pieces: list[Piece], bounds: list[int]) -> list[list[Piece]]:
+    """Part i holds samples [bounds[i], bounds[i + 1]) of the pieces' samples, counted in order."""
+    out: list[list[Piece]] = [[] for _ in range(len(bounds) - 1)]
+    offset = 0
+    for piece in pieces:
+        for part in range(len(out)):
+            low, high = max(bounds[part], offset), min(bounds[part + 1], offset + piece.size)
+            if low < high:
+                out[part].append(Piece(piece.shard, piece.start + low - offset, piece.start + high - offset))
+        offset += piece.size
+    return out
 
 
 def batches_per_epoch(total_samples: int, batch_size: int, world_size: int) -> int:
@@ -123,7 +166,7 @@ def worker_quotas(num_batches: int, samples: list[int]) -> list[int]:
     """Split a rank's batches among its workers in proportion to the samples each one holds.
 
     Largest remainders, ties to the lower worker: a worker with little data repeats little and a
-    worker with much data drops little. The DataLoader interleaves whatever the quotas are.
+    worker with much data drops little.
     """
     total = sum(samples)
     if total == 0:
@@ -136,41 +179,123 @@ def worker_quotas(num_batches: int, samples: list[int]) -> list[int]:
     return quotas
 
 
-# ---------------------------------------------------------------------------------------------- public loaders
+def round_robin(quotas: list[int]) -> list[tuple[int, int]]:
+    """(worker, batch index) in the order the DataLoader delivers them: one batch from each worker that
+    has any left, in worker order, round after round."""
+    order, taken = [], [0] * len(quotas)
+    while len(order) < sum(quotas):
+        for worker, quota in enumerate(quotas):
+            if taken[worker] < quota:
+                order.append((worker, taken[worker]))
+                taken[worker] += 1
+    return order
 
-def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
-                 batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> "TrainLoader":
-    shards = expand_shards(data_cfg.train_shards)
-    sizes = read_sizes(shards)
-    if len(shards) < world_size:
-        raise ValueError(f"{len(shards)} train shards cannot feed {world_size} ranks (shards are the unit of "
-                         f"splitting): write at least {world_size} shards, e.g. mgn.shards --max-samples-per-shard")
-    num_batches = batches_per_epoch(sum(sizes.values()), batch_size, world_size)
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What every rank and worker reads in one training epoch; the same arithmetic on every rank."""
+    num_batches: int  # per rank
+    ranks: list[list[list[Piece]]]  # rank -> worker -> pieces
+    quotas: list[list[int]]  # rank -> worker -> batches
+
+    def balance(self, batch_size: int) -> dict:
+        """Shares of the epoch's samples read twice and never read, over all ranks."""
+        repeated = unseen = 0
+        for workers, quotas in zip(self.ranks, self.quotas):
+            for pieces, quota in zip(workers, quotas):
+                held, need = sum(p.size for p in pieces), quota * batch_size
+                repeated += max(0, need - held)
+                unseen += max(0, held - need)
+        total_read = self.num_batches * batch_size * len(self.ranks)
+        total = sum(p.size for workers in self.ranks for pieces in workers for p in pieces)
+        return {"repeated_fraction": repeated / total_read, "unseen_fraction": unseen / max(total, 1)}
+
+
+def plan_epoch(shards: list[str], sizes: dict[str, int], *, batch_size: int, world_size: int, num_workers: int,
+               seed: int, epoch: int) -> EpochPlan:
     order = list(shards)
     random.Random(f"shards/{seed}/{epoch}").shuffle(order)  # same on every rank
-    mine = split_by_node(order, rank, world_size)
-    workers = min(max(data_cfg.num_workers, 1), len(mine), num_batches)
-    if workers < data_cfg.num_workers:
-        log.warning("rank %d: %d shards for %d workers; using %d workers (epoch length is unchanged)",
-                    rank, len(mine), data_cfg.num_workers, workers)
+    pieces = [Piece(s, 0, sizes[s]) for s in order if sizes[s] > 0]
+    num_batches = batches_per_epoch(sum(p.size for p in pieces), batch_size, world_size)
+    ranks, quotas = [], []
+    for rank_pieces in split_samples(pieces, world_size):
+        held = sum(p.size for p in rank_pieces)
+        if held == 0:
+            raise ValueError(f"{sum(sizes.values())} training samples cannot feed {world_size} ranks")
+        # Each worker gets exactly its batches' worth of samples, so only the rank's own shortfall (the last
+        # global batch) repeats; a worker that would get nothing is not started.
+        workers = max(1, min(num_workers, num_batches))
+        while True:
+            shares = worker_quotas(num_batches, [1] * workers)
+            ends = [min(held, batch_size * sum(shares[:w + 1])) for w in range(workers)]
+            bounds = [0, *ends[:-1], held]
+            if workers == 1 or all(low < high for low, high in zip(bounds, bounds[1:])):
+                break
+            workers -= 1
+        ranks.append(cut_samples(rank_pieces, bounds))
+        quotas.append(shares)
+    return EpochPlan(num_batches, ranks, quotas)
+
+
+# ---------------------------------------------------------------------------------------------- public loaders
+
+def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 skip_batches: int = 0, captions: bool | None = None, batch_size: int | None = None,
+                 data: DataConfig | None = None) -> "TrainLoader | EvalLoader":
+    """The `train` or `test` loader of a run's config: its shards, image size, normalisation (the image
+    encoder's), tokenizer and micro-batch. `captions` defaults to whether the objective reads them; `data`
+    replaces the config's data section (other shards, other workers)."""
+    import timm  # noqa: PLC0415 - only for the normalisation constants
+
+    pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
+    captions = cfg.uses_captions if captions is None else captions
+    common = dict(image_size=cfg.model.image_size, mean=pretrained["mean"], std=pretrained["std"],
+                  tokenizer_name=resolve_text_model(cfg.model.text_model) if captions else None,
+                  seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
+                  world_size=world_size)
+    if split == "train":
+        return train_loader(data or cfg.data, **common, seed=cfg.train.seed, epoch=epoch, skip_batches=skip_batches)
+    if split == "test":
+        return eval_loader(data or cfg.data, **common)
+    raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+
+
+def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
+                 batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                 skip_batches: int = 0) -> "TrainLoader":
+    """This rank's batches of one epoch; `skip_batches` leaves out the first ones without decoding them."""
+    shards = expand_shards(data_cfg.train_shards)
+    sizes = read_sizes(shards)
+    plan = plan_epoch(shards, sizes, batch_size=batch_size, world_size=world_size,
+                      num_workers=max(data_cfg.num_workers, 1), seed=seed, epoch=epoch)
+    if not 0 <= skip_batches <= plan.num_batches:
+        raise ValueError(f"cannot skip {skip_batches} of {plan.num_batches} batches")
     _preload(tokenizer_name, seq_len)
-    held = [sum(sizes[s] for s in split_by_worker(mine, w, workers)) for w in range(workers)]
-    dataset = _ShardStream(mine, sizes, Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True),
-                           batch_size=batch_size, quotas=worker_quotas(num_batches, held),
+    quotas = plan.quotas[rank]
+    order = round_robin(quotas)
+    skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
+    decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
+                      max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes)
+    dataset = _ShardStream(plan.ranks[rank], sizes, decoder, batch_size=batch_size, quotas=quotas, skips=skips,
                            shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}")
-    return TrainLoader(dataset, workers if data_cfg.num_workers > 0 else 0, num_batches, data_cfg.max_skip_fraction)
+    workers = len(quotas) if data_cfg.num_workers > 0 else 0
+    return TrainLoader(dataset, workers, data_cfg.max_skip_fraction, order[skip_batches:], plan.num_batches,
+                       plan.balance(batch_size))
 
 
 def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
                 batch_size: int, rank: int, world_size: int) -> "EvalLoader":
     shards = expand_shards(data_cfg.test_shards)
     sizes = read_sizes(shards)
-    mine = split_by_node(shards, rank, world_size)  # ranks beyond the shard count get no batches
-    workers = min(data_cfg.num_workers, len(mine))
+    mine = split_samples([Piece(s, 0, sizes[s]) for s in shards if sizes[s] > 0], world_size)[rank]
+    held = sum(p.size for p in mine)
+    workers = max(1, min(data_cfg.num_workers, held)) if held else 0
     _preload(tokenizer_name, seq_len)
-    dataset = _ShardStream(mine, sizes, Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False),
-                           batch_size=batch_size, quotas=None, shuffle_buffer=0, seed="eval")
-    return EvalLoader(dataset, workers, data_cfg.max_skip_fraction, sum(sizes[s] for s in mine))
+    dataset = _ShardStream(split_samples(mine, workers) if workers else [], sizes,
+                           Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False,
+                                   max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes),
+                           batch_size=batch_size, quotas=None, skips=None, shuffle_buffer=0, seed="eval")
+    return EvalLoader(dataset, workers if data_cfg.num_workers > 0 else 0, data_cfg.max_skip_fraction, held)
 
 
 class _Loader:
@@ -189,13 +314,13 @@ class _Loader:
     def seen(self) -> dict[str, int]:
         return dict(self._seen)
 
-    def _batches(self) -> Iterator[dict]:
+    def _items(self) -> Iterator[dict]:
         self._seen, self._skipped, self._examples = Counter(), Counter(), []
-        if not self.dataset.shards:
+        if not self.dataset.workers:
             return
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
                             collate_fn=_keep)
-        expected = sum(self.dataset.sizes[s] for s in self.dataset.shards)
+        expected = sum(p.size for pieces in self.dataset.workers for p in pieces)
         for item in loader:
             stats = item.pop("_stats")
             self._seen.update(stats["seen"])
@@ -205,7 +330,7 @@ class _Loader:
             if sum(self._skipped.values()) > self.max_skip_fraction * max(expected, sum(self._seen.values())):
                 self._check()
             if "image" in item:
-                yield self.dataset.decoder.normalise(item)
+                yield item
         if self._skipped:
             log.warning("skipped %d of %d samples: %s", sum(self._skipped.values()), sum(self._seen.values()),
                         self._report())
@@ -224,22 +349,32 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """Exactly `len(self)` full batches, the same number on every rank."""
+    """`len(self)` full batches per epoch, the same number on every rank, in a fixed worker order.
 
-    def __init__(self, dataset, num_workers, num_batches, max_skip_fraction):
+    After `skip_batches` it yields the rest of the epoch only, in the order an uninterrupted pass would
+    have: the DataLoader restarts its round-robin at worker 0, so early arrivals wait (a few batches).
+    `balance` holds the epoch's repeated and never-seen shares (EpochPlan.balance).
+    """
+
+    def __init__(self, dataset, num_workers, max_skip_fraction, order: list[tuple[int, int]], num_batches: int,
+                 balance: dict):
         super().__init__(dataset, num_workers, max_skip_fraction)
-        self.num_batches = num_batches
+        self.order, self.num_batches, self.balance = order, num_batches, balance
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        count = 0
-        for batch in self._batches():
-            count += 1
-            yield batch
-        if count != self.num_batches:  # would desynchronise the ranks: never let it pass silently
-            raise RuntimeError(f"produced {count} batches instead of {self.num_batches}")
+        waiting: dict[tuple[int, int], dict] = {}
+        next_index = 0
+        for batch in self._items():
+            waiting[batch.pop("_index")] = batch
+            while next_index < len(self.order) and self.order[next_index] in waiting:
+                yield self.dataset.decoder.normalise(waiting.pop(self.order[next_index]))
+                next_index += 1
+        if next_index != len(self.order) or waiting:  # would desynchronise the ranks: never let it pass silently
+            raise RuntimeError(f"produced {next_index} of the {len(self.order)} batches expected "
+                               f"({len(waiting)} out of order)")
 
 
 class EvalLoader(_Loader):
@@ -250,7 +385,9 @@ class EvalLoader(_Loader):
         self.num_samples = num_samples
 
     def __iter__(self) -> Iterator[dict]:
-        return self._batches()
+        for batch in self._items():
+            batch.pop("_index")
+            yield self.dataset.decoder.normalise(batch)
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -273,224 +410,134 @@ class _Stats:
 
 
 class _ShardStream(IterableDataset):
-    """One worker's pipeline: its shards -> samples -> shuffle -> decode -> batches (+ skip counts)."""
+    """One worker's pipeline: its pieces -> raw samples -> shuffle -> (skip) -> decode -> batches (+ skip counts)."""
 
-    def __init__(self, shards: list[str], sizes: dict[str, int], decoder: "Decoder", *, batch_size: int,
-                 quotas: list[int] | None, shuffle_buffer: int, seed: str):
-        self.shards, self.sizes, self.decoder = shards, sizes, decoder
-        self.batch_size, self.quotas, self.shuffle_buffer, self.seed = batch_size, quotas, shuffle_buffer, seed
+    def __init__(self, workers: list[list[Piece]], sizes: dict[str, int], decoder: "Decoder", *, batch_size: int,
+                 quotas: list[int] | None, skips: list[int] | None, shuffle_buffer: int, seed: str):
+        self.workers, self.sizes, self.decoder = workers, sizes, decoder
+        self.batch_size, self.quotas, self.skips = batch_size, quotas, skips
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.quotas is not None and len(self.quotas) != num_workers:
-            raise RuntimeError(f"planned for {len(self.quotas)} workers, running with {num_workers}")
-        shards = split_by_worker(self.shards, worker, num_workers)
+        if len(self.workers) % num_workers:
+            raise RuntimeError(f"planned for {len(self.workers)} workers, running with {num_workers}")
         stats = _Stats()
-        seed = f"{self.seed}/{worker}"
         train = self.quotas is not None
-        buffer = self.shuffle_buffer if train else 0
-        quota = self.quotas[worker] if train else None
-        return iter(wds.DataPipeline(
-            _read_tars(shards, self.sizes, stats, repeat=train, shuffle_buffer=buffer, seed=seed),
-            self.decoder.stage(stats, random.Random(f"aug/{seed}")),
-            _batches(self.batch_size, quota, self.decoder, stats),
-        ))
+        streams = range(worker, len(self.workers), num_workers)  # one stream each, unless workers = 0 (in-process)
+        for stream in streams:
+            seed = f"{self.seed}/{stream}"
+            samples = _read_pieces(self.workers[stream], stats, repeat=train,
+                                   shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed)
+            skip = self.skips[stream] * self.batch_size if train else 0
+            yield from _batches(stream, self.batch_size, self.quotas[stream] if train else None,
+                                self.skips[stream] if train else 0, self.decoder,
+                                self.decoder.stage(_drop(samples, skip), stats), stats)
 
 
-def _read_tars(shards: list[str], sizes: dict[str, int], stats: _Stats, *, repeat: bool, shuffle_buffer: int,
-               seed: str):
-    """Samples from tar files, shuffled within each pass over the worker's shards.
+def _drop(samples: Iterator[dict], count: int) -> Iterator[dict]:
+    """The stream after its first `count` raw samples: a resume skips them without decoding anything."""
+    for index, sample in enumerate(samples):
+        if index >= count:
+            yield sample
 
-    Repetition wraps the shuffle buffer rather than feeding it, so no sample comes back before
-    the whole pass has been used. Skips are counted on the first pass only.
+
+def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_buffer: int,
+                 seed: str) -> Iterator[dict]:
+    """Raw samples of the pieces, shuffled within each pass; training passes repeat until the quota is met.
+
+    Repetition wraps the shuffle buffer rather than feeding it, so no sample comes back before the whole
+    pass has been used. Skips are counted on the first pass only; `__pass__` tells the passes apart.
     """
-
-    def one_pass(order: list[str], first: bool) -> Iterator[dict]:
-        for shard in order:
-            for sample in _tar_samples(shard, sizes.get(shard, 0), stats if first else _Stats()):
-                sample["__first__"] = first
-                yield sample
-
-    def source() -> Iterator[dict]:
-        rng = random.Random(f"pass/{seed}")
-        order, first = list(shards), True
-        while True:
-            samples = one_pass(order, first)
-            if shuffle_buffer > 1:
-                samples = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=rng)(samples)
-            produced = 0
-            for sample in samples:
-                produced += 1
-                yield sample
-            if not repeat:
-                return
-            if produced == 0:
-                raise RuntimeError(f"no readable samples in shards {shards}: cannot fill this worker's batches")
-            first = False
-            rng.shuffle(order)
-
-    return source
+    rng = random.Random(f"pass/{seed}")
+    order, number = list(pieces), 0
+    while True:
+        samples = (dict(sample, __pass__=number) for piece in order
+                   for sample in _piece_samples(piece, stats if number == 0 else _Stats()))
+        if shuffle_buffer > 1:
+            samples = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=rng)(samples)
+        produced = 0
+        for sample in samples:
+            produced += 1
+            yield sample
+        if not repeat:
+            return
+        if produced == 0:
+            raise RuntimeError(f"no readable samples in {[p.shard for p in pieces]}: cannot fill this worker's batches")
+        number += 1
+        rng.shuffle(order)
 
 
-def _tar_samples(shard: str, expected: int, stats: _Stats) -> Iterator[dict]:
-    """Group a tar's files by key; a repeated key within the shard is a bad sample."""
+def _piece_samples(piece: Piece, stats: _Stats) -> Iterator[dict]:
+    """Samples [start, stop) of a shard; a repeated key within them is a bad sample."""
     keys: set[str] = set()
-    count = 0  # samples met in this shard, good or bad
-
-    def finish(sample):
-        nonlocal count
-        count += 1
-        stats.seen[shard] += 1
-        if sample["__key__"] in keys:
-            stats.skip(shard, sample["__key__"], "duplicate key in shard")
-            return None
-        keys.add(sample["__key__"])
-        return sample
-
-    current, error = None, None
+    count = 0  # samples of the piece met, good or bad
+    error = None
     try:
-        with open(shard, "rb", buffering=1 << 20) as f:
-            for name, data in tar_files(f):
-                key, ext = _split_name(name)
-                if key is None:
+        with open(piece.shard, "rb", buffering=1 << 20) as f:
+            for index, sample in enumerate(tar_samples(f)):
+                if index < piece.start:
                     continue
-                if current is not None and (key != current["__key__"] or ext in current):
-                    if (done := finish(current)) is not None:
-                        yield done
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": shard}
-                current[ext] = data
-        if current is not None and (done := finish(current)) is not None:
-            yield done
+                if index >= piece.stop:
+                    break
+                count += 1
+                stats.seen[piece.shard] += 1
+                if sample["__key__"] in keys:
+                    stats.skip(piece.shard, sample["__key__"], "duplicate key in shard")
+                    continue
+                keys.add(sample["__key__"])
+                sample["__url__"] = piece.shard
+                yield sample
     except (tarfile.TarError, OSError) as exc:
-        error = f"unreadable tar after {count} samples: {exc}"
-    lost = expected - count
+        error = f"unreadable tar after {piece.start + count} samples: {exc}"
+    lost = piece.size - count
     if error or lost > 0:
         lost = max(lost, 1)
-        stats.seen[shard] += lost
-        stats.skip(shard, "*", error or f"shard ended after {count} of {expected} samples", lost)
+        stats.seen[piece.shard] += lost
+        stats.skip(piece.shard, "*", error or f"shard ended after {piece.start + count} of {piece.stop} samples",
+                   lost)
 
 
-def tar_files(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files in a tar stream.
-
-    A few lines of header parsing instead of `tarfile`, whose per-member objects cost more than
-    decoding a small JPEG. Handles ustar (what webdataset and mgn.shards write), GNU long names
-    and pax paths; checksums are verified (a few us a header, a few percent of decoding a small
-    JPEG: worth it to catch a corrupt shard), and a short read raises `tarfile.ReadError`.
-    """
-    long_name = None
-    while True:
-        header = f.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (a missing end marker is left to the sizes.json check)
-        if len(header) < 512:
-            raise tarfile.ReadError("unexpected end of data in a header")
-        if not _checksum_ok(header):
-            raise tarfile.ReadError("bad header checksum")
-        try:
-            size = _tar_number(header[124:136])
-        except ValueError:
-            raise tarfile.ReadError("bad header (size field)") from None
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        f.read(-size % 512)
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8")
-        elif kind == b"x":  # pax extended header: only the path matters here
-            long_name = _pax_path(data) or long_name
-        elif kind in (b"0", b"\0", b"7"):
-            name = long_name or _tar_name(header)
-            long_name = None
-            yield name, data
-        else:  # directories, links, global pax headers: nothing to read
-            long_name = None
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _checksum_ok(header: bytes) -> bool:
-    stored = header[148:156].strip(b"\0 ")
-    # The checksum field counts as eight spaces (8 * 32 = 256); one pass over the header is ~3x faster than two slices.
-    return stored.isdigit() and int(stored, 8) == sum(header) - sum(header[148:156]) + 256
-
-
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # base-256, for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _tar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar" and header[345] != 0:
-        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-    return name.decode("utf-8")
-
-
-def _pax_path(data: bytes) -> str | None:
-    for record in data.split(b"\n"):
-        _, _, item = record.partition(b" ")
-        if item.startswith(b"path="):
-            return item[5:].decode("utf-8")
-    return None
-
-
-def _split_name(name: str) -> tuple[str | None, str]:
-    """webdataset's rule: the key is everything up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    if "." not in base:
-        return None, ""
-    stem, ext = base.split(".", 1)
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _batches(batch_size: int, quota: int | None, decoder: "Decoder", stats: _Stats):
-    """Training stops at the worker's quota of full batches; evaluation keeps the last partial batch."""
-
-    def run(items):
-        buf, made = [], 0
-        if quota == 0:  # a worker with very little data may get no batch at all
-            items = ()
+def _batches(stream: int, batch_size: int, quota: int | None, first: int, decoder: "Decoder", items, stats: _Stats):
+    """Training stops at the stream's quota of full batches (numbered from `first`, the resume point);
+    evaluation keeps the last partial batch. Each batch carries its (stream, index) for the ordering."""
+    buf, index = [], first
+    if quota is None or index < quota:
         for item in items:
             buf.append(item)
             if len(buf) == batch_size:
-                yield decoder.collate(buf, stats.take())
-                buf, made = [], made + 1
-                if quota is not None and made >= quota:
+                yield decoder.collate(buf, stats.take(), (stream, index))
+                buf, index = [], index + 1
+                if quota is not None and index >= quota:
                     break
         if buf and quota is None:
-            yield decoder.collate(buf, stats.take())
-        yield {"_stats": stats.take()}  # counts from after the last batch, or from a worker with no batches
-
-    return run
+            yield decoder.collate(buf, stats.take(), (stream, index))
+    yield {"_stats": stats.take()}  # counts from after the last batch, or from a stream with no batches
 
 
 class Decoder:
     """Bytes -> RGB crops -> uint8 batches with tokens (workers) -> normalised float batches (main process)."""
 
-    def __init__(self, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int, *, train: bool):
-        self.size, self.train = image_size, train
+    def __init__(self, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int, *, train: bool,
+                 seed: str = "", max_pixels: int = DEFAULT_MAX_PIXELS, max_caption_bytes: int = 4096):
+        self.size, self.train, self.seed = image_size, train, seed
+        self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
         self.tokenizer_name, self.seq_len = tokenizer_name, seq_len
         std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
-    def stage(self, stats: _Stats, rng: random.Random):
-        def run(samples):
-            for sample in samples:
-                try:
-                    yield self.decode(sample, rng)
-                except _BadSample as exc:
-                    if sample["__first__"]:
-                        stats.skip(sample["__url__"], sample["__key__"], str(exc))
-
-        return run
+    def stage(self, samples: Iterator[dict], stats: _Stats) -> Iterator[tuple]:
+        """Decoded samples; training augmentation is seeded per sample (run seed, epoch, key, pass), so it does
+        not depend on what came before: skipping samples on resume leaves every later crop unchanged."""
+        for sample in samples:
+            rng = random.Random(f"aug/{self.seed}/{sample['__key__']}/{sample['__pass__']}") if self.train else None
+            try:
+                yield self.decode(sample, rng)
+            except _BadSample as exc:
+                if sample["__pass__"] == 0:
+                    stats.skip(sample["__url__"], sample["__key__"], str(exc))
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> tuple[str, np.ndarray, str, int]:
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
@@ -498,7 +545,7 @@ class Decoder:
             if not value:
                 raise _BadSample(f"missing {name}")
         try:
-            caption = sample["txt"].decode("utf-8")
+            caption = cap_caption(sample["txt"], self.max_caption_bytes)  # before tokenizing: bounded cost
             label = int(sample["cls"].decode("ascii").strip())
         except ValueError as exc:
             raise _BadSample(f"bad txt/cls: {exc}") from None
@@ -509,11 +556,10 @@ class Decoder:
         return sample["__key__"], self.transform(image, rng), caption, label
 
     def load_rgb(self, data: bytes) -> Image.Image:
-        image = Image.open(io.BytesIO(data))
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop.
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop. Past the pixel cap
+        # (read from the header) anything that cannot be decoded reduced is a bad sample, not a memory spike.
         need = math.ceil(self.size * (1.5 if self.train else 1 / EVAL_CROP_PCT))
-        image.draft("RGB", (need, need))
-        return image.convert("RGB")  # RGB always: the normalisation constants are RGB
+        return to_rgb(open_capped(data, self.max_pixels, need, reduce=True), upright=False)  # RGB always: the normalisation constants are RGB
 
     def transform(self, image: Image.Image, rng: random.Random | None) -> np.ndarray:
         """Crop and resize in one PIL call; train: random resized crop + flip, eval: centre crop."""
@@ -524,7 +570,7 @@ class Decoder:
             out = out[:, ::-1]
         return out
 
-    def collate(self, items: list, stats: dict) -> dict:
+    def collate(self, items: list, stats: dict, index: tuple[int, int]) -> dict:
         """Pixels stay uint8 (a quarter of float32) and are written straight into shared memory.
 
         Handing a batch from a worker to the main process costs about as much as decoding it
@@ -535,9 +581,10 @@ class Decoder:
         shape = (len(items), self.size, self.size, 3)
         pixels = _empty_shared(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
         np.stack([item[1] for item in items], out=pixels.numpy())
-        batch = {"image": pixels, "_stats": stats,
+        batch = {"image": pixels, "_stats": stats, "_index": index,
                  "label": np.array([item[3] for item in items], dtype=np.int64), "key": [item[0] for item in items]}
         if self.tokenizer_name is not None:
+            batch["caption"] = [item[2] for item in items]  # for the attention picture
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,
                                                                    [item[2] for item in items])
         return batch

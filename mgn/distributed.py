@@ -9,12 +9,15 @@ exports the five variables it needs before calling it.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("mgn")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class World:
     master_addr: str
     master_port: int
     source: str  # launcher | slurm | single
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -35,14 +39,43 @@ def detect_world(env: dict[str, str] | None = None) -> World:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return World(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]),
-                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "launcher")
+                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "launcher",
+                     int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     # SLURM_STEP_NUM_TASKS is set inside an srun step only: a batch script's own shell is not a rank.
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         job_id = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")))
+        local = env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
         return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
                      env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])),
-                     int(env.get("MASTER_PORT") or slurm_port(job_id)), "slurm")
+                     int(env.get("MASTER_PORT") or slurm_port(job_id)), "slurm", int(local or 1))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        log.warning("MGN: SLURM_PROCID is set but SLURM_STEP_NUM_TASKS is not: this process is the batch script's "
+                    "shell, not one of the job's %s tasks, and trains alone. Start it with srun (slurm/train.sh "
+                    "does) to train on every rank", env.get("SLURM_NTASKS"))
     return World(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def set_threads(world: World, env: dict[str, str] | None = None) -> str:
+    """Give torch the CPUs this rank was given: OMP_NUM_THREADS if set, else Slurm's --cpus-per-task, else the
+    CPUs this process may run on divided among the ranks of this node. Returns a line for the log.
+
+    Several torch processes that each use every core slow each other down 10-50x (their OpenMP threads spin
+    for cores the others hold), so the split matters as soon as two ranks share a machine.
+    """
+    env = os.environ if env is None else env
+    visible = len(os.sched_getaffinity(0))
+    if env.get("OMP_NUM_THREADS"):
+        threads, source = int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    elif env.get("SLURM_CPUS_PER_TASK"):
+        threads, source = int(env["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    else:
+        threads, source = max(1, visible // world.local_world_size), f"{visible} CPUs / {world.local_world_size} ranks"
+    torch.set_num_threads(threads)
+    if threads * world.local_world_size > visible:
+        log.warning("MGN: %d ranks x %d torch threads on %d visible CPUs: oversubscribed, expect a large slowdown; "
+                    "set OMP_NUM_THREADS to %d or less", world.local_world_size, threads, visible,
+                    max(1, visible // world.local_world_size))
+    return f"{threads} torch threads per rank ({source})"
 
 
 def first_host(nodelist: str) -> str:
@@ -101,10 +134,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on at least one."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: list, device: torch.device) -> list[bool]:
+    """For each flag (a bool or a 0-d tensor), whether it is true on at least one rank: one all-reduce."""
+    values = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def sync_batchnorm_buffers(model: torch.nn.Module) -> None:

@@ -25,6 +25,7 @@ import torch
 from mgn import distributed
 from mgn.checkpoint import Checkpoint, load_checkpoint
 from mgn.config import Config
+from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
 
 log = logging.getLogger("mgn")
@@ -61,6 +62,7 @@ def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, 
     `allow_empty`: a rank of a distributed evaluation may get no shards; the merged set must not be empty.
     """
     num_classes = ckpt.cfg.model.num_classes
+    require_finite(ckpt.student, f"{ckpt.path} (the student)")
     student = ckpt.student.to(device)
     unfused = ckpt.unfused_student.to(device) if ckpt.unfused_student is not None else None
     guided = ckpt.teacher.to(device) if teacher else None
@@ -208,15 +210,15 @@ def _ratio(a, b):
     return a / b
 
 
-def format_table(report: dict) -> str:
-    """A fixed-width table: metric rows, student / teacher / kept columns, then confusion matrices."""
+def format_table(report: dict, model_name: str = "student") -> str:
+    """A fixed-width table: metric rows, student (or `model_name`) / teacher / kept columns, confusion matrices."""
     has_teacher = "teacher" in report
     target = report["student"].get("target_precision")
     names = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "auroc": "AUROC",
              "pr_auc": "PR-AUC (average precision)",
              "recall_at_precision": f"recall at precision >= {target}",
              "threshold_at_precision": f"threshold for precision >= {target}"}
-    header = f"{'metric':<36}{'student':>10}" + (f"{'teacher':>10}{'kept':>8}" if has_teacher else "")
+    header = f"{'metric':<36}{model_name:>10}" + (f"{'teacher':>10}{'kept':>8}" if has_teacher else "")
     lines = [header, "-" * len(header)]
     for key in TABLE_METRICS:
         if key not in report["student"]:
@@ -250,7 +252,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def plot_pr_curves(preds: Predictions, report: dict, path: Path) -> Path:
+def plot_pr_curves(preds: Predictions, report: dict, path: Path, model_name: str = "student (image only)") -> Path:
     """Precision-recall curves (positive class 1; one-vs-rest micro-average with more classes)."""
     import matplotlib  # noqa: PLC0415
 
@@ -259,10 +261,9 @@ def plot_pr_curves(preds: Predictions, report: dict, path: Path) -> Path:
     from sklearn.metrics import precision_recall_curve  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    for role, probs in (("student (image only)", preds.student), ("teacher (guided)", preds.teacher)):
+    for role, key, probs in ((model_name, "student", preds.student), ("teacher (guided)", "teacher", preds.teacher)):
         if probs is None:
             continue
-        key = "student" if role.startswith("student") else "teacher"
         if probs.shape[1] == 2:
             truth, scores = preds.labels == 1, probs[:, 1]
         else:
@@ -297,7 +298,7 @@ def default_out_dir(ckpt: Checkpoint) -> Path:
 def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = False,
         target_precision: float | None = 0.9, batch_size: int | None = None, num_workers: int | None = None,
         device: str = "auto", out_dir: str | Path | None = None, tensorboard: str | Path | None = None,
-        fusion_check_batches: int | None = 1, consolidate_zero: bool | None = None, quiet: bool = False) -> dict:
+        fusion_check_batches: int | None = 1, trust: bool = False, quiet: bool = False) -> dict:
     """Everything `python evaluate.py` does; returns the report written to eval.json (on rank 0)."""
     from mgn.data import expand_shards  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
 
@@ -306,7 +307,7 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
     if world.world_size > 1:  # gloo on CPU, NCCL on GPU; each rank then reads its own shards
         rank_device = distributed.init_distributed(world, timeout_s=600)
         torch_device = rank_device if device == "auto" else torch_device
-    ckpt = load_checkpoint(ckpt_path, teacher=teacher, consolidate_zero=consolidate_zero)
+    ckpt = load_checkpoint(ckpt_path, teacher=teacher, trust=trust)
     cfg = ckpt.cfg
     data_cfg = dataclasses.replace(cfg.data, **({"test_shards": shards} if shards else {}),
                                    **({"num_workers": num_workers} if num_workers is not None else {}))
@@ -349,6 +350,54 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
     return report
 
 
+@torch.inference_mode()
+def predict_clip(clip, batches: Iterable[dict], *, device: torch.device) -> Predictions:
+    """CLIP zero-shot class probabilities on every batch (in the `student` field: the image-only model scored)."""
+    clip = clip.to(device)
+    keys, labels, probs = [], [], []
+    start = time.perf_counter()
+    for index, batch in enumerate(batches):
+        labels.append(_labels_of(batch, clip.classes.shape[0]))
+        probs.append(clip(batch["image"].to(device, torch.float32)).float().softmax(-1).cpu())
+        keys.extend(batch.get("key") or [f"#{index}:{i}" for i in range(len(batch["image"]))])
+    if not labels:
+        raise ValueError(NO_SAMPLES)
+    return Predictions(keys=keys, labels=np.concatenate(labels), student=torch.cat(probs).numpy(),
+                       seconds=time.perf_counter() - start)
+
+
+def run_clip(model: str, *, shards: str, prompts: str | None = None, target_precision: float | None = 0.9,
+             batch_size: int = 64, num_workers: int = 2, device: str = "auto", out_dir: str | Path | None = None,
+             allow_download: bool = False, quiet: bool = False) -> dict:
+    """`python evaluate.py --clip MODEL --shards ...`: the CLIP zero-shot baseline, reported like the student."""
+    from mgn.clip import clip_batches, load_clip, read_prompts  # noqa: PLC0415
+    from mgn.data import expand_shards  # noqa: PLC0415
+
+    torch_device = _pick_device(device, 0)
+    class_prompts = read_prompts(prompts)
+    clip = load_clip(model, class_prompts, allow_download=allow_download)
+    require_labels(expand_shards(shards))
+    preds = predict_clip(clip, clip_batches(clip, shards, batch_size=batch_size, num_workers=num_workers),
+                         device=torch_device)
+    report = summarize(preds, target_precision)
+    out = Path(out_dir) if out_dir else Path("eval") / f"clip-{Path(model).name}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": {"clip": model, "prompts": class_prompts, "image_size": clip.image_size},
+              "evaluated": "CLIP zero-shot: cosine similarity of the image to each class's mean prompt embedding",
+              "shards": shards, "device": str(torch_device), "seconds": round(preds.seconds, 3), **report,
+              "files": {"json": str(out / "eval.json"), "pr_curve": str(out / "pr_curve.png")},
+              "versions": _versions()}
+    plot_pr_curves(preds, report, out / "pr_curve.png", model_name="CLIP zero-shot")
+    (out / "eval.json").write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
+    if not quiet:
+        print(f"MGN evaluate: CLIP zero-shot {model}, {len(class_prompts)} classes "
+              f"({', '.join(class_prompts)}), {clip.image_size} px\n  shards {shards}, {report['samples']} samples, "
+              f"device {torch_device}, {preds.seconds:.1f} s")
+        print(format_table(report, model_name="CLIP"))
+        print(f"wrote {out / 'eval.json'} and {out / 'pr_curve.png'}")
+    return report
+
+
 def require_labels(shards: list[str], members: int = 12) -> None:
     """Fail before any model runs when shards carry no labels: no `.cls` among each shard's first files."""
     import tarfile  # noqa: PLC0415
@@ -366,16 +415,10 @@ def require_labels(shards: list[str], members: int = 12) -> None:
 
 def test_batches(cfg: Config, data_cfg, teacher: bool, batch_size: int | None, rank: int = 0, world_size: int = 1):
     """The test loader for a checkpoint's config: its image size and normalisation, captions when asked."""
-    import timm  # noqa: PLC0415
+    from mgn.data import build_loader  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
 
-    from mgn.config import resolve_text_model  # noqa: PLC0415
-    from mgn.data import eval_loader  # noqa: PLC0415
-
-    pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
-    return eval_loader(data_cfg, image_size=cfg.model.image_size, mean=pretrained["mean"], std=pretrained["std"],
-                       tokenizer_name=resolve_text_model(cfg.model.text_model) if teacher else None,
-                       seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
-                       world_size=world_size)
+    return build_loader(cfg, "test", rank=rank, world_size=world_size, captions=teacher, batch_size=batch_size,
+                        data=data_cfg)
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:

@@ -1,8 +1,8 @@
-"""Turn a trained model into the deployable student: fused MobileOne + head, one file.
+"""Turn a trained model into the deployable student: fused MobileOne + head.
 
-The artifact is a `torch.export` program (`student.pt2`) with `config.json` and `export.json`
-embedded as extra files, so it carries its own weights, graph and configuration. An ONNX copy
-is written beside it when the `onnx` package is installed.
+The artifact is `student.safetensors`: fused weights, with `config.json` and `export.json` in its
+metadata; loading it (mgn.checkpoint) runs no code. Beside it, the same student as a `torch.export`
+program (`student.pt2`) and as ONNX, for runtimes that want a graph, from sources you trust.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from mgn.model import ImageClassifier
 
 log = logging.getLogger("mgn")
 
-ARTIFACT_NAME = "student.pt2"
+ARTIFACT_NAME = "student.safetensors"  # the deployable student: weights and config, no code
+PROGRAM_NAME = "student.pt2"  # the same student as a torch.export program: for trusted sources only
 FORMAT_VERSION = 1
 
 
@@ -106,8 +107,15 @@ def unfused_modules(model: nn.Module) -> list[str]:
     return leftovers
 
 
-def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *, onnx: bool = True) -> Path:
-    """Write the fused student to `out_dir/student.pt2` (and `.onnx`); returns the .pt2 path."""
+def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *, formats: tuple[str, ...] = (
+        "safetensors", "pt2", "onnx")) -> Path:
+    """Write the fused student to `out_dir`; returns the path of the deployable `student.safetensors`.
+
+    student.safetensors: the fused weights, with the run's config and export facts in its metadata. It
+    holds tensors only, so loading it runs no code: the loader rebuilds the network with timm, fuses it,
+    and fills in the weights (mgn.checkpoint). student.pt2 (torch.export) and student.onnx carry their own
+    graph; load them only from sources you trust (README, "Security").
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fused = fuse_student(student).float().cpu()
@@ -115,19 +123,26 @@ def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *
     if leftovers:
         raise RuntimeError(f"reparameterization left unfused modules: {leftovers[:5]}")
     size = cfg.model.image_size
-    example = torch.zeros(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(fused, (example,), dynamic_shapes=({0: batch},))
     meta = {"format_version": FORMAT_VERSION, "fused": True, "input": [3, size, size],
             "num_classes": cfg.model.num_classes, "image_model": cfg.model.image_model,
             "objective": cfg.objective.name}
-    path = out_dir / ARTIFACT_NAME
-    tmp = out_dir / f".tmp-{ARTIFACT_NAME}"
-    torch.export.save(program, tmp, extra_files={"config.json": cfg.to_json(), "export.json": json.dumps(meta)})
-    tmp.replace(path)
-    if onnx:
+    if "safetensors" in formats:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        tmp = out_dir / f".tmp-{ARTIFACT_NAME}"
+        save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, str(tmp),
+                  metadata={"config.json": cfg.to_json(), "export.json": json.dumps(meta)})
+        tmp.replace(out_dir / ARTIFACT_NAME)
+    example = torch.zeros(2, 3, size, size)
+    if "pt2" in formats:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.export.export(fused, (example,), dynamic_shapes=({0: batch},))
+        tmp = out_dir / f".tmp-{PROGRAM_NAME}"
+        torch.export.save(program, tmp, extra_files={"config.json": cfg.to_json(), "export.json": json.dumps(meta)})
+        tmp.replace(out_dir / PROGRAM_NAME)
+    if "onnx" in formats:
         _export_onnx(fused, example, out_dir / "student.onnx")
-    return path
+    return out_dir / ARTIFACT_NAME
 
 
 def _export_onnx(fused: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -138,12 +153,3 @@ def _export_onnx(fused: nn.Module, example: torch.Tensor, path: Path) -> None:
         return
     torch.onnx.export(fused, (example,), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-
-
-def load_student(path: str | Path) -> tuple[nn.Module, Config, dict]:
-    """Load an exported student: (callable module, its training config, export metadata)."""
-    extra = {"config.json": "", "export.json": ""}
-    program = torch.export.load(str(path), extra_files=extra)
-    if not extra["config.json"] or not extra["export.json"]:
-        raise ValueError(f"{path}: not an MGN student artifact (no embedded config.json/export.json)")
-    return program.module(), Config.from_dict(json.loads(extra["config.json"])), json.loads(extra["export.json"])

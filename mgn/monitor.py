@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("mgn")
 
@@ -55,10 +54,10 @@ class TensorBoard:
         if self.writer:
             self.writer.add_pr_curve(tag, labels, scores, step)
 
-    def attention_grid(self, tag: str, images: torch.Tensor, attention: torch.Tensor, mean, std, step: int) -> None:
-        """Input images with the cross-modality attention map blended over them (red = attended)."""
+    def image(self, tag: str, picture, step: int) -> None:
+        """An RGB picture, [H, W, 3] uint8 (mgn.pictures)."""
         if self.writer:
-            self.writer.add_images(tag, attention_overlay(images, attention, mean, std), step)
+            self.writer.add_image(tag, picture, step, dataformats="HWC")
 
     def text(self, tag: str, text: str) -> None:
         if self.writer:
@@ -73,13 +72,49 @@ class TensorBoard:
             self.writer.close()
 
 
-def attention_overlay(images: torch.Tensor, attention: torch.Tensor, mean, std) -> torch.Tensor:
-    """[B,3,S,S] normalized images + [B,h,w] maps -> [B,3,S,S] in [0,1]."""
-    images = images.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    heat = F.interpolate(attention.float().cpu().unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                         align_corners=False)
-    low = heat.amin(dim=(2, 3), keepdim=True)
-    high = heat.amax(dim=(2, 3), keepdim=True)
-    heat = (heat - low) / (high - low).clamp_min(1e-8)
-    colour = torch.cat([heat, torch.zeros_like(heat), 1 - heat], dim=1)
-    return (0.5 * images.clamp(0, 1) + 0.5 * colour).clamp(0, 1)
+def tensorboard_dir(run_dir: Path) -> Path:
+    """`<run>/tb/<run name>`: `tensorboard --logdir <run>/tb` then names the run after itself, not '.'."""
+    return run_dir / "tb" / run_dir.name
+
+
+def point_latest(run_dir: Path) -> None:
+    """`<output_dir>/latest` -> the newest run's folder (a relative symlink, replaced atomically)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{run_dir.name}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    tmp.replace(link)
+
+
+def append_metrics(run_dir: Path, step: int, epoch: int, results: dict[str, dict]) -> None:
+    """One line per evaluation and role in `<run>/metrics.csv`, for a spreadsheet or pandas."""
+    columns = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "samples")
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write("step,epoch,role," + ",".join(columns) + "\n")
+        for role, metrics in results.items():
+            f.write(f"{step},{epoch},{role}," + ",".join(f"{metrics[c]:.6g}" for c in columns) + "\n")
+
+
+class Progress:
+    """A progress bar over the run's updates in an interactive terminal (rank 0); nothing elsewhere, where the
+    periodic log lines (with time per step and ETA) say the same for Slurm's log files."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -32,13 +33,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 
 from mgn import synthetic
+from mgn.images import DEFAULT_MAX_PIXELS, ImageTooLarge, cap_caption, open_capped, to_rgb
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIZES_FILE, CARD_FILE, REJECTS_FILE = "sizes.json", "dataset_card.json", "rejects.jsonl"
+MAX_CAPTION_BYTES = 4096  # stored captions are cut to this (recorded in the sample's json and the card)
+MAX_CSV_FIELD = 1 << 24  # a CSV cell beyond 16 MB makes its row a reject, not an aborted write
 
 
 @dataclass
@@ -72,7 +76,8 @@ class Record:
 class Reject:
     line: int
     where: str
-    kind: str  # missing_file | unreadable_image | empty_caption | unknown_label | duplicate_id | bad_split | bad_row
+    kind: str  # missing_file | outside_root | unreadable_image | too_large | empty_caption | unknown_label |
+    #            duplicate_id | bad_split | bad_row
     reason: str
     id: str | None = None
     image: str | None = None
@@ -101,12 +106,26 @@ def read_manifest(path: str | Path) -> list[Row]:
 
 
 def _csv_rows(path: Path) -> list[Row]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"image", "caption", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
-        return [_row(reader.line_num, f"{path.name}:{reader.line_num}", values) for values in reader]
+    previous = csv.field_size_limit(MAX_CSV_FIELD)  # the module's default, 128 KB, aborts on one long caption
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"image", "caption", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
+            rows = []
+            while True:
+                first_line = reader.line_num + 1
+                try:
+                    values = next(reader)
+                    line = reader.line_num
+                except StopIteration:
+                    return rows
+                except csv.Error as exc:  # e.g. a cell over MAX_CSV_FIELD: this row goes, the others stay
+                    values, line = {"__error__": f"unreadable CSV row: {exc}"}, first_line
+                rows.append(_row(line, f"{path.name}:{line}", values))
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _jsonl_rows(path: Path) -> list[Row]:
@@ -160,10 +179,16 @@ def sample_key(row_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
 
 
-def check_rows(rows: list[Row], labels: list[str], *, test_fraction: float, seed: int
-               ) -> list[tuple[Row, str, str, int] | Reject]:
-    """The cheap, order-dependent checks (ids, labels, captions, splits), done once in this process."""
+def check_rows(rows: list[Row], labels: list[str], *, test_fraction: float, seed: int, root: Path | None = None,
+               max_caption_bytes: int = MAX_CAPTION_BYTES) -> list[tuple[Row, str, str, int] | Reject]:
+    """The cheap, order-dependent checks (ids, labels, captions, splits, paths), done once in this process.
+
+    With `root`, an image whose path resolves outside it (an absolute path, a `..` escape, a symlink that
+    points elsewhere) is rejected: a manifest from someone else must not copy arbitrary files into shards.
+    Captions longer than `max_caption_bytes` are cut (the sample's json records the original length).
+    """
     checked, first_line = [], {}
+    root = root.resolve() if root is not None else None
     for row in rows:
         key = sample_key(row.id) if row.id else f"row{row.line:07d}"
 
@@ -182,7 +207,14 @@ def check_rows(rows: list[Row], labels: list[str], *, test_fraction: float, seed
             bad("bad_split", f"split {row.split!r} is not one of {list(SPLITS)}")
         elif not row.image:
             bad("missing_file", "no image path")
+        elif root is not None and not Path(row.image).resolve().is_relative_to(root):
+            bad("outside_root", f"image {row.image!r} resolves to {Path(row.image).resolve()}, outside the data "
+                                f"root {root} (--data-root; --allow-outside-root to permit it)")
         else:
+            raw = row.caption.encode("utf-8")
+            if len(raw) > max_caption_bytes:
+                row.caption = cap_caption(raw, max_caption_bytes)
+                row.extra["caption_truncated_from_bytes"] = len(raw)
             split = row.split.lower() if row.split else _seeded_split(key, test_fraction, seed)
             checked.append((row, key, split, labels.index(row.label)))
         first_line.setdefault(key, row.line)
@@ -196,7 +228,7 @@ def _seeded_split(key: str, test_fraction: float, seed: int) -> str:
 
 
 def encode_row(item: tuple[Row, str, str, int] | Reject, *, labels: list[str], image_size: int, quality: int,
-               fmt: str) -> Record | Reject:
+               fmt: str, keep_original: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Record | Reject:
     """Read and re-encode one image (runs in the worker processes); rejects pass through in order."""
     if isinstance(item, Reject):
         return item
@@ -206,27 +238,37 @@ def encode_row(item: tuple[Row, str, str, int] | Reject, *, labels: list[str], i
         return Reject(row.line, row.where, "missing_file", f"missing file {row.image}", row.id, row.image)
     try:
         data = path.read_bytes()
-        image, ext = _encode_image(data, image_size, quality, fmt)
+        image, ext = _encode_image(data, image_size, quality, fmt, keep_original, max_pixels)
+    except ImageTooLarge as exc:
+        return Reject(row.line, row.where, "too_large", f"image too large: {exc} (--max-pixels)", row.id, row.image)
     except Exception as exc:  # PIL raises many types for bad files; all mean the same here
         return Reject(row.line, row.where, "unreadable_image", f"unreadable image: {exc}", row.id, row.image)
     meta = {"id": row.id or key, "label": labels[label], "source": row.where, **row.extra}
     return Record(key, split, label, row.caption, image, ext, meta)
 
 
-def _encode_image(data: bytes, image_size: int, quality: int, fmt: str) -> tuple[bytes, str]:
-    """Decode fully (so broken files are caught here, not in training) and re-encode as RGB."""
-    with Image.open(io.BytesIO(data)) as image:
+def _encode_image(data: bytes, image_size: int, quality: int, fmt: str, keep_original: bool = False,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """Decode fully (so broken files are caught here, not in training) and re-encode as 8-bit RGB.
+
+    Re-encoding drops what rides along in a file (EXIF with GPS, bytes after a JPEG's end); with
+    `keep_original` an RGB, upright, small-enough JPEG is stored byte for byte instead. A JPEG over
+    `max_pixels` is decoded at a reduced scale and stored within the cap; anything else over it is refused.
+    """
+    want = image_size or int(max_pixels ** 0.5)
+    with open_capped(data, max_pixels, want) as image:
+        drafted = image.size != Image.open(io.BytesIO(data)).size
         image.load()
         upright = image.getexif().get(0x0112, 1) == 1
         small = not image_size or min(image.size) <= image_size
-        if fmt == "jpg" and image.format == "JPEG" and image.mode == "RGB" and upright and small:
-            return data, "jpg"  # already what we want: keep the original bytes, no second loss
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        image = image.convert("RGB")
+        if keep_original and fmt == "jpg" and image.format == "JPEG" and image.mode == "RGB" and upright and small \
+                and not drafted:
+            return data, "jpg"  # asked for: the original bytes, no second loss
+        image = to_rgb(image)
+        if image.width * image.height > max_pixels:  # a drafted JPEG can still be a little over
+            scale = (max_pixels / (image.width * image.height)) ** 0.5
+            image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                                 Image.BICUBIC)
         if image_size and min(image.size) > image_size:
             scale = image_size / min(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -293,13 +335,23 @@ class SplitWriter:
         self._tar = self._file = self._tmp = None
 
 
+def even_shard_size(count: int, max_samples: int) -> int:
+    """Samples per shard that spread `count` evenly over as few shards as `max_samples` allows (the last shard is
+    then at most one sample short of the others, instead of a small remainder)."""
+    shards = max(1, math.ceil(count / max_samples))
+    return max(1, math.ceil(count / shards))
+
+
 def write_records(records: Iterable[Record | Reject], out_dir: str | Path, *, labels: list[str],
-                  max_samples: int, max_bytes: int, strict: bool, card: dict, overwrite: bool = False
-                  ) -> dict:
-    """Stream records into shards; on any error remove everything this run wrote."""
+                  max_samples: int, max_bytes: int, strict: bool, card: dict, overwrite: bool = False,
+                  expected: dict[str, int] | None = None) -> dict:
+    """Stream records into shards; on any error remove everything this run wrote. `expected` (samples per split,
+    when known up front) spreads each split evenly over its shards."""
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
-    writers = {s: SplitWriter(out, s, max_samples, max_bytes) for s in SPLITS}
+    expected = expected or {}
+    writers = {s: SplitWriter(out, s, even_shard_size(expected[s], max_samples) if expected.get(s) else max_samples,
+                              max_bytes) for s in SPLITS}
     rejects: list[Reject] = []
     try:
         for item in records:
@@ -366,18 +418,31 @@ def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
 def write_shards(rows: list[Row], out_dir: str | Path, *, labels: list[str], source: str,
                  image_size: int = 0, quality: int = 90, fmt: str = "jpg", max_samples: int = 1000,
                  max_bytes: int = 1 << 30, workers: int = 1, test_fraction: float = 0.15, seed: int = 0,
-                 strict: bool = False, overwrite: bool = False) -> dict:
-    """Rows (from `read_manifest` / `read_folder`) to shards; returns the dataset card."""
+                 strict: bool = False, overwrite: bool = False, data_root: str | Path | None = None,
+                 keep_original: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_caption_bytes: int = MAX_CAPTION_BYTES) -> dict:
+    """Rows (from `read_manifest` / `read_folder`) to shards; returns the dataset card.
+
+    `data_root`: images must resolve inside it (None: anywhere, i.e. --allow-outside-root).
+    """
     if len(set(labels)) != len(labels) or not labels:
         raise ValueError(f"labels {labels} must be a non-empty list without repeats")
-    checked = check_rows(rows, labels, test_fraction=test_fraction, seed=seed)
-    encode = partial(encode_row, labels=labels, image_size=image_size, quality=quality, fmt=fmt)
+    checked = check_rows(rows, labels, test_fraction=test_fraction, seed=seed,
+                         root=Path(data_root) if data_root is not None else None, max_caption_bytes=max_caption_bytes)
+    encode = partial(encode_row, labels=labels, image_size=image_size, quality=quality, fmt=fmt,
+                     keep_original=keep_original, max_pixels=max_pixels)
     card = {"source": source, "created_by": "mgn.shards",
             "options": {"image_size": image_size, "quality": quality, "format": fmt, "max_samples": max_samples,
-                        "max_bytes": max_bytes, "test_fraction": test_fraction, "seed": seed}}
+                        "max_bytes": max_bytes, "test_fraction": test_fraction, "seed": seed,
+                        "data_root": str(data_root) if data_root is not None else None,
+                        "keep_original_bytes": keep_original, "max_pixels": max_pixels,
+                        "max_caption_bytes": max_caption_bytes},
+            "captions_truncated": sum(1 for c in checked if not isinstance(c, Reject)
+                                      and "caption_truncated_from_bytes" in c[0].extra)}
+    expected = Counter(c[2] for c in checked if not isinstance(c, Reject))
     records = _ordered_map(encode, checked, workers)
     return write_records(records, out_dir, labels=labels, max_samples=max_samples, max_bytes=max_bytes,
-                         strict=strict, card=card, overwrite=overwrite)
+                         strict=strict, card=card, overwrite=overwrite, expected=expected)
 
 
 def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed: int, max_samples: int = 256,
@@ -395,7 +460,8 @@ def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed:
     card = {"source": "synthetic", "created_by": "mgn.shards", "generator": spec.to_dict(),
             "options": {"max_samples": max_samples}}
     return write_records(records(), out_dir, labels=list(spec.labels), max_samples=max_samples,
-                         max_bytes=1 << 40, strict=True, card=card, overwrite=overwrite)
+                         max_bytes=1 << 40, strict=True, card=card, overwrite=overwrite,
+                         expected=Counter(split for _, split in items))
 
 
 def _parse_bytes(text: str) -> int:
@@ -427,6 +493,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.15, help="used where no split column is given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="any bad row is fatal")
+    p.add_argument("--data-root", default=None, help="images must resolve inside this folder (default: the "
+                                                     "manifest's folder, or --folder); others are rejected")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept absolute paths, '..' and symlinks that lead outside the data root")
+    p.add_argument("--keep-original-bytes", action="store_true",
+                   help="store RGB JPEGs that need no resizing byte for byte (keeps their EXIF, GPS included, and "
+                        "any bytes after the image); default: re-encode every image")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="width x height cap, read from the header before decoding: bigger JPEGs are decoded "
+                        "reduced and stored within it, other formats rejected (default 25,000,000)")
+    p.add_argument("--max-caption-bytes", type=int, default=MAX_CAPTION_BYTES,
+                   help="captions are cut to this many UTF-8 bytes (recorded per sample; default 4096)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     g = p.add_argument_group("synthetic generator (see shards/README.md)")
     defaults = synthetic.SyntheticSpec()
@@ -455,12 +533,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows, labels = read_folder(args.folder)
                 source = f"folder:{args.folder}"
             labels = [x.strip() for x in args.labels.split(",")] if args.labels else labels
+            root = None if args.allow_outside_root else (
+                args.data_root or (Path(args.manifest).parent if args.manifest else args.folder))
             card = write_shards(rows, args.out, labels=labels, source=source, image_size=args.image_size or 0,
                                 quality=args.quality, fmt=args.format,
                                 max_samples=args.max_samples_per_shard or 1000,
                                 max_bytes=args.max_bytes_per_shard, workers=args.workers,
                                 test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, data_root=root, keep_original=args.keep_original_bytes,
+                                max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes)
     except (BadRowError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ import torch
 
 from mgn import checkpoint, distributed, preemption
 from mgn.checkpoint import TrainState
-from mgn.config import Config, resolve_text_model
-from mgn.data import eval_loader, train_loader
-from mgn.export import export_student
+from mgn.config import Config
+from mgn.data import BALANCE_WARNING, build_loader, class_names
+from mgn.export import ARTIFACT_NAME, export_student
+from mgn.guard import BatchNormSnapshot, GuardedAdamW, NonFiniteError, require_finite
 from mgn.metrics import classification_metrics
-from mgn.monitor import TensorBoard, setup_logging
+from mgn.monitor import Progress, TensorBoard, append_metrics, point_latest, setup_logging, tensorboard_dir
+from mgn.pictures import attention_figure, samples_from_batch
 from mgn.objectives import Objective, StepOutput, build_objective
 
 log = logging.getLogger("mgn")
@@ -42,20 +45,28 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
     """
     world = distributed.detect_world()
     device = distributed.init_distributed(world, cfg.train.dist_timeout_s)
-    if not cfg.train.run_name:  # rank 0's clock names the run, so every rank writes to the same new folder
-        cfg.train.run_name = distributed.gather_objects(
-            datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.objective.name}"))[0]
+    threads = distributed.set_threads(world)
+    if not cfg.train.run_name:  # rank 0 creates a new folder named after its clock; every rank writes there
+        cfg.train.run_name = distributed.gather_objects(new_run_name(cfg) if world.is_main else None)[0]
     run_dir = cfg.run_dir
-    if not cfg.train.resume and checkpoint.find_resume_tag(run_dir / "checkpoints", "auto"):
+    outside = cfg.train.resume not in ("", "auto") and not Path(cfg.train.resume).resolve().is_relative_to(
+        run_dir.resolve())
+    if outside and not cfg.train.trust_checkpoint:
+        raise checkpoint.UntrustedCheckpointError(
+            f"train.resume={cfg.train.resume!r} is outside this run's folder {run_dir}; DeepSpeed loads a checkpoint "
+            f"by unpickling it: {checkpoint.TRUST_HINT} (or start from its weights alone, read without unpickling: "
+            f"--train.init_from)")
+    if not cfg.train.resume and checkpoint.has_checkpoints(run_dir / "checkpoints"):
         raise FileExistsError(f"{run_dir} already holds a run with checkpoints: pass --train.resume auto to "
                               "continue it, or another --train.run_name")
     setup_logging(run_dir, world.rank)
-    log.info("MGN: %d rank(s) from %s, master %s:%s, rank 0 on %s", world.world_size, world.source,
-             world.master_addr, world.master_port, device)
+    log.info("MGN: %d rank(s) from %s, master %s:%s, rank 0 on %s, %s", world.world_size, world.source,
+             world.master_addr, world.master_port, device, threads)
     torch.manual_seed(cfg.train.seed + world.rank)
     np.random.seed(cfg.train.seed + world.rank)
     if world.is_main:
         cfg.save(run_dir / "config.json")
+        point_latest(run_dir)
         log.info("MGN: config\n%s", cfg.to_json())
         ensure_demo_shards(cfg)
     distributed.barrier()
@@ -68,6 +79,20 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
         trainer.tensorboard.close()
         if not keep_process_group:
             distributed.shutdown()
+
+
+def new_run_name(cfg: Config) -> str:
+    """A name for a new run folder, created here so that two runs started in the same second never share one."""
+    base = datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.objective.name}")
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            (Path(cfg.train.output_dir) / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder name under {cfg.train.output_dir} for {base}")
 
 
 def ensure_demo_shards(cfg: Config) -> None:
@@ -94,6 +119,7 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,  # explicit: DeepSpeed would otherwise clip at 1.0
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW with a skip: ZeRO only knows the name
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -133,7 +159,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, tota
     """DeepSpeed engine with a client AdamW and the warmup-cosine schedule (saved in its checkpoints)."""
     import deepspeed  # noqa: PLC0415 - heavy import
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg))
+    optimizer = GuardedAdamW(param_groups(model, cfg))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, device))
@@ -174,7 +200,6 @@ class Trainer:
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
         self.mean, self.std = pretrained["mean"], pretrained["std"]
-        self.tokenizer = resolve_text_model(cfg.model.text_model) if cfg.uses_captions else None
 
         objective = build_objective(cfg)
         if cfg.train.init_from:
@@ -189,11 +214,23 @@ class Trainer:
         self.total_steps = self.updates_per_epoch * cfg.train.epochs
         self.engine = build_engine(objective, cfg, device, self.total_steps)
         self.dtype = next(p for p in self.engine.module.parameters()).dtype
+        self.batchnorm = BatchNormSnapshot(self.engine.module)
+        self.inject_nan_at = nan_injection(os.environ.get("MGN_INJECT_NAN", ""), world.rank)
+        self.ledger = f"{os.environ['MGN_KEY_LEDGER']}.rank{world.rank}" if os.environ.get("MGN_KEY_LEDGER") else ""
         self.state = TrainState()
-        resume = checkpoint.find_resume_tag(self.ckpt_dir, cfg.train.resume)
+        # Rank 0 checks the tags (checksums) and every rank loads the one it chose.
+        resume = distributed.gather_objects(checkpoint.find_resume_tag(self.ckpt_dir, cfg.train.resume)
+                                            if world.is_main else None)[0]
         if resume:
-            self.state = checkpoint.load(self.engine, *resume, rank=world.rank)
-        self.tensorboard = TensorBoard(cfg.run_dir / "tb", world.is_main, self.state.step if resume else None)
+            self.state = checkpoint.load(self.engine, *resume, rank=world.rank, world_size=world.world_size)
+            self.batchnorm.keep()
+        elif cfg.train.resume == "auto":
+            log.info("MGN: train.resume=auto found no checkpoint in %s: starting this run from the beginning",
+                     self.ckpt_dir)
+        self.tensorboard = TensorBoard(tensorboard_dir(cfg.run_dir), world.is_main,
+                                       self.state.step if resume else None)
+        self.class_names = class_names(cfg.data.test_shards)
+        self.last_student_accuracy = None
         if world.is_main and not resume:
             self.tensorboard.text("config", f"```\n{cfg.to_json()}\n```")
         n_params = sum(p.numel() for p in objective.parameters())
@@ -209,17 +246,12 @@ class Trainer:
         return self.engine.module
 
     # --- data -------------------------------------------------------------------------------------------
-    def _train_batches(self, epoch: int):
-        c = self.cfg
-        return train_loader(c.data, image_size=c.model.image_size, mean=self.mean, std=self.std,
-                            tokenizer_name=self.tokenizer, seq_len=c.model.seq_len, batch_size=c.train.micro_batch,
-                            rank=self.world.rank, world_size=self.world.world_size, seed=c.train.seed, epoch=epoch)
+    def _train_batches(self, epoch: int, skip: int = 0):
+        return build_loader(self.cfg, "train", rank=self.world.rank, world_size=self.world.world_size, epoch=epoch,
+                            skip_batches=skip)
 
     def _eval_batches(self):
-        c = self.cfg
-        return eval_loader(c.data, image_size=c.model.image_size, mean=self.mean, std=self.std,
-                           tokenizer_name=self.tokenizer, seq_len=c.model.seq_len, batch_size=c.train.micro_batch,
-                           rank=self.world.rank, world_size=self.world.world_size)
+        return build_loader(self.cfg, "test", rank=self.world.rank, world_size=self.world.world_size)
 
     def _inputs(self, batch: dict) -> dict:
         return model_inputs(batch, self.device, self.dtype, self.cfg.uses_captions)
@@ -230,12 +262,15 @@ class Trainer:
         timer = StepTimer()
         stopped_by_signal = False
         self.started, first_step = time.perf_counter(), state.step
+        self.progress = Progress(self.total_steps, state.step, self.world.is_main)
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         while state.epoch < cfg.train.epochs and not stopped_by_signal:
             engine.train()
-            batches = iter(self._train_batches(state.epoch))
-            consumed = state.batch_in_epoch
-            for _ in range(consumed):  # resume mid-epoch: the stream is deterministic per (seed, epoch, rank)
-                next(batches)
+            # Resume mid-epoch: the stream is deterministic per (seed, epoch, rank); the loader skips the
+            # consumed batches as raw samples, without decoding them.
+            batches = self._train_batches(state.epoch, skip=state.batch_in_epoch)
+            if state.batch_in_epoch == 0:
+                self._log_balance(batches.balance)
             usable = self.updates_per_epoch * cfg.train.grad_accum  # whole updates only: no spill into the next epoch
             tick = time.perf_counter()
             for batch in batches:
@@ -246,7 +281,18 @@ class Trainer:
                     self._record_start(batch)
                 labels = batch["label"].to(self.device, non_blocking=True)
                 output = engine(**self._inputs(batch), label=labels)
+                if state.step + 1 in self.inject_nan_at:
+                    output.loss = output.loss * float("nan")  # fault injection for tests (MGN_INJECT_NAN)
+                if self.ledger:  # the samples behind each update, per rank, for the resume tests (MGN_KEY_LEDGER)
+                    with open(self.ledger, "a") as f:
+                        f.write(f"{state.step + 1} {' '.join(batch['key'])}\n")
+                bad_loss |= ~torch.isfinite(output.loss.detach())
                 engine.backward(output.loss)
+                boundary = (state.batch_in_epoch + 1) % cfg.train.grad_accum == 0
+                if boundary:  # one collective per update: any rank's stop signal, any rank's non-finite loss
+                    stop, bad = distributed.any_rank_each([preemption.requested(), bad_loss], self.device)
+                    engine.client_optimizer.skip_next_step = bad
+                    skipped_before = engine.skipped_steps
                 engine.step()
                 timer.add(output, labels)
                 state.batch_in_epoch += 1
@@ -254,9 +300,10 @@ class Trainer:
                 timer.data += fetched - tick
                 timer.total += now - tick
                 tick = now
-                if not engine.is_gradient_accumulation_boundary():
+                if not boundary:
                     continue
-                state.step += 1
+                self._after_update(skipped=engine.client_optimizer.skipped or engine.skipped_steps > skipped_before)
+                bad_loss.zero_()
                 timer.updates += 1
                 if state.step % cfg.train.log_every == 0:
                     self._log_train(timer, (time.perf_counter() - self.started) / (state.step - first_step))
@@ -264,9 +311,11 @@ class Trainer:
                 if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
                     self.evaluate()
                     engine.train()
-                if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0:
+                # At an epoch's last update the checkpoint waits for the epoch's evaluation (below), so that a
+                # resume from it never evaluates, logs or exports that step twice.
+                if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.batch_in_epoch < usable:
                     self.save()
-                if distributed.any_rank(preemption.requested(), self.device):
+                if stop:
                     stopped_by_signal = True
                     break
                 tick = time.perf_counter()
@@ -275,6 +324,9 @@ class Trainer:
                 state.batch_in_epoch = 0
                 if cfg.train.eval_every == 0:
                     self.evaluate()
+                if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0:
+                    self.save()
+        self.progress.close()
         if stopped_by_signal:
             log.info("MGN: stop requested by signal at step %d; saving and exiting", state.step)
             # The warning may have reached any one rank; rank 0 requeues, so all must agree on it.
@@ -283,6 +335,39 @@ class Trainer:
             self.tensorboard.flush()
             return {"step": state.step, "rank": self.world.rank, "preempted": True, "requeue": requeue}
         return self._finish()
+
+    def _after_update(self, skipped: bool) -> None:
+        """Count the update; after a skipped one, put BatchNorm statistics back and stop after too many in a row."""
+        state = self.state
+        state.step += 1
+        self.progress.update()
+        if not skipped:
+            self.batchnorm.keep()
+            state.consecutive_skips = 0
+            return
+        self.batchnorm.restore()
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        self.tensorboard.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
+        log.warning("MGN: step %d skipped: non-finite loss or gradient on some rank (%d in a row, %d in this run); "
+                    "weights unchanged", state.step, state.consecutive_skips, state.skipped_steps)
+        limit = self.cfg.train.max_skipped_steps
+        if state.consecutive_skips >= limit:
+            latest = self.ckpt_dir / "latest"
+            good = self.ckpt_dir / latest.read_text().strip() if latest.exists() else None
+            raise NonFiniteError(
+                f"{limit} updates in a row (steps {state.step - limit + 1}-{state.step}) had a non-finite loss or "
+                f"gradient (train.max_skipped_steps={limit}); the weights were not updated by them. Last good "
+                f"checkpoint: {good or 'none yet'}. Lower the learning rate, and resume with "
+                f"--train.resume {good or 'auto'}" + ("" if good else " (or start afresh)"))
+
+    def _log_balance(self, balance: dict) -> None:
+        log.info("MGN: epoch %d reads every training sample once, except %.1f%% repeated and %.1f%% not seen "
+                 "(ranks and workers balanced by sample count)", self.state.epoch + 1,
+                 100 * balance["repeated_fraction"], 100 * balance["unseen_fraction"])
+        if max(balance.values()) > BALANCE_WARNING:
+            log.warning("MGN: more than %.0f%% of epoch %d is repeated or never seen: more samples per rank, or a "
+                        "smaller micro_batch x ranks, fixes it", 100 * BALANCE_WARNING, self.state.epoch + 1)
 
     def _record_start(self, batch: dict) -> None:
         """`start.json`: a digest of the initial student and the first batch's sample keys. Runs that differ only
@@ -318,6 +403,7 @@ class Trainer:
         """Student (image-only, as deployed) and, for objectives that read captions, teacher metrics."""
         objective = self.objective
         distributed.sync_batchnorm_buffers(objective)
+        require_finite(objective, f"the model at step {self.state.step} for evaluation")
         objective.eval()
         labels, student_probs, teacher_probs = [], [], []
         grid_batch = None
@@ -328,7 +414,9 @@ class Trainer:
             if prediction.teacher is not None:
                 teacher_probs.append(prediction.teacher.float().softmax(-1).cpu())
             if grid_batch is None and prediction.attention is not None:
-                grid_batch = (batch["image"][:16], prediction.attention[:16])
+                grid_batch = samples_from_batch(batch["image"], prediction.attention, batch["label"],
+                                                prediction.teacher, prediction.student, batch.get("caption", []),
+                                                self.mean, self.std, self.class_names)
         gathered = distributed.gather_objects((_cat(labels), _cat(student_probs), _cat(teacher_probs)))
         results = {}
         if self.world.is_main:
@@ -345,20 +433,33 @@ class Trainer:
                 if probs.shape[1] == 2:
                     self.tensorboard.pr_curve(f"eval/{role}_pr", all_labels, probs[:, 1], self.state.step)
             self._log_eval(results)
+            append_metrics(self.cfg.run_dir, self.state.step, self.state.epoch, results)
             if grid_batch is not None and self.state.attention_grids < self.cfg.train.attention_images:
-                self.state.attention_grids += 1
-                self.tensorboard.attention_grid("attention/cross_modality", *grid_batch, self.mean, self.std,
-                                                self.state.step)
+                self._write_attention_picture(grid_batch)
         results = distributed.gather_objects(results)[0] if self.world.world_size > 1 else results
         score = results["student"]["accuracy"]
         if score > self.state.best_metric:
             self.state.best_metric = score
+            self.state.best_step = self.state.step
             if self.world.is_main:
                 export_student(objective.student, self.cfg, self.cfg.run_dir / "student_best")
                 log.info("MGN: new best student accuracy %.4f, exported to %s", score,
                          self.cfg.run_dir / "student_best")
+        self.last_student_accuracy = score
         self.tensorboard.flush()
         return results
+
+    def _write_attention_picture(self, samples) -> None:
+        """The picture (mgn/pictures.py) to TensorBoard and to <run>/attention/step_N.png."""
+        self.state.attention_grids += 1
+        picture = attention_figure(samples, f"{self.cfg.train.run_name}, step {self.state.step}: test samples, "
+                                            f"{self.cfg.objective.name} objective")
+        self.tensorboard.image("attention/cross_modality", picture, self.state.step)
+        folder = self.cfg.run_dir / "attention"
+        folder.mkdir(exist_ok=True)
+        from PIL import Image  # noqa: PLC0415
+
+        Image.fromarray(picture).save(folder / f"step_{self.state.step:08d}.png")
 
     def _log_eval(self, results: dict) -> None:
         for role, m in results.items():
@@ -369,27 +470,48 @@ class Trainer:
     # --- checkpoints and the end -----------------------------------------------------------------------
     def save(self) -> None:
         distributed.sync_batchnorm_buffers(self.engine.module)
+        require_finite(self.engine.module, f"the model at step {self.state.step} for a checkpoint")
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(),
-                              self.cfg.train.keep_last, self.world.rank)
+                              self.cfg.train.keep_last, self.world.rank, self.world.world_size)
         self.tensorboard.flush()
         log.info("MGN: checkpoint %s", self.ckpt_dir / tag)
 
     def _finish(self) -> dict:
         if not (self.ckpt_dir / checkpoint.tag_for(self.state.step)).exists():
-            self.save()
+            self.save()  # refuses a non-finite model, so the export below never sees one
+        evaluated = self.state.best_metric > float("-inf")
+        best = self.cfg.run_dir / "student_best" / ARTIFACT_NAME
         summary = {"step": self.state.step, "epochs": self.state.epoch, "world_size": self.world.world_size,
                    "train_seconds": round(time.perf_counter() - self.started, 2),
-                   "best_student_accuracy": self.state.best_metric, "run_dir": str(self.cfg.run_dir),
-                   "checkpoints": str(self.ckpt_dir), "tensorboard": str(self.cfg.run_dir / "tb"),
-                   "preempted": False}
+                   "run_dir": str(self.cfg.run_dir), "checkpoints": str(self.ckpt_dir),
+                   "tensorboard": str(self.cfg.run_dir / "tb"), "preempted": False,
+                   "skipped_steps": self.state.skipped_steps,
+                   "student_accuracy": self.last_student_accuracy,  # of the final student, at the last evaluation
+                   "student_best": str(best) if evaluated else None,
+                   "best_student_accuracy": self.state.best_metric if evaluated else None,
+                   "best_student_step": self.state.best_step if evaluated else None}
         if self.world.is_main:
             summary["student"] = str(export_student(self.objective.student, self.cfg, self.cfg.run_dir / "student"))
             (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            log.info("MGN: done step=%d. run dir %s | TensorBoard: tensorboard --logdir %s | checkpoints %s | "
-                     "student %s", self.state.step, self.cfg.run_dir, summary["tensorboard"], self.ckpt_dir,
-                     summary["student"])
+            final = f"acc {summary['student_accuracy']:.4f}" if summary["student_accuracy"] is not None \
+                else "not evaluated"
+            best_part = (f" | best student (step {summary['best_student_step']}, acc "
+                         f"{summary['best_student_accuracy']:.4f}; chosen on the test set) {best}") if evaluated else ""
+            log.info("MGN: done step=%d. run dir %s | TensorBoard: tensorboard --logdir %s | final student (%s) %s%s",
+                     self.state.step, self.cfg.run_dir, summary["tensorboard"], final, summary["student"], best_part)
         distributed.barrier()
         return summary
+
+
+def nan_injection(spec: str, rank: int) -> set[int]:
+    """Fault injection for the tests: MGN_INJECT_NAN="STEP[:RANK],..." makes the loss NaN on that rank (every
+    rank when none is given) at the micro-batches of update STEP."""
+    steps = set()
+    for item in filter(None, spec.split(",")):
+        step, _, only = item.partition(":")
+        if not only or int(only) == rank:
+            steps.add(int(step))
+    return steps
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -149,6 +149,13 @@ def markdown(summary: dict, header: str) -> str:
             c = refs["caption_only"]
             lines.append(f"Reference: caption-only bag-of-words classifier, accuracy {c['accuracy']:.3f}"
                          + (f", AUROC {c['auroc']:.3f}" if "auroc" in c else "") + ".")
+        if refs.get("clip"):
+            c = refs["clip"]
+            latency = c.get("student_latency_over_clip")
+            lines.append(f"Reference: CLIP zero-shot ({c['model']}, no training), accuracy {c['accuracy']:.3f}, AUROC "
+                         f"{c['auroc']:.3f}, F1 {c['f1']:.3f}"
+                         + (f"; the deployed student takes {latency:.3f}x CLIP's image-tower latency" if latency
+                            else "") + ".")
         pair = entry["pairing"]
         lines.append(f"Pairing: {'verified' if pair['verified'] else 'NOT verified'} over seeds {pair['seeds']} "
                      f"(per seed, every arm started from the same student weights, SHA-256, and read the same first "

@@ -69,7 +69,8 @@ echo "MGN slurm: job $SLURM_JOB_ID '$SLURM_JOB_NAME' start $((${SLURM_RESTART_CO
 echo "MGN slurm: world nodes=$SLURM_JOB_NUM_NODES ($SLURM_JOB_NODELIST) ranks=$SLURM_NTASKS" \
     "tasks/node=$SLURM_TASKS_PER_NODE gpus/node=${SLURM_GPUS_PER_NODE:-0} cpus/task=${SLURM_CPUS_PER_TASK:-1}" \
     "master=$MASTER_ADDR:$MASTER_PORT"
-echo "MGN slurm: ${train[*]}"
+# Arguments go to srun as an array ("$@", never eval'd); the echo quotes them as a shell would need them.
+echo "MGN slurm: $(printf '%q ' "${train[@]}")"
 
 # srun does not inherit --cpus-per-task from the batch step (Slurm >= 22.05): pass it on.
 srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${train[@]}"

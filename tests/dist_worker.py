@@ -82,7 +82,8 @@ def main(out_dir: Path, text_model: str) -> None:
 
     # 3. Checkpoint round trip: save, train on, load, and check weights, optimizer and schedule are back.
     state = TrainState(step=4, epoch=0, batch_in_epoch=4)
-    tag = checkpoint.save(engine, out_dir / "ckpt", state, cfg.to_dict(), keep_last=2, rank=world.rank)
+    tag = checkpoint.save(engine, out_dir / "ckpt", state, cfg.to_dict(), keep_last=2, rank=world.rank,
+                          world_size=world.world_size)
     saved = {"params": flat_params(engine.module), "lr": [g["lr"] for g in engine.optimizer.param_groups],
              "sched": engine.lr_scheduler.state_dict()["last_epoch"],
              "exp_avg": _first_exp_avg(engine)}
@@ -91,7 +92,7 @@ def main(out_dir: Path, text_model: str) -> None:
     engine.backward(engine(**batch, label=labels).loss)
     engine.step()
     record["moved_after_save"] = not torch.equal(saved["params"], flat_params(engine.module))
-    loaded_state = checkpoint.load(engine, out_dir / "ckpt", tag, rank=world.rank)
+    loaded_state = checkpoint.load(engine, out_dir / "ckpt", tag, rank=world.rank, world_size=world.world_size)
     record["restored"] = {
         "params": torch.equal(saved["params"], flat_params(engine.module)),
         "lr": saved["lr"] == [g["lr"] for g in engine.optimizer.param_groups],

@@ -93,7 +93,7 @@ def test_a_broken_fusion_stops_the_run_before_timing(monkeypatch):
 def test_benchmarks_an_exported_student_with_its_own_config(tmp_path):
     cfg = Config(model=ModelConfig(image_model="mobileone_s0", image_size=64, num_classes=3))
     student = prepare(variant="mobileone_s0", image_size=64, num_classes=3, bn_warmup_batches=1).unfused
-    path = export_student(student, cfg, tmp_path, onnx=False)
+    path = export_student(student, cfg, tmp_path, formats=("safetensors",))
     settings = dataclasses.replace(tiny_settings(Settings(device="cpu")), batch_sizes=(2,), iters=4)
     report = run(settings, ckpt=str(path), quiet=True)
     assert report["model"]["num_classes"] == 3 and report["model"]["weights"].startswith("student checkpoint")

@@ -89,14 +89,15 @@ def student_probs(path, **kwargs) -> np.ndarray:
 def test_all_checkpoint_kinds_give_identical_student_metrics(runs, test_shards, tmp_path):
     z2, z0 = runs / "runs" / "baseline-z2", runs / "runs" / "guided-z0"
     ways = {  # the same trained student reached through each kind of file
-        "ZeRO-2, consolidated by zero_to_fp32 (run folder)": (z2, {}),
-        "ZeRO-2 tag, module states only": (tag_of(z2), {"consolidate_zero": False}),
+        "ZeRO-2, consolidated by zero_to_fp32 (run folder)": (z2, {"trust": True}),
+        "ZeRO-2 tag, module states only": (tag_of(z2), {}),
+        "ZeRO-2 run's exported student.safetensors": (z2 / "student" / "student.safetensors", {}),
         "ZeRO-2 run's exported student.pt2": (z2 / "student" / "student.pt2", {}),
     }
     reports = {name: evaluate_quietly(path, test_shards, tmp_path / str(i), **kw)
                for i, (name, (path, kw)) in enumerate(ways.items())}
     kinds = [r["checkpoint"]["kind"] for r in reports.values()]
-    assert kinds == ["zero", "deepspeed", "student"]
+    assert kinds == ["zero", "deepspeed", "student", "student"]
     reference = reports["ZeRO-2, consolidated by zero_to_fp32 (run folder)"]
     assert reference["samples"] == 24 and reference["checkpoint"]["zero_stage"] == 2
     check = reference["fusion_check"]  # deployed (fused) vs training-time (unfused) student on the first batch
@@ -168,7 +169,7 @@ def test_resolve_accepts_every_way_of_pointing_at_a_checkpoint(runs):
     tag = tag_of(z2)
     for path in (z2, z2 / "checkpoints", z2 / "checkpoints" / "latest", tag, tag / "mp_rank_00_model_states.pt"):
         assert resolve(path) == ("tag", tag), path
-    assert resolve(z2 / "student") == ("artifact", z2 / "student" / "student.pt2")
+    assert resolve(z2 / "student") == ("artifact", z2 / "student" / "student.safetensors")
 
 
 # --- clear errors --------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_corrupt_checkpoints(tmp_path, runs):
     shard_run = copy_run(runs, "baseline-z2", tmp_path / "bad-shard")
     next(tag_of(shard_run).glob("*optim_states.pt")).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be consolidated"):
-        load_checkpoint(shard_run)
+        load_checkpoint(shard_run, trust=True)  # without trust the shards are never read
 
 
 def _rewrite_config(states_file: Path, section: str = "model", **changes) -> None:
@@ -256,7 +257,7 @@ def test_shards_without_labels_are_rejected(runs, tmp_path):
     shards = _unlabelled_shards(tmp_path / "unlabelled", labelled_batches(1, with_text=False))
     with pytest.raises(ValueError, match="has no labels"):
         run(runs / "runs" / "baseline-z2" / "student", shards=shards, out_dir=tmp_path / "out", quiet=True)
-    ckpt = load_checkpoint(runs / "runs" / "baseline-z2" / "student" / "student.pt2")
+    ckpt = load_checkpoint(runs / "runs" / "baseline-z2" / "student" / "student.safetensors")
     unlabelled = [{k: v for k, v in b.items() if k != "label"} for b in labelled_batches(1, with_text=False)]
     with pytest.raises(ValueError, match="no labels"):
         predict(ckpt, unlabelled, device=torch.device("cpu"))

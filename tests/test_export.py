@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mgn.config import Config, ModelConfig
-from mgn.export import export_student, fuse_student, load_student, unfused_modules
+from mgn.checkpoint import read_student
+from mgn.export import export_student, fuse_student, unfused_modules
 from mgn.model import ImageClassifier
 from tests.conftest import calibrate_batchnorm
 
@@ -45,7 +46,7 @@ def test_a_student_trained_with_syncbatchnorm_exports_like_the_plain_one(student
     with torch.no_grad():
         torch.testing.assert_close(fuse_student(synced)(x), fuse_student(student)(x), rtol=0, atol=0)
     with torch.no_grad():
-        exported = load_student(export_student(synced, cfg, tmp_path, onnx=False))[0](x)
+        exported = read_student(export_student(synced, cfg, tmp_path, formats=("safetensors",)))[0](x)
     torch.testing.assert_close(exported, fuse_student(student)(x), rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # the trained model is untouched
 
@@ -53,15 +54,16 @@ def test_a_student_trained_with_syncbatchnorm_exports_like_the_plain_one(student
 def test_artifact_round_trip_carries_config_and_matches(student_and_config, tmp_path):
     student, cfg = student_and_config
     path = export_student(student, cfg, tmp_path)
-    assert path.name == "student.pt2" and (tmp_path / "student.onnx").exists()
-    assert not list(tmp_path.glob(".tmp-*"))
-    module, loaded_cfg, meta = load_student(path)
-    assert loaded_cfg == cfg
-    assert meta["fused"] is True and meta["num_classes"] == 3 and meta["input"] == [3, 64, 64]
-    for batch in (1, 5):  # dynamic batch dimension
-        x = torch.rand(batch, 3, 64, 64) * 4 - 2
-        with torch.no_grad():
-            torch.testing.assert_close(module(x), student(x), rtol=1e-4, atol=1e-4)
+    assert path.name == "student.safetensors" and (tmp_path / "student.onnx").exists()
+    assert (tmp_path / "student.pt2").exists() and not list(tmp_path.glob(".tmp-*"))
+    for artifact in (path, tmp_path / "student.pt2"):  # the deployable weights, and the torch.export program
+        module, loaded_cfg, meta = read_student(artifact)
+        assert loaded_cfg == cfg
+        assert meta["fused"] is True and meta["num_classes"] == 3 and meta["input"] == [3, 64, 64]
+        for batch in (1, 5):  # dynamic batch dimension
+            x = torch.rand(batch, 3, 64, 64) * 4 - 2
+            with torch.no_grad():
+                torch.testing.assert_close(module(x), student(x), rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_copy_matches(student_and_config, tmp_path):
@@ -78,5 +80,5 @@ def test_loading_a_foreign_file_is_a_clear_error(tmp_path):
     program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
     torch.export.save(program, tmp_path / "other.pt2")
     with pytest.raises(ValueError, match="not an MGN student artifact"):
-        load_student(tmp_path / "other.pt2")
+        read_student(tmp_path / "other.pt2")
     assert json.loads(Config().to_json())["model"]["seq_len"] == 121

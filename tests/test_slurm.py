@@ -117,7 +117,7 @@ def test_sbatch_two_nodes_four_ranks_complete_with_checkpoint_and_tensorboard(re
     assert summary["world_size"] == 4 and summary["step"] > 0
     assert latest_tag(run_dir) == f"step_{summary['step']:08d}"
     assert (run_dir / "checkpoints" / latest_tag(run_dir)).is_dir()
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))
     assert (run_dir / "config.json").exists() and (run_dir / "train.log").exists()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mgn.monitor import tensorboard_dir
 from mgn.shards import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,16 +75,32 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     run = tmp_path / "guided"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] > 0 and summary["world_size"] == 1
-    assert "MGN: done step=" in result.stdout and str(run / "student" / "student.pt2") in result.stdout
-    for path in ("config.json", "train.log", "checkpoints/latest", "student/student.pt2", "student_best/student.pt2"):
+    assert "MGN: done step=" in result.stdout and str(run / "student" / "student.safetensors") in result.stdout
+    assert str(run / "student_best" / "student.safetensors") in result.stdout  # both students, with accuracies
+    for path in ("config.json", "train.log", "checkpoints/latest", "student/student.safetensors",
+                 "student/student.pt2", "student_best/student.safetensors", "metrics.csv", "attention"):
         assert (run / path).exists(), path
     assert json.loads((run / "config.json").read_text())["objective"]["name"] == "guided"
-    steps = scalars(run / "tb")
+    steps = scalars(tensorboard_dir(run))
     for tag in ("train/loss", "train/samples_per_s", "train/data_wait_fraction", "train/peak_memory_mb",
                 "lr/image", "lr/head", "eval/student_accuracy", "eval/student_auroc", "eval/teacher_accuracy",
                 "eval/student_precision", "eval/student_recall", "eval/student_f1"):
         assert tag in steps, tag
     assert "attention/cross_modality" in steps["__images__"]
+    # What a newcomer reads: terms, accuracy, time per step and ETA in the log; metrics.csv; the picture; latest.
+    step_line = next(line for line in result.stdout.splitlines() if "MGN: step 2/" in line)
+    for field in ("loss", "guided_ce", "student_ce", "acc", "s/step", "ETA", "samples/s", "data wait"):
+        assert field in step_line, field
+    header, *lines = (run / "metrics.csv").read_text().splitlines()
+    assert header == "step,epoch,role,accuracy,precision,recall,f1,auroc,pr_auc,samples"
+    assert {line.split(",")[2] for line in lines} == {"student", "teacher"}
+    from PIL import Image
+
+    picture = Image.open(next((run / "attention").glob("step_*.png")))
+    assert picture.mode == "RGB" and picture.width > 500 and picture.height > 200
+    assert (tmp_path / "latest").resolve() == run.resolve()
+    for tag in ("train/accuracy", "train/guided_ce", "train/student_ce", "train/seconds_per_step"):
+        assert tag in steps, tag
 
 
 def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_step(shards, tmp_path):
@@ -105,10 +122,10 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     total = 2 * (micro_batches // 4)
     assert micro_batches % 4 and f"{micro_batches // 4} updates per epoch, {total} total" in first.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == total
-    steps = scalars(run / "tb")
+    steps = scalars(tensorboard_dir(run))
     assert "eval/student_accuracy" in steps and "eval/teacher_accuracy" not in steps
     assert steps["train/loss"] == list(range(1, total + 1))
-    wait = scalar_values(run / "tb", "train/data_wait_fraction")
+    wait = scalar_values(tensorboard_dir(run), "train/data_wait_fraction")
     assert all(0 <= w <= 1 for w in wait), wait
 
     again = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
@@ -122,7 +139,7 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{rewind:08d}'}" in resumed.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == total
-    assert scalars(run / "tb")["train/loss"] == list(range(1, total + 1))  # steps 9.. written twice, kept once
+    assert scalars(tensorboard_dir(run))["train/loss"] == list(range(1, total + 1))  # steps 9.. written twice, kept once
 
 
 def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(shards, tmp_path):
@@ -160,7 +177,7 @@ def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(s
     assert reference.returncode == 0, reference.stdout[-3000:]
     assert summary["step"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["step"]
 
-    loss_steps = scalars(run / "tb")["train/loss"]
+    loss_steps = scalars(tensorboard_dir(run))["train/loss"]
     assert len(loss_steps) == len(set(loss_steps)), "a step was logged twice across the resume"
     assert loss_steps == sorted(loss_steps) and loss_steps[-1] == summary["step"]
 

@@ -1,0 +1,56 @@
+"""Opening untrusted images safely: a pixel cap read from the header before decoding, and RGB done right.
+
+Shared by the shard writer (mgn/shards.py) and the reader (mgn/data.py), so a file the writer would
+refuse is refused the same way when it comes from someone else's shards.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 25_000_000  # 5000 x 5000: far above what the models see, far below a decompression bomb
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_capped(data: bytes, max_pixels: int, want: int, *, reduce: bool = False) -> Image.Image:
+    """Open without decoding. A JPEG over `max_pixels` (or any JPEG with `reduce`) will decode at a reduced scale
+    (its `draft`: 1/2 to 1/8, keeping at least `want` pixels a side); anything else over the cap is refused
+    before a pixel is decoded."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if image.format == "JPEG" and (reduce or width * height > max_pixels):
+        image.draft("RGB", (want, want))
+    if image.size[0] * image.size[1] > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over the cap of {max_pixels:,}")
+    return image
+
+
+def to_rgb(image: Image.Image, *, upright: bool = True) -> Image.Image:
+    """8-bit RGB from any mode: transparency on white, 16-bit scaled (not clipped: a 16-bit PNG converted by PIL
+    alone comes out nearly all white), and with `upright` turned by its EXIF orientation (the writer does it
+    once; the reader skips it, as it costs a copy of every image)."""
+    if upright:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(pixels / 257.0, 0, 255).round().astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.asarray(image)
+        scale = max(float(np.nanmax(pixels)), 1e-12) if pixels.size else 1.0
+        image = Image.fromarray(np.clip(np.nan_to_num(pixels) / scale * 255, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return image.convert("RGB")
+
+
+def cap_caption(raw: bytes, max_bytes: int) -> str:
+    """UTF-8 text of at most `max_bytes` bytes (a character cut in half is dropped)."""
+    return raw[:max_bytes].decode("utf-8", errors="ignore") if len(raw) > max_bytes else raw.decode("utf-8")

@@ -1,0 +1,210 @@
+"""Fault injection on the real trainer: killed ranks, damaged checkpoints, NaN losses, a full disk, an epoch-end
+resume. Each test proves one promise of README's "What happens when things fail"."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgn.monitor import tensorboard_dir
+from mgn.shards import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fault-shards")
+    write_synthetic(out, samples=320, image_size=64, seed=0, max_samples=64)
+    return out
+
+
+def env(**extra: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_", "MGN_"))}
+    return clean | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["train.py", "--preset", "tiny", "--data.train_shards", str(shards / "train-*.tar"),
+            "--data.test_shards", str(shards / "test-*.tar"), "--data.synthetic_samples", "0",
+            "--train.output_dir", str(out), "--train.run_name", name, "--train.log_every", "1", *extra]
+
+
+def torchrun(*rest: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *rest]
+
+
+def run(cmd: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    if cmd[0] == "train.py":
+        cmd = [sys.executable, *cmd]
+    return subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=600)
+
+
+def final_weights(run_dir: Path) -> dict:
+    tag = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+
+
+def ledger(prefix: Path, rank: int, upto: int | None = None) -> list[str]:
+    """The sample keys behind each update on one rank (lines 'update key key ...'), up to update `upto`."""
+    lines = Path(f"{prefix}.rank{rank}").read_text().splitlines()
+    return [line for line in lines if upto is None or int(line.split()[0]) <= upto]
+
+
+def test_a_rank_killed_mid_epoch_resumes_to_bitwise_the_same_weights_and_samples(shards, tmp_path):
+    flags = ("--train.epochs", "2", "--train.ckpt_every", "3", "--train.keep_last", "0", "--data.num_workers", "2")
+    reference = run(torchrun(*args(shards, tmp_path, "reference", *flags)), MGN_KEY_LEDGER=str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    victim = subprocess.Popen(torchrun(*args(shards, tmp_path, "killed", *flags)), cwd=ROOT,
+                              env=env(MGN_KEY_LEDGER=str(tmp_path / "killed")), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in victim.stdout:  # step 7 is mid-epoch (17 updates per epoch), past the checkpoint at 6
+            if "MGN: step 7/" in line:
+                os.kill(_rank_pid(victim.pid, rank=1), signal.SIGKILL)
+                break
+        victim.communicate(timeout=120)
+    finally:
+        victim.kill()
+    assert victim.returncode != 0
+    run_dir = tmp_path / "killed"
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert resumed_from == 6
+    for rank in (0, 1):  # what the killed run did after its last checkpoint is done again: forget it
+        kept = ledger(tmp_path / "killed", rank, upto=resumed_from)
+        Path(f"{tmp_path / 'killed'}.rank{rank}").write_text("\n".join(kept) + "\n")
+    resumed = run(torchrun(*args(shards, tmp_path, "killed", *flags, "--train.resume", "auto")),
+                  MGN_KEY_LEDGER=str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000006'}" in resumed.stdout
+    for rank in (0, 1):
+        assert ledger(tmp_path / "killed", rank) == ledger(tmp_path / "ref", rank)
+    ours, theirs = final_weights(run_dir), final_weights(tmp_path / "reference")
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.fixture(scope="module")
+def checkpointed(shards, tmp_path_factory) -> Path:
+    """One finished single-rank run with verified checkpoints at steps 10, 20, 30 and its last step, 34."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    result = run(args(shards, out, "base", "--train.epochs", "1", "--train.ckpt_every", "10", "--train.keep_last", "0",
+                      "--objective.name", "baseline"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "base"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "unfinished"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(checkpointed, shards, tmp_path, damage):
+    run_dir = tmp_path / "base"
+    shutil.copytree(checkpointed, run_dir)
+    latest = run_dir / "checkpoints" / "step_00000034"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == latest.name
+    states = latest / "mp_rank_00_model_states.pt"
+    if damage == "truncate":
+        states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    elif damage == "delete":
+        states.unlink()
+    else:  # killed while writing: the manifest comes last, so it is missing
+        (latest / "manifest.json").unlink()
+    (run_dir / "summary.json").unlink()
+    result = run(args(shards, tmp_path, "base", "--train.epochs", "2", "--train.ckpt_every", "10",
+                      "--objective.name", "baseline", "--train.resume", "auto"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"checkpoint {latest} is damaged or incomplete" in result.stdout + result.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000030'}" in result.stdout
+
+
+def test_a_missing_rank_file_is_a_warning_naming_what_is_lost(checkpointed, shards, tmp_path):
+    run_dir = tmp_path / "base"
+    shutil.copytree(checkpointed, run_dir)
+    tag = run_dir / "checkpoints" / "step_00000034"
+    (tag / "rank_00000.pt").unlink()
+    from mgn.checkpoint import _write_manifest  # the file was never written: a manifest that agrees
+
+    manifest = json.loads((tag / "manifest.json").read_text())
+    _write_manifest(tag, **{k: v for k, v in manifest.items() if k != "files"})
+    (run_dir / "summary.json").unlink()
+    result = run(args(shards, tmp_path, "base", "--train.epochs", "2", "--objective.name", "baseline",
+                      "--train.resume", "auto"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank_00000.pt is missing: rank 0's random-number state is lost" in result.stdout + result.stderr
+
+
+def test_nan_on_one_rank_is_skipped_by_all_and_repeated_nan_stops_the_run(shards, tmp_path):
+    once = run(torchrun(*args(shards, tmp_path, "once", "--train.ckpt_every", "5")), MGN_INJECT_NAN="4:1")
+    assert once.returncode == 0, once.stdout[-3000:] + once.stderr[-3000:]
+    assert "MGN: step 4 skipped: non-finite loss or gradient on some rank (1 in a row" in once.stdout
+    weights = final_weights(tmp_path / "once")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+    again = run(torchrun(*args(shards, tmp_path, "again", "--train.ckpt_every", "2",
+                               "--train.max_skipped_steps", "3")), MGN_INJECT_NAN="5:0,6:1,7:0")
+    assert again.returncode != 0
+    log = again.stdout + again.stderr
+    assert "3 updates in a row (steps 5-7) had a non-finite loss or gradient" in log
+    assert f"Last good checkpoint: {tmp_path / 'again' / 'checkpoints' / 'step_00000006'}" in log  # finite, unchanged since 4
+    for tag in (tmp_path / "again" / "checkpoints").glob("step_*"):
+        states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        assert all(torch.isfinite(v).all() for v in states.values() if v.is_floating_point()), tag
+    assert not (tmp_path / "again" / "student").exists()
+
+
+def test_a_full_disk_is_a_clear_error_before_writing(shards, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:100]})")
+    try:
+        result = run(args(shards, small, "full", "--train.ckpt_every", "5", "--objective.name", "baseline"))
+        assert result.returncode != 0
+        log = result.stdout + result.stderr
+        assert f"not enough disk space to save a checkpoint in {small / 'full' / 'checkpoints'}" in log
+        assert "Nothing was written" in log
+        assert not (small / "full" / "checkpoints" / "latest").exists()
+        assert not list((small / "full" / "checkpoints").glob("step_*"))
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_resuming_from_an_epochs_last_step_repeats_no_tensorboard_point(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ("--train.epochs", "2", "--train.ckpt_every", "34", "--train.keep_last", "0")  # 34 updates an epoch
+    first = run(args(shards, tmp_path, "edge", *flags))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "edge"
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000068")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000034")
+    resumed = run(args(shards, tmp_path, "edge", *flags, "--train.resume", "auto"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "new best student accuracy" not in resumed.stdout.split("resumed from")[1].split("eval step 68")[0]
+    acc = EventAccumulator(str(tensorboard_dir(run_dir)), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
+    for tag in acc.Tags()["images"]:
+        steps = [e.step for e in acc.Images(tag)]
+        assert len(steps) == len(set(steps)), tag
+
+
+def _rank_pid(launcher_pid: int, rank: int, timeout: float = 30) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+            if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                return int(child)
+        time.sleep(0.5)
+    raise TimeoutError(f"rank {rank} worker not found")
