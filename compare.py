@@ -14,7 +14,7 @@ the same samples in the same order, so arms are compared with the baseline seed 
 The default plan, on the synthetic moderation data (shards/README.md) whose test split decorrelates the
 spurious badge from the label:
   scarce/scratch      all default arms x 5 seeds, 600 training samples, random init
-  plentiful/scratch   baseline and guided x 5 seeds, 1,800 training samples
+  plentiful/scratch   baseline and guided x 5 seeds, 1,500 training samples
   scarce/standin      baseline and guided x 5 seeds from a stand-in pretrained encoder (see --pretrained)
 Every finished run is appended to <out>/results.jsonl at once; the same command again skips those runs,
 so an interrupted table resumes. The verdict goes to <out>/table.md, summary.json and paired.png; runs,
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every chosen arm in every setting (default: baseline and guided outside the first)")
     p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
     p.add_argument("--scarce", type=int, default=600, help="training samples of the scarce synthetic set")
-    p.add_argument("--plentiful", type=int, default=1800, help="training samples of the plentiful synthetic set")
+    p.add_argument("--plentiful", type=int, default=1500, help="training samples of the plentiful synthetic set")
     p.add_argument("--test", type=int, default=1000, help="test samples of the synthetic set")
     p.add_argument("--train-shards", default=None, help="your own training shards instead of the synthetic sets")
     p.add_argument("--test-shards", default=None, help="your own test shards (with --train-shards)")

@@ -36,6 +36,7 @@ log = logging.getLogger("mgn")
 
 ARMS_FILE = Path(__file__).with_name("arms.toml")
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
+FALLBACK_RATE = {True: 0.0125, False: 0.009}  # s per training sample, captions or not: MobileOne-S0, 64 px, 2 cores
 STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained by this "
                 "runner, image-only, on a separate synthetic corpus (another seed, 8-class scene x splat-quadrant "
                 "target, no moderation label). It plays the role of the paper's ImageNet initialisation.")
@@ -151,7 +152,7 @@ class Options:
     arms_file: str | None = None
     seeds: int = 5
     scarce: int = 600  # training samples of the scarce setting
-    plentiful: int = 1800
+    plentiful: int = 1500
     test: int = 1000
     train_shards: str | None = None  # the user's own data, instead of the synthetic sets
     test_shards: str | None = None
@@ -282,6 +283,8 @@ def prepare_standin(options: Options) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     encoder = load_checkpoint(cfg.run_dir).unfused_student.encoder
+    quality = evaluate_run(cfg.run_dir, None)  # how much it learned, on its own held-out corpus (8 classes)
+    (weights.parent / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
 
 
@@ -445,9 +448,14 @@ def run(options: Options) -> dict:
     summary["plan"] = {"command": options.command, "seeds": options.seeds, "base_config": options.base,
                        "settings": {n: dataclasses.asdict(s) for n, s in settings.items()},
                        "standin": STANDIN_NOTE if any(s.init == "standin" for s in settings.values()) else None,
-                       "machine": machine(), "runs": len(rows)}
+                       "machine": machine(), "runs": len(rows),
+                       "standin_quality": _read_json(standin_weights(options).parent / "quality.json")}
     header = (f"Command: `{options.command}`  \nMachine: {summary['plan']['machine']['description']}; "
               f"train time of all runs: {sum(r['train_seconds'] for r in rows) / 60:.0f} min")
+    quality = summary["plan"]["standin_quality"]
+    if quality and any(s.init == "standin" for s in settings.values()):
+        header += (f"  \nStand-in encoder (scarce/standin rows): {STANDIN_NOTE.split(': ', 1)[1]} On that corpus's "
+                   f"held-out split its 8-class accuracy is {quality['student']['accuracy']:.3f} (chance 0.125).")
     return verdict.write(summary, options.out, header)
 
 
@@ -469,6 +477,10 @@ def clip_metrics(model: str, settings: dict[str, Setting]) -> dict[str, dict]:
                                            ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")}
         out[name] = scored[setting.test_shards]
     return out
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def deployment_costs(rows: list[dict], threads: int, clip: str | None = None) -> dict:
@@ -534,7 +546,10 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
     if any(s.init == "standin" for s in settings.values()):
         lines.append(f"  {STANDIN_NOTE}")
     if pending:
-        lines.append(f"  estimate: {estimate(pending, options) / 60:.0f} min for the {len(pending)} runs still to do "
+        standin = any(s.init == "standin" for s in settings.values()) and not standin_weights(options).exists()
+        seconds = estimate(pending, options) + (standin_seconds(options) if standin else 0)
+        lines.append(f"  estimate: {seconds / 60:.0f} min for the {len(pending)} runs still to do"
+                     f"{' and the stand-in pretraining' if standin else ''} "
                      f"({'Slurm jobs, run in parallel as the cluster allows' if options.slurm else 'one after another'})")
     return "\n".join(lines)
 
@@ -545,14 +560,18 @@ def estimate(cells: list[Cell], options: Options) -> float:
     per_sample = {}
     for row in read_results(options.out / "results.jsonl"):
         per_sample.setdefault(row["arm"], []).append(row["train_seconds"] / row["train_samples_seen"])
-    fallback = {True: 0.011, False: 0.009}  # s per sample: MobileOne-S0, 64 px, 2 CPU cores
     total = 0.0
     for cell in cells:
         configs = cell.stage_configs(options.work)
         rate = per_sample.get(cell.arm.name)
         total += (samples_seen(cell, options.work) * (sum(rate) / len(rate) if rate else
-                                                       fallback[configs[0].uses_captions]) + 20 * len(configs))
+                                                       FALLBACK_RATE[configs[0].uses_captions]) + 20 * len(configs))
     return total
+
+
+def standin_seconds(options: Options) -> float:
+    """The stand-in's pretraining: its corpus x epochs at the baseline's built-in rate, plus writing the corpus."""
+    return options.plentiful * standin_config(options).train.epochs * FALLBACK_RATE[False] + 60
 
 
 def samples_seen(cell: Cell, work: Path) -> int:
