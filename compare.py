@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per local run (default: all CPUs)")
     p.add_argument("--clip", default=None, metavar="MODEL",
                    help="add the CLIP zero-shot reference row: a local transformers CLIP folder (no training)")
+    p.add_argument("--prompts", default=None, help="with --clip: JSON {class name: [prompts]} in class-index order")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
     slurm = p.add_argument_group("slurm (with --slurm: one submitit job per run)")
     slurm.add_argument("--slurm", action="store_true")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds, scarce=args.scarce,
         plentiful=args.plentiful, test=args.test, train_shards=args.train_shards, test_shards=args.test_shards,
         pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads, clip=args.clip,
+        prompts=args.prompts,
         dry_run=args.dry_run, base=config_from_args(args).to_dict(), command=shlex.join(["python", "compare.py", *argv]),
         arms=None if args.arms is None else args.arms.split(","),
         slurm=args.slurm, slurm_args={"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,

@@ -43,7 +43,8 @@ STUDENT_PREFIX = "student."  # every objective holds the deployed model as `self
 @dataclass
 class TrainState:
     """Where the run is. `batch_in_epoch` counts micro-batches consumed in the current epoch."""
-    step: int = 0  # optimizer updates done (skipped non-finite ones included: the schedule moved on)
+    step: int = 0  # updates done, skipped non-finite ones included (under ZeRO-0 the LR schedule moves on for them;
+    #                under ZeRO-1/2 DeepSpeed's own overflow skip holds the schedule back by one step each)
     epoch: int = 0
     batch_in_epoch: int = 0
     best_metric: float = float("-inf")
@@ -51,6 +52,7 @@ class TrainState:
     attention_grids: int = 0  # attention images written so far: the cap holds across requeues
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
+    train_seconds: float = 0.0  # wall time of the run up to this checkpoint, across resumes
 
 
 def tag_for(step: int) -> str:
@@ -82,7 +84,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, config: dict, keep_last: int
         failed = error
     if distributed.any_rank(failed is not None, _device_of(engine)):
         distributed.barrier()
-        if rank == 0:
+        latest = ckpt_dir / "latest"
+        if rank == 0 and not (latest.exists() and latest.read_text().strip() == tag):
             shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointError(f"writing checkpoint {folder} failed ({failed or 'on another rank'}); the partial tag "
                               f"was removed and {ckpt_dir / 'latest'} still names the last complete one. Free disk "
@@ -111,15 +114,16 @@ def verify(folder: Path) -> str | None:
     """None if the tag is complete and intact, else what is wrong with it, in words."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return f"no readable {MANIFEST} (the save did not finish)"
-    for name, facts in manifest["files"].items():
+        files = {str(name): (int(facts["bytes"]), str(facts["sha256"])) for name, facts in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"no readable {MANIFEST} (the save did not finish, or the file is damaged)"
+    for name, (size, digest) in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != facts["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, {facts['bytes']} were written"
-        if _sha256(path) != facts["sha256"]:
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _sha256(path) != digest:
             return f"{name} is corrupt (checksum differs)"
     return None
 
@@ -196,8 +200,9 @@ def find_resume_tag(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
                           f"checked, see the warnings); move the folder away to start afresh")
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> TrainState:
-    """All ranks: restore model, optimizer, scheduler, RNG; return the saved position."""
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int, cfg: Config | None = None) -> TrainState:
+    """All ranks: restore model, optimizer, scheduler, RNG; return the saved position. With `cfg`, a checkpoint
+    of another model or objective is refused (its weights would be loaded into a different experiment)."""
     manifest = json.loads((ckpt_dir / tag / MANIFEST).read_text())
     if manifest["world_size"] != world_size and manifest["zero_stage"] > 0:
         raise CheckpointError(
@@ -208,6 +213,16 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> TrainS
     load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
+    if cfg is not None and client.get("config"):
+        saved = Config.from_dict(client["config"])
+        differ = [f"{section}.{k}: checkpoint {v!r} vs now {getattr(getattr(cfg, section), k)!r}"
+                  for section in ("model", "objective")
+                  for k, v in dataclasses.asdict(getattr(saved, section)).items()
+                  if getattr(getattr(cfg, section), k) != v and k not in ("text_cache", "image_pretrained")]
+        if differ:
+            raise CheckpointError(f"{ckpt_dir / tag} was trained with another model or objective ({'; '.join(differ)}); "
+                                  f"resume it with its own settings, or start a new run (--train.init_from for its "
+                                  f"weights)")
     frozen = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
     if frozen and rank == 0:
         log.info("MGN: %d frozen parameter tensors are not stored in checkpoints; they come from the config's "

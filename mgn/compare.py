@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mgn.caption_only import caption_only_metrics
 from mgn.config import PRESETS, Config, preset_config
+from mgn import verdict
 
 log = logging.getLogger("mgn")
 
@@ -116,6 +117,15 @@ class Cell:
         """One config per stage: base + arm overrides, this cell's seed, data, folder and epoch share."""
         configs = []
         total_epochs = self.base["train"]["epochs"]
+        ends, share = [], 0.0  # each stage's last epoch of the arm's budget: the stages add up to it exactly
+        for stage in self.arm.stages:
+            share += stage.epochs_share
+            ends.append(round(total_epochs * share))
+        ends[-1] = total_epochs
+        epochs = [end - start for start, end in zip([0, *ends], ends)]
+        if min(epochs) < 1:
+            raise ValueError(f"arm {self.arm.name!r}: {total_epochs} epochs cannot be split into its "
+                             f"{len(epochs)} stages (shares {[s.epochs_share for s in self.arm.stages]})")
         folder = work / "runs" / self.setting.name.replace("/", "-")
         for index, stage in enumerate(self.arm.stages):
             raw = json.loads(json.dumps(self.base))
@@ -126,7 +136,7 @@ class Cell:
                                synthetic_samples=0)
             raw["model"]["image_pretrained"] = self.setting.image_pretrained
             raw["train"].update(seed=self.seed, output_dir=str(folder), run_name=f"{self.arm.name}-s{self.seed}{suffix}",
-                                epochs=max(1, round(total_epochs * stage.epochs_share)), resume="auto")
+                                epochs=epochs[index], resume="auto")
             if index > 0:
                 raw["train"]["init_from"] = str(configs[-1].run_dir)
             configs.append(Config.from_dict(raw))
@@ -164,6 +174,7 @@ class Options:
     base: dict = field(default_factory=lambda: preset_config("compare").to_dict())  # every arm's starting config
     dry_run: bool = False
     clip: str | None = None  # a CLIP model folder: adds the zero-shot reference row
+    prompts: str | None = None  # its prompt file (mgn/clip.py)
     command: str = "python compare.py"  # as typed, for the verdict's header
 
 
@@ -306,6 +317,9 @@ def run_cell(spec: dict) -> dict | None:
         if _finished(cfg):
             train_seconds += json.loads((cfg.run_dir / "summary.json").read_text()).get("train_seconds", 0.0)
             continue
+        if distributed.detect_world().rank == 0:
+            _set_aside_if_stale(cfg)
+        distributed.barrier()
         summary = run(cfg, keep_process_group=True)
         if summary.get("preempted"):
             return summary
@@ -322,6 +336,21 @@ def run_cell(spec: dict) -> dict | None:
            "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def _set_aside_if_stale(cfg: Config) -> None:
+    """A stage folder written with another config (the user changed a setting) must not be resumed: it is
+    renamed `<name>.stale-<time>`, kept for inspection, and the stage starts afresh."""
+    saved = cfg.run_dir / "config.json"
+    try:
+        same = Config.load(saved) == cfg
+    except (OSError, ValueError):
+        same = not saved.exists()
+    if not same:
+        aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run_dir.rename(aside)
+        log.warning("MGN compare: %s was trained with another config; moved to %s, training this stage afresh",
+                    cfg.run_dir, aside)
 
 
 def _finished(cfg: Config) -> bool:
@@ -342,7 +371,7 @@ def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
     from mgn.evaluate import caption_reliance, predict, summarize, test_batches  # noqa: PLC0415
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")
+    metrics = verdict.METRICS
     ckpt = load_checkpoint(student_run)
     report = summarize(predict(ckpt, test_batches(ckpt.cfg, ckpt.cfg.data, False, batch_size=256), device=device),
                        target_precision=None)
@@ -418,8 +447,6 @@ def cell_spec(cell: Cell, work: Path) -> dict:
 
 def run(options: Options) -> dict:
     """Plan, estimate, run the missing cells, write the verdict. Returns the summary."""
-    from mgn import verdict  # noqa: PLC0415
-
     arms = load_arms(options.arms_file)
     settings = settings_for(options)
     cells = plan(options, arms, settings)
@@ -439,10 +466,11 @@ def run(options: Options) -> dict:
     rows = [r for r in read_results(results_file) if (r["key"], r["fingerprint"]) in wanted]
     references = {name: {"caption_only": caption_only_metrics(s.train_shards, s.test_shards)}
                   for name, s in settings.items()}
-    costs = deployment_costs(rows, options.threads, options.clip)
+    costs = deployment_costs([r for r in rows if r["setting"] == next(iter(settings))], options.threads,
+                             options.clip, options.prompts)
     clip_latency = costs.pop("clip", {}).get("latency_ratio")
     if options.clip:
-        for name, metrics in clip_metrics(options.clip, settings).items():
+        for name, metrics in clip_metrics(options.clip, settings, options.prompts).items():
             references[name]["clip"] = {"model": options.clip, **metrics, "student_latency_over_clip": clip_latency}
     summary = verdict.summarize(rows, arms, list(settings), references, costs)
     summary["plan"] = {"command": options.command, "seeds": options.seeds, "base_config": options.base,
@@ -459,22 +487,21 @@ def run(options: Options) -> dict:
     return verdict.write(summary, options.out, header)
 
 
-def clip_metrics(model: str, settings: dict[str, Setting]) -> dict[str, dict]:
+def clip_metrics(model: str, settings: dict[str, Setting], prompts: str | None = None) -> dict[str, dict]:
     """The CLIP zero-shot baseline on each setting's test shards (no training): the paper's Table I row."""
     import torch  # noqa: PLC0415
 
-    from mgn.clip import clip_batches, load_clip  # noqa: PLC0415
+    from mgn.clip import clip_batches, load_clip, read_prompts  # noqa: PLC0415
     from mgn.evaluate import predict_clip, summarize  # noqa: PLC0415
 
-    clip = load_clip(model)
+    clip = load_clip(model, read_prompts(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scored: dict[str, dict] = {}
     out = {}
     for name, setting in settings.items():
         if setting.test_shards not in scored:
             report = summarize(predict_clip(clip, clip_batches(clip, setting.test_shards), device=device), None)
-            scored[setting.test_shards] = {k: report["student"][k] for k in
-                                           ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")}
+            scored[setting.test_shards] = {k: report["student"][k] for k in verdict.METRICS}
         out[name] = scored[setting.test_shards]
     return out
 
@@ -483,10 +510,10 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def deployment_costs(rows: list[dict], threads: int, clip: str | None = None) -> dict:
+def deployment_costs(rows: list[dict], threads: int, clip: str | None = None, prompts: str | None = None) -> dict:
     """Per arm: the deployed student's FLOPs equal to the baseline's, and its batch-1 latency over the baseline's,
-    timed side by side (interleaved rounds) on the lowest seed's students of the first setting. With `clip`, its
-    image tower is timed in the same rounds (at its own input size): costs["clip"]["latency_ratio"] is the
+    timed side by side (interleaved rounds) on the lowest seed's students in `rows` (one setting's). With `clip`,
+    its image tower is timed in the same rounds (at its own input size): costs["clip"]["latency_ratio"] is the
     baseline student's latency over CLIP's."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -496,8 +523,7 @@ def deployment_costs(rows: list[dict], threads: int, clip: str | None = None) ->
 
     first = {}
     for row in sorted(rows, key=lambda r: r["seed"]):
-        if row["setting"] == rows[0]["setting"]:
-            first.setdefault(row["arm"], row)
+        first.setdefault(row["arm"], row)
     if "baseline" not in first:
         return {}
     if threads:
@@ -509,9 +535,9 @@ def deployment_costs(rows: list[dict], threads: int, clip: str | None = None) ->
     runners = dict(students)
     if clip:
         from mgn.benchmark import _at_own_size  # noqa: PLC0415
-        from mgn.clip import load_clip  # noqa: PLC0415
+        from mgn.clip import load_clip, read_prompts  # noqa: PLC0415
 
-        tower = load_clip(clip)
+        tower = load_clip(clip, read_prompts(prompts))
         runners["clip"] = _at_own_size(tower, tower.image_size, size)
     samples = time_latency(runners, image, Timer(torch.device("cpu")), warmup=5, iters=60, rounds=3)
     median = {arm: float(np.median(ms)) for arm, ms in samples.items()}
@@ -630,13 +656,26 @@ def _run_on_slurm(pending: list[Cell], options: Options, results_file: Path) -> 
     """One submitit job per cell (every stage and the evaluation inside it); rows appended as jobs finish."""
     import submitit  # noqa: PLC0415
 
-    jobs = {}
+    ledger = options.work / "slurm" / "submitted.jsonl"  # a runner started again re-attaches to its jobs
+    submitted = {(r["key"], r["fingerprint"]): r for r in read_results(ledger)}
+    jobs, attached = {}, 0
     for cell in pending:
         spec = cell_spec(cell, options.work)
+        record = submitted.get((cell.key, spec["fingerprint"]))
+        if record:
+            job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"], tasks=tuple(range(record["tasks"])))
+            if job.state not in SLURM_FAILED_STATES:  # queued, running, or done with its result on disk
+                jobs[job] = cell
+                attached += 1
+                continue
         executor = _slurm_executor(options, cell)
-        jobs[executor.submit(CellJob(spec))] = cell
-    print(f"MGN compare: submitted {len(jobs)} Slurm jobs ({', '.join(j.job_id for j in list(jobs)[:5])}...)",
-          flush=True)
+        job = executor.submit(CellJob(spec))
+        append_result(ledger, {"key": cell.key, "fingerprint": spec["fingerprint"], "job_id": job.job_id,
+                               "folder": str(job.paths.folder), "tasks": options.slurm_args.get("nodes", 1)
+                               * max(options.slurm_args.get("gpus_per_node", 1), 1)})
+        jobs[job] = cell
+    print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
+          f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
     started, failures = time.perf_counter(), []
     for number, job in enumerate(submitit.helpers.as_completed(list(jobs)), 1):
         cell = jobs[job]
@@ -670,6 +709,10 @@ def _slurm_executor(options: Options, cell: Cell):
     if s["gpus_per_node"]:
         executor.update_parameters(gpus_per_node=s["gpus_per_node"])
     return executor
+
+
+SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                       "UNKNOWN")
 
 
 class CellJob:

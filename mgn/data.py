@@ -14,7 +14,8 @@ repeated and never-seen shares per epoch.
 The order is a function of (seed, epoch, rank, num_workers), and augmentation is seeded per sample (seed,
 epoch, key, pass), so a resumed run skips what it already consumed as raw samples, before any decoding
 or tokenization (`skip_batches`), and continues with exactly the batches an uninterrupted run would have
-seen; batches come out in a fixed round-robin order of the workers, whatever the resume point.
+seen (unless undecodable samples lie in the skipped part: each one shifts the rest of the stream by a
+sample); batches come out in a fixed round-robin order of the workers, whatever the resume point.
 
 Evaluation reads the samples in order, split the same way but without repetition or shuffling, and keeps
 the last partial batch: every test sample is read exactly once across all ranks.
@@ -93,7 +94,7 @@ def class_names(spec: str) -> list[str]:
     try:
         card = Path(expand_shards(spec)[0]).parent / "dataset_card.json"
         return [str(x) for x in json.loads(card.read_text())["labels"]]
-    except (OSError, ValueError, KeyError, TypeError, FileNotFoundError):
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
@@ -276,7 +277,7 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
     skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
     decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
                       max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes)
-    dataset = _ShardStream(plan.ranks[rank], sizes, decoder, batch_size=batch_size, quotas=quotas, skips=skips,
+    dataset = _ShardStream(plan.ranks[rank], decoder, batch_size=batch_size, quotas=quotas, skips=skips,
                            shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}")
     workers = len(quotas) if data_cfg.num_workers > 0 else 0
     return TrainLoader(dataset, workers, data_cfg.max_skip_fraction, order[skip_batches:], plan.num_batches,
@@ -291,7 +292,7 @@ def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_n
     held = sum(p.size for p in mine)
     workers = max(1, min(data_cfg.num_workers, held)) if held else 0
     _preload(tokenizer_name, seq_len)
-    dataset = _ShardStream(split_samples(mine, workers) if workers else [], sizes,
+    dataset = _ShardStream(split_samples(mine, workers) if workers else [],
                            Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False,
                                    max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes),
                            batch_size=batch_size, quotas=None, skips=None, shuffle_buffer=0, seed="eval")
@@ -408,13 +409,16 @@ class _Stats:
         self.__init__()
         return out
 
+    def skipped_report(self) -> str:
+        return "; ".join(f"{Path(s).name}/{k}: {why}" for s, k, why in self.examples[:5]) or "no reasons recorded"
+
 
 class _ShardStream(IterableDataset):
     """One worker's pipeline: its pieces -> raw samples -> shuffle -> (skip) -> decode -> batches (+ skip counts)."""
 
-    def __init__(self, workers: list[list[Piece]], sizes: dict[str, int], decoder: "Decoder", *, batch_size: int,
+    def __init__(self, workers: list[list[Piece]], decoder: "Decoder", *, batch_size: int,
                  quotas: list[int] | None, skips: list[int] | None, shuffle_buffer: int, seed: str):
-        self.workers, self.sizes, self.decoder = workers, sizes, decoder
+        self.workers, self.decoder = workers, decoder
         self.batch_size, self.quotas, self.skips = batch_size, quotas, skips
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
 
@@ -530,14 +534,26 @@ class Decoder:
 
     def stage(self, samples: Iterator[dict], stats: _Stats) -> Iterator[tuple]:
         """Decoded samples; training augmentation is seeded per sample (run seed, epoch, key, pass), so it does
-        not depend on what came before: skipping samples on resume leaves every later crop unchanged."""
+        not depend on what came before: skipping samples on resume leaves every later crop unchanged.
+
+        A pass over a worker's range in which not one sample decodes would repeat forever without filling a
+        batch: it stops the run instead, with the skip report."""
+        current_pass, decoded = 0, 0
         for sample in samples:
+            if sample["__pass__"] != current_pass:
+                if decoded == 0:
+                    raise RuntimeError(f"not one sample of this worker's range decodes (e.g. {sample['__url__']}): "
+                                       f"{stats.skipped_report()}")
+                current_pass, decoded = sample["__pass__"], 0
             rng = random.Random(f"aug/{self.seed}/{sample['__key__']}/{sample['__pass__']}") if self.train else None
             try:
-                yield self.decode(sample, rng)
+                item = self.decode(sample, rng)
             except _BadSample as exc:
                 if sample["__pass__"] == 0:
                     stats.skip(sample["__url__"], sample["__key__"], str(exc))
+                continue
+            decoded += 1
+            yield item
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> tuple[str, np.ndarray, str, int]:
         field = next((f for f in IMAGE_FIELDS if f in sample), None)

@@ -22,7 +22,10 @@ def open_capped(data: bytes, max_pixels: int, want: int, *, reduce: bool = False
     """Open without decoding. A JPEG over `max_pixels` (or any JPEG with `reduce`) will decode at a reduced scale
     (its `draft`: 1/2 to 1/8, keeping at least `want` pixels a side); anything else over the cap is refused
     before a pixel is decoded."""
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # PIL's own limit, above ours: the same answer
+        raise ImageTooLarge(f"{error} (the cap is {max_pixels:,} pixels)") from None
     width, height = image.size
     if image.format == "JPEG" and (reduce or width * height > max_pixels):
         image.draft("RGB", (want, want))
@@ -52,5 +55,11 @@ def to_rgb(image: Image.Image, *, upright: bool = True) -> Image.Image:
 
 
 def cap_caption(raw: bytes, max_bytes: int) -> str:
-    """UTF-8 text of at most `max_bytes` bytes (a character cut in half is dropped)."""
-    return raw[:max_bytes].decode("utf-8", errors="ignore") if len(raw) > max_bytes else raw.decode("utf-8")
+    """UTF-8 text of at most `max_bytes` bytes: decoded strictly (bad UTF-8 raises ValueError, wherever it is),
+    except that a character the cut splits in half is dropped."""
+    try:
+        return raw[:max_bytes].decode("utf-8")
+    except UnicodeDecodeError as error:
+        if len(raw) > max_bytes and error.start >= max_bytes - 3 and error.reason == "unexpected end of data":
+            return raw[:error.start].decode("utf-8")
+        raise

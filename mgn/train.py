@@ -146,6 +146,21 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             for (part, decay), params in sorted(buckets.items())]
 
 
+def apply_learning_rates(engine, cfg: Config) -> list[str]:
+    """After a resume, the config's learning rates win over the checkpoint's (a resume with a lower rate after a
+    divergence must lower it): each group's base rate is reset and its current rate recomputed from the
+    schedule's position. Returns the changes, for the log."""
+    rates = {"image": cfg.train.lr_image, "text": cfg.train.lr_text, "head": cfg.train.lr_head}
+    schedule, changes = engine.lr_scheduler, []
+    for index, group in enumerate(engine.client_optimizer.param_groups):
+        base = rates[group["name"].removesuffix("_no_decay")]
+        if schedule.base_lrs[index] != base:
+            changes.append(f"{group['name']} {schedule.base_lrs[index]:g} -> {base:g}")
+            schedule.base_lrs[index] = group["initial_lr"] = base
+            group["lr"] = base * schedule.lr_lambdas[index](schedule.last_epoch)
+    return changes
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -222,8 +237,12 @@ class Trainer:
         resume = distributed.gather_objects(checkpoint.find_resume_tag(self.ckpt_dir, cfg.train.resume)
                                             if world.is_main else None)[0]
         if resume:
-            self.state = checkpoint.load(self.engine, *resume, rank=world.rank, world_size=world.world_size)
+            self.state = checkpoint.load(self.engine, *resume, rank=world.rank, world_size=world.world_size,
+                                         cfg=cfg)
             self.batchnorm.keep()
+            changed = apply_learning_rates(self.engine, cfg)
+            if changed:
+                log.info("MGN: learning rates from this run's config, not the checkpoint's: %s", ", ".join(changed))
         elif cfg.train.resume == "auto":
             log.info("MGN: train.resume=auto found no checkpoint in %s: starting this run from the beginning",
                      self.ckpt_dir)
@@ -261,7 +280,8 @@ class Trainer:
         cfg, state, engine = self.cfg, self.state, self.engine
         timer = StepTimer()
         stopped_by_signal = False
-        self.started, first_step = time.perf_counter(), state.step
+        self.started = fit_started = time.perf_counter()  # since the last save; state.train_seconds: before it
+        first_step = state.step
         self.progress = Progress(self.total_steps, state.step, self.world.is_main)
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         while state.epoch < cfg.train.epochs and not stopped_by_signal:
@@ -306,7 +326,7 @@ class Trainer:
                 bad_loss.zero_()
                 timer.updates += 1
                 if state.step % cfg.train.log_every == 0:
-                    self._log_train(timer, (time.perf_counter() - self.started) / (state.step - first_step))
+                    self._log_train(timer, (time.perf_counter() - fit_started) / (state.step - first_step))
                     timer.reset()
                 if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
                     self.evaluate()
@@ -331,7 +351,8 @@ class Trainer:
             log.info("MGN: stop requested by signal at step %d; saving and exiting", state.step)
             # The warning may have reached any one rank; rank 0 requeues, so all must agree on it.
             requeue = distributed.any_rank(preemption.wants_requeue(), self.device)
-            self.save()
+            if not (self.ckpt_dir / checkpoint.tag_for(state.step)).exists():  # saved at this very step already
+                self.save()
             self.tensorboard.flush()
             return {"step": state.step, "rank": self.world.rank, "preempted": True, "requeue": requeue}
         return self._finish()
@@ -358,8 +379,9 @@ class Trainer:
             raise NonFiniteError(
                 f"{limit} updates in a row (steps {state.step - limit + 1}-{state.step}) had a non-finite loss or "
                 f"gradient (train.max_skipped_steps={limit}); the weights were not updated by them. Last good "
-                f"checkpoint: {good or 'none yet'}. Lower the learning rate, and resume with "
-                f"--train.resume {good or 'auto'}" + ("" if good else " (or start afresh)"))
+                f"checkpoint: {good or 'none yet'}. Lower the learning rate and " + (
+                    f"resume from it: --train.run_name {self.cfg.train.run_name} --train.resume auto --train.lr_... "
+                    f"(the config's rates replace the checkpoint's)" if good else "start afresh"))
 
     def _log_balance(self, balance: dict) -> None:
         log.info("MGN: epoch %d reads every training sample once, except %.1f%% repeated and %.1f%% not seen "
@@ -468,7 +490,12 @@ class Trainer:
                      m["samples"])
 
     # --- checkpoints and the end -----------------------------------------------------------------------
+    def _train_seconds(self) -> float:
+        """Wall time of the whole run: the segments before the last resume (saved in checkpoints) and this one."""
+        return self.state.train_seconds + time.perf_counter() - self.started
+
     def save(self) -> None:
+        self.state.train_seconds, self.started = self._train_seconds(), time.perf_counter()
         distributed.sync_batchnorm_buffers(self.engine.module)
         require_finite(self.engine.module, f"the model at step {self.state.step} for a checkpoint")
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(),
@@ -482,7 +509,7 @@ class Trainer:
         evaluated = self.state.best_metric > float("-inf")
         best = self.cfg.run_dir / "student_best" / ARTIFACT_NAME
         summary = {"step": self.state.step, "epochs": self.state.epoch, "world_size": self.world.world_size,
-                   "train_seconds": round(time.perf_counter() - self.started, 2),
+                   "train_seconds": round(self._train_seconds(), 2),
                    "run_dir": str(self.cfg.run_dir), "checkpoints": str(self.ckpt_dir),
                    "tensorboard": str(self.cfg.run_dir / "tb"), "preempted": False,
                    "skipped_steps": self.state.skipped_steps,

@@ -21,12 +21,15 @@ NAMES = {"accuracy": "acc", "precision": "P", "recall": "R", "f1": "F1", "auroc"
 BASELINE = "baseline"
 
 
+MIN_SEEDS = 3  # fewer paired seeds give no reading: two equal differences would make a zero-width interval
+
+
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Two-sided t interval of the mean; None with fewer than two values."""
+    """Two-sided t interval of the mean; None with fewer than MIN_SEEDS values."""
     from scipy import stats  # noqa: PLC0415
 
     n = len(values)
-    if n < 2:
+    if n < MIN_SEEDS:
         return None
     mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
@@ -51,7 +54,7 @@ def paired(rows: list[dict], setting: str, arm: str, metric: str, role: str = "s
 
 def reading(interval: tuple[float, float] | None) -> str:
     if interval is None:
-        return "one seed: no interval"
+        return f"fewer than {MIN_SEEDS} seeds: no interval"
     low, high = interval
     return "better" if low > 0 else "worse" if high < 0 else "no different"
 
@@ -110,7 +113,7 @@ def _interval(p: dict | None) -> str:
     if not p:
         return "-"
     if p["ci95"] is None:
-        return f"{_points(p['mean'])} (1 seed)"
+        return f"{_points(p['mean'])} ({len(p['seeds'])} seed{'s' if len(p['seeds']) != 1 else ''})"
     low, high = p["ci95"]
     return f"{_points(p['mean'])} [{_points(low)}, {_points(high)}]"
 
@@ -128,14 +131,11 @@ def finding(summary: dict) -> str:
                      f"({_interval(guided)} accuracy points, 95% CI, {len(guided['seeds'])} paired seeds)")
         else:
             text += "no guided arm"
-        better = [a for a, item in arms.items() if a not in (BASELINE, "guided")
-                  and (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading") == "better"]
-        worse = [a for a, item in arms.items() if a not in (BASELINE, "guided")
-                 and (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading") == "worse"]
-        others = len([a for a in arms if a not in (BASELINE, "guided")])
-        if others:
-            text += (f"; of {others} other arm(s), better: {', '.join(better) or 'none'}, "
-                     f"worse: {', '.join(worse) or 'none'}")
+        readings = {a: (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading")
+                    for a, item in arms.items() if a not in (BASELINE, "guided")}
+        if readings:
+            named = {kind: ", ".join(a for a, r in readings.items() if r == kind) or "none" for kind in ("better", "worse")}
+            text += f"; of {len(readings)} other arm(s), better: {named['better']}, worse: {named['worse']}"
         parts.append(text)
     return "Finding: " + "; ".join(parts) + "."
 

@@ -38,6 +38,38 @@ def test_arms_are_data_and_a_bad_arm_is_named(tmp_path):
         load_arms(extra)
 
 
+def test_a_two_stage_arm_splits_the_budget_exactly_and_refuses_too_few_epochs(tmp_path):
+    from mgn.compare import Cell, Setting
+    from mgn.config import preset_config
+
+    arms = load_arms()
+    setting = Setting("scarce", "scratch", "train-*.tar", "test-*.tar", 100)
+    for epochs, expected in ((10, [8, 2]), (4, [3, 1]), (3, [2, 1])):
+        base = preset_config("compare", {"train": {"epochs": epochs}}).to_dict()
+        configs = Cell(setting, arms["two-stage"], 0, base).stage_configs(tmp_path)
+        assert [c.train.epochs for c in configs] == expected
+        assert configs[1].train.init_from == str(configs[0].run_dir)
+    with pytest.raises(ValueError, match="1 epochs cannot be split into its 2 stages"):
+        Cell(setting, arms["two-stage"], 0, preset_config("compare", {"train": {"epochs": 1}}).to_dict()
+             ).stage_configs(tmp_path)
+
+
+def test_a_stage_folder_from_another_config_is_set_aside_not_resumed(tmp_path):
+    from mgn.compare import _set_aside_if_stale
+    from mgn.config import preset_config
+
+    cfg = preset_config("tiny", {"train": {"output_dir": str(tmp_path), "run_name": "arm-s0"}})
+    cfg.run_dir.mkdir()
+    other = preset_config("tiny", {"train": {"output_dir": str(tmp_path), "run_name": "arm-s0", "epochs": 3}})
+    other.save(cfg.run_dir / "config.json")
+    _set_aside_if_stale(cfg)
+    assert not cfg.run_dir.exists() and len(list(tmp_path.glob("arm-s0.stale-*"))) == 1
+    cfg.run_dir.mkdir()
+    cfg.save(cfg.run_dir / "config.json")
+    _set_aside_if_stale(cfg)  # the same config: kept, to be resumed
+    assert cfg.run_dir.exists()
+
+
 @pytest.mark.slow
 def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, capsys):
     assert compare.main(argv(shards, tmp_path)) == 0
@@ -73,15 +105,31 @@ def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, cap
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_runs_a_two_by_one_table(slurm_cluster, shards, tmp_path, capsys):
+def test_slurm_runs_a_two_by_one_table_and_a_restarted_runner_reattaches(slurm_cluster, shards, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
     extra = ["--slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
     args = argv(shards, tmp_path, *extra)
     args[args.index("--seeds") + 1] = "1"
+    # The runner submits its jobs and is killed while they run: they go on in Slurm.
+    first = subprocess.Popen([sys.executable, "compare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ledger = tmp_path / "work" / "slurm" / "submitted.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_results(ledger)) < 2:
+        time.sleep(1)
+    first.kill()
+    first.communicate(timeout=30)
+    assert len(read_results(ledger)) == 2
+    # Started again: it re-attaches to the two jobs instead of submitting new ones, and gathers their results.
     assert compare.main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "0 Slurm jobs submitted, 2 already queued or done re-attached" in printed and "Finding:" in printed
+    assert len(read_results(ledger)) == 2
     rows = read_results(tmp_path / "out" / "results.jsonl")
     assert sorted(r["arm"] for r in rows) == ["baseline", "guided"]
-    printed = capsys.readouterr().out
-    assert "submitted 2 Slurm jobs" in printed and "Finding:" in printed
-    config = json.loads(Path(rows[0]["run_dirs"][0], "summary.json").read_text())
-    assert config["world_size"] == 2  # an ordinary two-rank training job
-
+    summary = json.loads(Path(rows[0]["run_dirs"][0], "summary.json").read_text())
+    assert summary["world_size"] == 2  # an ordinary two-rank training job

@@ -329,3 +329,10 @@ def test_synthetic_shards_feed_the_reader(tmp_path):
     test_keys = [k for b in eval_loader(cfg, **args, rank=0, world_size=1) for k in b["key"]]
     assert len(test_keys) == len(set(test_keys)) == 30
     assert np.isfinite(torch.cat([b["image"] for b in batches]).numpy()).all()
+
+
+def test_a_worker_whose_samples_never_decode_stops_the_run_instead_of_hanging(tmp_path):
+    _write(tmp_path, {"train-000000.tar": [_sample(f"bad{i}", jpg=b"<html>not an image</html>") for i in range(6)]})
+    cfg = _cfg(tmp_path, num_workers=0, max_skip_fraction=1.0)
+    with pytest.raises(RuntimeError, match="not one sample of this worker's range decodes"):
+        list(train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=0, epoch=0))

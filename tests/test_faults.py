@@ -153,11 +153,18 @@ def test_nan_on_one_rank_is_skipped_by_all_and_repeated_nan_stops_the_run(shards
     assert again.returncode != 0
     log = again.stdout + again.stderr
     assert "3 updates in a row (steps 5-7) had a non-finite loss or gradient" in log
+    assert "--train.run_name again --train.resume auto" in log
     assert f"Last good checkpoint: {tmp_path / 'again' / 'checkpoints' / 'step_00000006'}" in log  # finite, unchanged since 4
     for tag in (tmp_path / "again" / "checkpoints").glob("step_*"):
         states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
         assert all(torch.isfinite(v).all() for v in states.values() if v.is_floating_point()), tag
     assert not (tmp_path / "again" / "student").exists()
+    # The advice works: resumed with a lower learning rate, which replaces the checkpoint's, the run finishes.
+    resumed = run(torchrun(*args(shards, tmp_path, "again", "--train.ckpt_every", "2", "--train.resume", "auto",
+                                 "--train.lr_image", "1e-5")))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "learning rates from this run's config, not the checkpoint's" in resumed.stdout
+    assert "image 0.0001 -> 1e-05" in resumed.stdout
 
 
 def test_a_full_disk_is_a_clear_error_before_writing(shards, tmp_path):

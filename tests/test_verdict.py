@@ -20,7 +20,7 @@ def test_t_interval_matches_a_hand_computed_case():
     # diffs 1, 2, 3: mean 2, sd 1, n 3; t(0.975, 2) = 4.302653 -> half width 4.302653 / sqrt(3) = 2.484138
     low, high = t_interval([1.0, 2.0, 3.0])
     assert low == pytest.approx(2 - 2.484138, abs=1e-6) and high == pytest.approx(2 + 2.484138, abs=1e-6)
-    assert t_interval([1.0]) is None
+    assert t_interval([1.0]) is None and t_interval([1.0, 1.0]) is None  # no reading from two seeds
 
 
 def test_paired_differences_use_only_seeds_both_arms_have_and_count_wins_ties_losses():
@@ -40,7 +40,7 @@ def test_readings_follow_the_side_of_zero_the_whole_interval_is_on():
     assert reading((0.01, 0.05)) == "better"
     assert reading((-0.05, -0.01)) == "worse"
     assert reading((-0.01, 0.05)) == "no different"
-    assert reading(None).startswith("one seed")
+    assert reading(None).startswith("fewer than 3 seeds")
 
 
 def test_summary_table_and_finding_name_each_arm_and_the_baseline_reference():
