@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms-file", default=None, help="a TOML file of extra arms, in mgn/arms.toml's format")
     p.add_argument("--all-settings", action="store_true",
                    help="run every chosen arm in every setting (default: baseline and guided outside the first)")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated settings to run, in this order, e.g. scarce/standin,scarce/scratch "
+                        "(default: all of the plan; --dry-run lists them)")
     p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
     p.add_argument("--scarce", type=int, default=600, help="training samples of the scarce synthetic set")
     p.add_argument("--plentiful", type=int, default=1500, help="training samples of the plentiful synthetic set")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds, scarce=args.scarce,
         plentiful=args.plentiful, test=args.test, train_shards=args.train_shards, test_shards=args.test_shards,
         pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads, clip=args.clip,
-        prompts=args.prompts,
+        prompts=args.prompts, settings=None if args.settings is None else args.settings.split(","),
         dry_run=args.dry_run, base=config_from_args(args).to_dict(), command=shlex.join(["python", "compare.py", *argv]),
         arms=None if args.arms is None else args.arms.split(","),
         slurm=args.slurm, slurm_args={"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,

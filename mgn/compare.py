@@ -168,6 +168,7 @@ class Options:
     test_shards: str | None = None
     pretrained: str = "standin"  # standin | none | hub | a weights file
     all_settings_all_arms: bool = False  # every arm in every setting (the variants' full table)
+    settings: list[str] | None = None  # run only these settings, in this order (None: all of the plan)
     threads: int = 0  # torch threads per local cell (0: all visible CPUs)
     slurm: bool = False
     slurm_args: dict = field(default_factory=dict)  # nodes, gpus_per_node, partition, time, cpus_per_task
@@ -230,6 +231,17 @@ def settings_for(options: Options) -> dict[str, Setting]:
         else:
             settings.append(Setting(first, "pretrained", *paths, image_pretrained=options.pretrained))
     return {s.name: s for s in settings}
+
+
+def choose_settings(settings: dict[str, Setting], names: list[str] | None) -> dict[str, Setting]:
+    """The settings named by --settings, in that order: the most telling setting can run first, and a long
+    table can be finished one setting per session."""
+    if names is None:
+        return settings
+    unknown = [n for n in names if n not in settings]
+    if unknown:
+        raise ValueError(f"--settings: unknown {unknown}; this plan has {list(settings)}")
+    return {n: settings[n] for n in names}
 
 
 def prepare(settings: dict[str, Setting], options: Options) -> None:
@@ -448,7 +460,7 @@ def cell_spec(cell: Cell, work: Path) -> dict:
 def run(options: Options) -> dict:
     """Plan, estimate, run the missing cells, write the verdict. Returns the summary."""
     arms = load_arms(options.arms_file)
-    settings = settings_for(options)
+    settings = choose_settings(settings_for(options), options.settings)
     cells = plan(options, arms, settings)
     results_file = options.out / "results.jsonl"
     done = {(r["key"], r["fingerprint"]) for r in read_results(results_file)}

@@ -70,6 +70,18 @@ def test_a_stage_folder_from_another_config_is_set_aside_not_resumed(tmp_path):
     assert cfg.run_dir.exists()
 
 
+def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path):
+    from mgn.compare import Options, choose_settings, plan, settings_for
+
+    options = Options(work=tmp_path, arms=["baseline", "tram"], all_settings_all_arms=True)
+    chosen = choose_settings(settings_for(options), ["scarce/standin", "scarce/scratch"])
+    cells = plan(options, load_arms(), chosen)
+    assert [c.setting.name for c in cells] == ["scarce/standin"] * 10 + ["scarce/scratch"] * 10
+    assert not list(tmp_path.iterdir())  # choosing writes nothing
+    with pytest.raises(ValueError, match=r"--settings: unknown \['plentiful/standin'\]; this plan has"):
+        choose_settings(settings_for(options), ["plentiful/standin"])
+
+
 @pytest.mark.slow
 def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, capsys):
     assert compare.main(argv(shards, tmp_path)) == 0
