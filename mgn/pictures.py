@@ -4,13 +4,15 @@ Each sample gets two panels: the input image with the attention grid drawn over 
 one cell per grid position. The map is shown as attention relative to uniform (map x number of cells) on a
 fixed log scale from 1/4x to 4x shared by every panel and every evaluation, so a flat map is a flat neutral
 grey and a real hot spot stands out; a purple-to-green colour map keeps clear of the red in the images.
-Above the panels: the true label, the guided teacher's and the image-only student's predictions; below:
-the caption, cut to fit.
+Above each pair: the true label, and the guided teacher's and the image-only student's predictions, each
+marked right or WRONG; below: the caption (three lines at most). Cell values are written in white on the dark
+ends of the scale so that they stay readable.
 """
 from __future__ import annotations
 
 import io
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +48,7 @@ def samples_from_batch(images: torch.Tensor, attention: torch.Tensor, labels, te
 
 
 def attention_figure(samples: list[AttentionSample], title: str = "") -> np.ndarray:
-    """An RGB picture [H, W, 3] uint8 of the samples, two panels each, three samples a row, with a colour bar."""
+    """An RGB picture [H, W, 3] uint8 of the samples, three a row, each with its own header, and a colour bar."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -55,36 +57,22 @@ def attention_figure(samples: list[AttentionSample], title: str = "") -> np.ndar
 
     columns = min(3, len(samples))
     rows = math.ceil(len(samples) / columns)
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(4.2 * columns, 2.6 * rows + 0.6), squeeze=False, dpi=110)
+    fig = plt.figure(figsize=(3.9 * columns + 0.8, 2.5 * rows + (0.3 if title else 0)), dpi=110,
+                     layout="constrained")
+    grid, legend = fig.subfigures(1, 2, width_ratios=[3.9 * columns, 0.8])
     norm = Normalize(-SCALE, SCALE)
     shown = None
-    for index, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        sample_index, panel = divmod(index, 2)
-        if sample_index >= len(samples):
-            continue
-        s = samples[sample_index]
-        h, w = s.attention.shape
-        relative = np.log2(np.clip(s.attention * h * w, 2 ** -SCALE, 2 ** SCALE))
-        if panel == 0:
-            ax.imshow(s.image)
-            size = s.image.shape[0]
-            for k in range(1, h):  # the grid the map lives on
-                ax.axhline(k * size / h - 0.5, color="white", linewidth=0.8, alpha=0.8)
-            for k in range(1, w):
-                ax.axvline(k * size / w - 0.5, color="white", linewidth=0.8, alpha=0.8)
-            wrong = "" if s.teacher == s.student == s.label else "  (!)"
-            ax.set_title(f"label {s.label}\nteacher {s.teacher} | student {s.student}{wrong}", fontsize=7, loc="left")
-            caption = s.caption if len(s.caption) <= 60 else s.caption[:57] + "..."
-            ax.text(0, -0.03, caption, fontsize=6, va="top", transform=ax.transAxes)
-        else:
-            shown = ax.imshow(relative, cmap=COLOUR_MAP, norm=norm)
-            for (r, c), value in np.ndenumerate(s.attention * h * w):
-                ax.text(c, r, f"{value:.1f}x", ha="center", va="center", fontsize=7)
-            ax.set_title("attention / uniform", fontsize=7)
-    if shown is not None:
-        bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, ticks=[-2, -1, 0, 1, 2])
-        bar.ax.set_yticklabels(["1/4x", "1/2x", "uniform", "2x", "4x"], fontsize=7)
+    for s, panel in zip(samples, grid.subfigures(rows, columns, squeeze=False).flat):
+        image_ax, map_ax = panel.subplots(1, 2)
+        _draw_image(image_ax, s)
+        shown = _draw_map(map_ax, s, norm)
+        panel.suptitle(f"label {s.label}\n{_verdict('teacher', s.teacher, s.label)}   "
+                       f"{_verdict('student', s.student, s.label)}", fontsize=7, x=0.02, ha="left")
+        panel.supxlabel("\n".join(textwrap.wrap(s.caption, 62, max_lines=3, placeholder=" ...")), fontsize=6,
+                        x=0.02, ha="left")
+    bar = legend.colorbar(shown, cax=legend.add_axes((0.15, 0.15, 0.18, 0.65)), ticks=[-2, -1, 0, 1, 2])
+    bar.ax.set_yticklabels(["1/4x", "1/2x", "uniform", "2x", "4x"], fontsize=7)
+    bar.ax.set_title("attention\n/ uniform", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     buffer = io.BytesIO()
@@ -93,3 +81,31 @@ def attention_figure(samples: list[AttentionSample], title: str = "") -> np.ndar
     from PIL import Image  # noqa: PLC0415
 
     return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def _verdict(role: str, predicted: str, label: str) -> str:
+    return f"{role}: {predicted} ({'right' if predicted == label else 'WRONG'})"
+
+
+def _draw_image(ax, s: AttentionSample) -> None:
+    """The input image with the grid the map lives on drawn over it."""
+    ax.set_axis_off()
+    ax.imshow(s.image)
+    h, w = s.attention.shape
+    size = s.image.shape[0]
+    for k in range(1, h):
+        ax.axhline(k * size / h - 0.5, color="white", linewidth=0.8, alpha=0.8)
+    for k in range(1, w):
+        ax.axvline(k * size / w - 0.5, color="white", linewidth=0.8, alpha=0.8)
+
+
+def _draw_map(ax, s: AttentionSample, norm):
+    """The map relative to uniform, one cell per grid position, its value written in a colour that reads."""
+    ax.set_axis_off()
+    h, w = s.attention.shape
+    relative = s.attention * h * w
+    shown = ax.imshow(np.log2(np.clip(relative, 2 ** -SCALE, 2 ** SCALE)), cmap=COLOUR_MAP, norm=norm)
+    for (r, c), value in np.ndenumerate(relative):
+        dark = abs(math.log2(max(value, 1e-6))) > SCALE / 2
+        ax.text(c, r, f"{value:.1f}x", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    return shown

@@ -94,3 +94,26 @@ def test_benchmark_times_clips_image_tower_beside_the_student(tiny_clip, tmp_pat
 def test_a_missing_model_says_how_to_provide_one(tmp_path, capsys):
     assert evaluate.main(["--clip", str(tmp_path / "nowhere"), "--shards", "x"]) == 2
     assert "huggingface-cli download" in capsys.readouterr().err
+
+
+def test_the_comparison_table_carries_the_clip_row_with_evaluates_metrics(tiny_clip, shards, tmp_path):
+    from mgn import verdict
+    from mgn.clip import clip_batches
+    from mgn.compare import Arm, Setting, clip_metrics
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    settings = {"yours/scratch": Setting("yours", "scratch", "unused-train-*.tar", shards, 80)}
+    scored = clip_metrics(tiny_clip, settings, str(prompts))["yours/scratch"]
+    clip = load_clip(tiny_clip, PROMPTS)
+    expected = summarize(predict_clip(clip, clip_batches(clip, shards), device=torch.device("cpu")), None)
+    assert scored == pytest.approx({k: expected["student"][k] for k in verdict.METRICS})
+
+    start = {"student_sha256": "same", "first_batch_keys": ["k"]}
+    rows = [{"setting": "yours/scratch", "arm": "baseline", "seed": s, "train_seconds": 1.0, "start": start,
+             "student": {m: 0.5 for m in verdict.METRICS}} for s in range(2)]
+    references = {"yours/scratch": {"clip": {"model": tiny_clip, **scored, "student_latency_over_clip": 0.25}}}
+    summary = verdict.summarize(rows, {"baseline": Arm("baseline", "", ())}, ["yours/scratch"], references, {})
+    table = verdict.markdown(summary, "header")
+    assert f"Reference: CLIP zero-shot ({tiny_clip}, no training), accuracy {scored['accuracy']:.3f}" in table
+    assert "0.250x CLIP's image-tower latency" in table
