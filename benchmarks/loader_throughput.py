@@ -47,7 +47,7 @@ def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_second
         for i in range(0, len(images) - batch_size + 1, batch_size):
             items = [(str(j), decoder.transform(decoder.load_rgb(images[j]), rng), "", 0)
                      for j in range(i, i + batch_size)]
-            decoder.normalise(decoder.collate(items, {}))
+            decoder.normalise(decoder.collate(items, {}, (0, 0)))
             done += batch_size
     return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e6
 
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="loader epochs per measurement")
     p.add_argument("--no-tokenizer", action="store_true", help="image-only loader (no captions tokenized)")
     p.add_argument("--bare-seconds", type=float, default=5.0)
-    p.add_argument("--out", default="loader_throughput.json")
+    p.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = p.parse_args()
 
     tmp = None

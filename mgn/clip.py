@@ -70,7 +70,7 @@ def load_clip(name: str, prompts: dict[str, list[str]] | None = None, *, allow_d
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"CLIP model {name!r} is not available locally ({type(error).__name__}). Nothing is downloaded by default: "
-            f"fetch it once, e.g. `huggingface-cli download openai/clip-vit-base-patch16 --local-dir models/clip-b16`, "
+            f"fetch it once, e.g. `hf download openai/clip-vit-base-patch16 --local-dir models/clip-b16`, "
             f"and pass --clip models/clip-b16 (evaluate.py and benchmark.py also take --allow-download)") from error
     try:
         processor = CLIPImageProcessor.from_pretrained(name, local_files_only=not allow_download)

@@ -127,7 +127,7 @@ def finding(summary: dict) -> str:
         text = f"{setting}: "
         if guided:
             relation = {"better": "better than", "worse": "worse than"}.get(guided["reading"], "no different from")
-            text += (f"the paper's guided student is {relation} the plain fine-tune "
+            text += (f"the guided student (paper's MGN + image-only term) is {relation} the plain fine-tune "
                      f"({_interval(guided)} accuracy points, 95% CI, {len(guided['seeds'])} paired seeds)")
         else:
             text += "no guided arm"

@@ -109,3 +109,24 @@ def test_latency_summary_statistics():
     assert stats["p99"] == pytest.approx(99.01) and stats["trimmed_mean"] == pytest.approx(50.5)
     assert stats["min"] == 1 and stats["max"] == 100 and stats["n"] == 100
     assert summary_stats([1.0] * 9 + [1000.0])["trimmed_mean"] == pytest.approx(1.0)  # one outlier trimmed
+
+
+@pytest.mark.slow
+def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
+    """The standalone benchmark scripts call the loader's internals; this keeps them in step with it."""
+    import subprocess
+    import sys
+
+    def run_script(name: str, *args: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
+                       check=True, cwd=ROOT, timeout=300, capture_output=True)
+        return json.loads(out.read_text())
+
+    loader = run_script("loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "1",
+                        "--bare-seconds", "0.3")
+    assert loader["images"] == 256 and loader["bare"]["samples_per_s"] > 0
+    assert loader["loader"][0]["workers"] == 1 and loader["loader"][0]["samples_per_s"] > 0
+    resume = run_script("resume_startup", "--samples", "2000", "--shards", str(tmp_path / "shards"))
+    assert resume["workers"] == 2 and resume["batches_per_epoch"] > 0
+    assert all(resume[f"{way}_{at}%_s"] > 0 for way in ("raw_skip", "decode_and_discard") for at in (10, 90))

@@ -93,7 +93,7 @@ def test_benchmark_times_clips_image_tower_beside_the_student(tiny_clip, tmp_pat
 
 def test_a_missing_model_says_how_to_provide_one(tmp_path, capsys):
     assert evaluate.main(["--clip", str(tmp_path / "nowhere"), "--shards", "x"]) == 2
-    assert "huggingface-cli download" in capsys.readouterr().err
+    assert "hf download openai/clip-vit-base-patch16" in capsys.readouterr().err
 
 
 def test_the_comparison_table_carries_the_clip_row_with_evaluates_metrics(tiny_clip, shards, tmp_path):

@@ -114,6 +114,17 @@ def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, cap
     assert "MGN: done step=" in before and "MGN: done step=" not in log.read_text()
     assert len(read_results(tmp_path / "out" / "results.jsonl")) == 4
 
+    # Committed results on a fresh checkout (no run folders): the table is written again, nothing trained,
+    # and the deployment costs are the ones measured with the runs.
+    measured = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["yours/scratch"]["arms"]
+    (tmp_path / "work").rename(tmp_path / "elsewhere")
+    assert compare.main(argv(shards, tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs (4 already in" in printed and "not measured again" in printed and "[1/" not in printed
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["yours/scratch"]["arms"]
+    assert again["guided"]["latency_ratio"] == measured["guided"]["latency_ratio"]
+    assert again["guided"]["flops_equal"] is True
+
 
 @pytest.mark.slow
 @pytest.mark.slurm
