@@ -29,9 +29,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mgn import verdict
 from mgn.caption_only import caption_only_metrics
 from mgn.config import PRESETS, Config, preset_config
-from mgn import verdict
 
 log = logging.getLogger("mgn")
 
@@ -354,25 +354,31 @@ def run_cell(spec: dict) -> dict | None:
 def _set_aside_if_stale(cfg: Config) -> None:
     """A stage folder written with another config (the user changed a setting) must not be resumed: it is
     renamed `<name>.stale-<time>`, kept for inspection, and the stage starts afresh."""
-    saved = cfg.run_dir / "config.json"
-    try:
-        same = Config.load(saved) == cfg
-    except (OSError, ValueError):
-        same = not saved.exists()
-    if not same:
+    if _saved_config_matches(cfg) is False:
         aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_dir.rename(aside)
         log.warning("MGN compare: %s was trained with another config; moved to %s, training this stage afresh",
                     cfg.run_dir, aside)
 
 
+def _saved_config_matches(cfg: Config) -> bool | None:
+    """Whether the stage folder was written with this very config; None when it holds no config yet."""
+    saved = cfg.run_dir / "config.json"
+    if not saved.exists():
+        return None
+    try:
+        return Config.load(saved) == cfg
+    except (OSError, ValueError):
+        return False
+
+
 def _finished(cfg: Config) -> bool:
     """A stage already done with this very config (a re-run skips it)."""
     try:
         done = json.loads((cfg.run_dir / "summary.json").read_text())
-        return not done.get("preempted") and Config.load(cfg.run_dir / "config.json") == cfg
     except (OSError, ValueError):
         return False
+    return not done.get("preempted") and _saved_config_matches(cfg) is True
 
 
 def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
@@ -480,12 +486,13 @@ def run(options: Options) -> dict:
     references = {name: {"caption_only": caption_only_metrics(s.train_shards, s.test_shards)}
                   for name, s in settings.items()}
     previous = _read_json(options.out / "summary.json") or {}
-    timed = [r for r in rows if r["setting"] == next(iter(settings))]
+    first_setting = next(iter(settings))  # deployment costs are timed on its students
+    timed = [r for r in rows if r["setting"] == first_setting]
     if all(Path(r["run_dirs"][-1]).exists() for r in timed):
         costs = deployment_costs(timed, options.threads, options.clip, options.prompts)
     else:  # results made elsewhere (e.g. the committed table): keep the costs measured beside them
-        costs = _previous_costs(previous, next(iter(settings)))
-        print(f"MGN compare: the run folders of {next(iter(settings))} are not under {options.work}; deployment "
+        costs = _previous_costs(previous, first_setting)
+        print(f"MGN compare: the run folders of {first_setting} are not under {options.work}; deployment "
               f"costs are taken from the previous {options.out / 'summary.json'}, not measured again", flush=True)
     clip_latency = costs.pop("clip", {}).get("latency_ratio")
     if options.clip:
