@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-settings", action="store_true",
                    help="run every chosen arm in every setting (default: baseline and guided outside the first)")
     p.add_argument("--settings", default=None,
-                   help="comma-separated settings to run, in this order, e.g. scarce/standin,scarce/scratch "
-                        "(default: all of the plan; --dry-run lists them)")
+                   help="comma-separated settings to run, in this order, e.g. scarce/standin,scarce/scratch; "
+                        "plentiful/standin (the pretrained start on the plentiful set) runs only when named "
+                        "(default: every size from scratch and scarce/standin; --dry-run lists them)")
     p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
     p.add_argument("--scarce", type=int, default=600, help="training samples of the scarce synthetic set")
     p.add_argument("--plentiful", type=int, default=1500, help="training samples of the plentiful synthetic set")

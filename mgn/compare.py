@@ -225,19 +225,20 @@ def settings_for(options: Options) -> dict[str, Setting]:
                 "plentiful": (str(out / "train-*.tar"), test, options.plentiful)}
     settings = [Setting(name, "scratch", *paths) for name, paths in sets.items()]
     if options.pretrained != "none":
-        first, paths = next(iter(sets.items()))
-        if options.pretrained == "standin":
-            settings.append(Setting(first, "standin", *paths, image_pretrained=str(standin_weights(options))))
-        else:
-            settings.append(Setting(first, "pretrained", *paths, image_pretrained=options.pretrained))
+        init, weights = (("standin", str(standin_weights(options))) if options.pretrained == "standin"
+                         else ("pretrained", options.pretrained))
+        settings += [Setting(name, init, *paths, image_pretrained=weights) for name, paths in sets.items()]
     return {s.name: s for s in settings}
 
 
 def choose_settings(settings: dict[str, Setting], names: list[str] | None) -> dict[str, Setting]:
     """The settings named by --settings, in that order: the most telling setting can run first, and a long
-    table can be finished one setting per session."""
+    table can be finished one setting per session. Without names, the default plan: every data size from
+    scratch, and the pretrained start on the first (scarce) data only, where a pretrained encoder matters
+    most; the pretrained start on the other sizes (e.g. plentiful/standin) runs when named."""
     if names is None:
-        return settings
+        first_data = next(iter(settings.values())).data
+        return {n: s for n, s in settings.items() if s.init == "scratch" or s.data == first_data}
     unknown = [n for n in names if n not in settings]
     if unknown:
         raise ValueError(f"--settings: unknown {unknown}; this plan has {list(settings)}")

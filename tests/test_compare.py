@@ -78,8 +78,11 @@ def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path
     cells = plan(options, load_arms(), chosen)
     assert [c.setting.name for c in cells] == ["scarce/standin"] * 10 + ["scarce/scratch"] * 10
     assert not list(tmp_path.iterdir())  # choosing writes nothing
-    with pytest.raises(ValueError, match=r"--settings: unknown \['plentiful/standin'\]; this plan has"):
-        choose_settings(settings_for(options), ["plentiful/standin"])
+    assert list(choose_settings(settings_for(options), None)) == ["scarce/scratch", "plentiful/scratch",
+                                                                   "scarce/standin"]  # the default table's
+    assert list(choose_settings(settings_for(options), ["plentiful/standin"])) == ["plentiful/standin"]
+    with pytest.raises(ValueError, match=r"--settings: unknown \['plentiful/pretrained'\]; this plan has"):
+        choose_settings(settings_for(options), ["plentiful/pretrained"])
 
 
 @pytest.mark.slow
