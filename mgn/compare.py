@@ -509,9 +509,10 @@ def run(options: Options) -> dict:
     header = (f"Command: `{options.command}`  \nMachine: {summary['plan']['machine']['description']}; "
               f"train time of all runs: {sum(r['train_seconds'] for r in rows) / 60:.0f} min")
     quality = summary["plan"]["standin_quality"]
-    if quality and any(s.init == "standin" for s in settings.values()):
-        header += (f"  \nStand-in encoder (scarce/standin rows): {STANDIN_NOTE.split(': ', 1)[1]} On that corpus's "
-                   f"held-out split its 8-class accuracy is {quality['student']['accuracy']:.3f} (chance 0.125).")
+    standin_rows = [name for name, s in settings.items() if s.init == "standin"]
+    if quality and standin_rows:
+        header += (f"  \nStand-in encoder ({', '.join(standin_rows)} rows): {STANDIN_NOTE.split(': ', 1)[1]} "
+                   f"On that corpus's held-out split its 8-class accuracy is {quality['student']['accuracy']:.3f} (chance 0.125).")
     return verdict.write(summary, options.out, header)
 
 
