@@ -500,19 +500,20 @@ def run(options: Options) -> dict:
         for name, metrics in clip_metrics(options.clip, settings, options.prompts).items():
             references[name]["clip"] = {"model": options.clip, **metrics, "student_latency_over_clip": clip_latency}
     summary = verdict.summarize(rows, arms, list(settings), references, costs)
+    standin_settings = [name for name, s in settings.items() if s.init == "standin"]
     summary["plan"] = {"command": options.command, "seeds": options.seeds, "base_config": options.base,
                        "settings": {n: dataclasses.asdict(s) for n, s in settings.items()},
-                       "standin": STANDIN_NOTE if any(s.init == "standin" for s in settings.values()) else None,
+                       "standin": STANDIN_NOTE if standin_settings else None,
                        "machine": machine(), "runs": len(rows),
                        "standin_quality": _read_json(standin_weights(options).parent / "quality.json")
                        or previous.get("plan", {}).get("standin_quality")}
     header = (f"Command: `{options.command}`  \nMachine: {summary['plan']['machine']['description']}; "
               f"train time of all runs: {sum(r['train_seconds'] for r in rows) / 60:.0f} min")
     quality = summary["plan"]["standin_quality"]
-    standin_rows = [name for name, s in settings.items() if s.init == "standin"]
-    if quality and standin_rows:
-        header += (f"  \nStand-in encoder ({', '.join(standin_rows)} rows): {STANDIN_NOTE.split(': ', 1)[1]} "
-                   f"On that corpus's held-out split its 8-class accuracy is {quality['student']['accuracy']:.3f} (chance 0.125).")
+    if quality and standin_settings:
+        header += (f"  \nStand-in encoder ({', '.join(standin_settings)} rows): {STANDIN_NOTE.split(': ', 1)[1]} "
+                   f"On that corpus's held-out split its 8-class accuracy is "
+                   f"{quality['student']['accuracy']:.3f} (chance 0.125).")
     return verdict.write(summary, options.out, header)
 
 
