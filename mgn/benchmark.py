@@ -356,7 +356,7 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
         guard(model, name, allow_unfused=name in (STUDENT_UNFUSED, CLIP_TOWER))
         flops[name] = count_flops(model.float().cpu(), torch.zeros(1, 3, sizes[name], sizes[name]))
         model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format).eval()
-        runners[name] = _at_own_size(torch.compile(model) if s.compile else model, sizes[name], size)
+        runners[name] = at_own_size(torch.compile(model) if s.compile else model, sizes[name], size)
 
     if dtype != torch.float32:  # what the reduced precision costs in accuracy, on the timed device
         x = realistic_images(4, size, torch.Generator().manual_seed(1))
@@ -420,7 +420,7 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     return report
 
 
-def _at_own_size(model: nn.Module, own: int, timed: int):
+def at_own_size(model: nn.Module, own: int, timed: int):
     """A runner for a model whose input side differs from the timed one (CLIP): same batch, its own size."""
     if own == timed:
         return model

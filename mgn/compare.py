@@ -570,11 +570,11 @@ def deployment_costs(rows: list[dict], threads: int, clip: str | None = None, pr
     flops = {arm: count_flops(model, image) for arm, model in students.items()}
     runners = dict(students)
     if clip:
-        from mgn.benchmark import _at_own_size  # noqa: PLC0415
+        from mgn.benchmark import at_own_size  # noqa: PLC0415
         from mgn.clip import load_clip, read_prompts  # noqa: PLC0415
 
         tower = load_clip(clip, read_prompts(prompts))
-        runners["clip"] = _at_own_size(tower, tower.image_size, size)
+        runners["clip"] = at_own_size(tower, tower.image_size, size)
     samples = time_latency(runners, image, Timer(torch.device("cpu")), warmup=5, iters=60, rounds=3)
     median = {arm: float(np.median(ms)) for arm, ms in samples.items()}
     costs = {arm: {"latency_ratio": median[arm] / median["baseline"], "flops_equal": flops[arm] == flops["baseline"]}
