@@ -6,7 +6,7 @@
     python compare.py --arms baseline,guided,tram --seeds 10 --train.epochs 20
     python compare.py --slurm --gpus-per-node 8 --partition gpu --time 600   # each run a Slurm job (submitit)
 
-Each arm (mgn/arms.toml, or --arms-file) is a set of config overrides trained through the normal training
+Each arm (mgn/compare/arms.toml, or --arms-file) is a set of config overrides trained through the normal training
 path (train.py's loop, data pipeline, DeepSpeed engine and export); each run's final student is then
 evaluated on the test shards. For a seed, every arm starts from the same image encoder and head and reads
 the same samples in the same order, so arms are compared with the baseline seed by seed.
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/compare", help="runs, data, stand-in encoder and logs (large)")
     p.add_argument("--arms", default=None, help="comma-separated arms (default: baseline, guided, guided-unfrozen, "
                                                 "attend-fusion, no-student-term); 'all': every arm of the arms files")
-    p.add_argument("--arms-file", default=None, help="a TOML file of extra arms, in mgn/arms.toml's format")
+    p.add_argument("--arms-file", default=None, help="a TOML file of extra arms, in mgn/compare/arms.toml's format")
     p.add_argument("--all-settings", action="store_true",
                    help="run every chosen arm in every setting (default: baseline and guided outside the first)")
     p.add_argument("--settings", default=None,

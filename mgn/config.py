@@ -179,7 +179,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "warmup_steps": 10, "log_every": 5, "ckpt_every": 50, "attention_images": 3},
     },
     # The comparison runner's base (compare.py): small enough for 45 runs in 90 minutes on 2 CPU cores.
-    # Every arm trains with these settings; only its objective differs (mgn/arms.toml).
+    # Every arm trains with these settings; only its objective differs (mgn/compare/arms.toml).
     "compare": {
         "model": {"image_model": "mobileone_s0", "image_size": 64, "text_model": PACKAGED_MINILM,
                   "seq_len": 16, "fusion_dim": 64, "attention_heads": 4, "text_cache": 4096},

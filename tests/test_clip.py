@@ -99,7 +99,9 @@ def test_a_missing_model_says_how_to_provide_one(tmp_path, capsys):
 def test_the_comparison_table_carries_the_clip_row_with_evaluates_metrics(tiny_clip, shards, tmp_path):
     from mgn import verdict
     from mgn.clip import clip_batches
-    from mgn.compare import Arm, Setting, clip_metrics
+    from mgn.compare.arms import Arm
+    from mgn.compare.plan import Setting
+    from mgn.compare.report import clip_metrics
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))

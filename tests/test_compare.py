@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import compare
-from mgn.compare import load_arms, read_results
+from mgn.compare.arms import load_arms
+from mgn.compare.ledger import read_results
 from mgn.shards import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_arms_are_data_and_a_bad_arm_is_named(tmp_path):
 
 
 def test_a_two_stage_arm_splits_the_budget_exactly_and_refuses_too_few_epochs(tmp_path):
-    from mgn.compare import Cell, Setting
+    from mgn.compare.plan import Cell, Setting
     from mgn.config import preset_config
 
     arms = load_arms()
@@ -55,23 +56,23 @@ def test_a_two_stage_arm_splits_the_budget_exactly_and_refuses_too_few_epochs(tm
 
 
 def test_a_stage_folder_from_another_config_is_set_aside_not_resumed(tmp_path):
-    from mgn.compare import _set_aside_if_stale
+    from mgn.compare.cell import set_aside_if_stale
     from mgn.config import preset_config
 
     cfg = preset_config("tiny", {"train": {"output_dir": str(tmp_path), "run_name": "arm-s0"}})
     cfg.run_dir.mkdir()
     other = preset_config("tiny", {"train": {"output_dir": str(tmp_path), "run_name": "arm-s0", "epochs": 3}})
     other.save(cfg.run_dir / "config.json")
-    _set_aside_if_stale(cfg)
+    set_aside_if_stale(cfg)
     assert not cfg.run_dir.exists() and len(list(tmp_path.glob("arm-s0.stale-*"))) == 1
     cfg.run_dir.mkdir()
     cfg.save(cfg.run_dir / "config.json")
-    _set_aside_if_stale(cfg)  # the same config: kept, to be resumed
+    set_aside_if_stale(cfg)  # the same config: kept, to be resumed
     assert cfg.run_dir.exists()
 
 
 def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path):
-    from mgn.compare import Options, choose_settings, plan, settings_for
+    from mgn.compare.plan import Options, choose_settings, plan, settings_for
 
     options = Options(work=tmp_path, arms=["baseline", "tram"], all_settings_all_arms=True)
     chosen = choose_settings(settings_for(options), ["scarce/standin", "scarce/scratch"])

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mgn.compare import Arm
+from mgn.compare.arms import Arm
 from mgn.verdict import markdown, paired, reading, summarize, t_interval
 
 ARMS = {name: Arm(name, f"about {name}", ()) for name in ("baseline", "guided", "tram")}

@@ -1,0 +1,54 @@
+"""The arms: named sets of config overrides, read from data (arms.toml beside this file, plus --arms-file).
+
+Arms are data, not code, so that a user adds an arm without touching the runner, and every override is
+checked against the config schema (preset_config) when the file is read, before anything runs.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mgn.config import preset_config
+
+ARMS_FILE = Path(__file__).with_name("arms.toml")
+
+
+@dataclass(frozen=True)
+class Stage:
+    overrides: dict  # {section: {field: value}}
+    epochs_share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    about: str
+    stages: tuple[Stage, ...]
+
+
+def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
+    """The runner's arms (mgn/compare/arms.toml), plus or overridden by the arms of `path` (same format)."""
+    tables = tomllib.loads(ARMS_FILE.read_text())
+    if path:
+        tables |= tomllib.loads(Path(path).read_text())
+    arms = {}
+    for name, table in tables.items():
+        table = dict(table)
+        about = table.pop("about", "")
+        raw_stages = table.pop("stages", None) or [table]
+        stages = []
+        for raw in raw_stages:
+            raw = dict(raw)
+            share = float(raw.pop("epochs_share", 1.0))
+            try:
+                preset_config("tiny", raw)  # unknown sections, fields and values fail here
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"arm {name!r} ({path or ARMS_FILE}): {error}") from error
+            stages.append(Stage(overrides=raw, epochs_share=share))
+        if abs(sum(s.epochs_share for s in stages) - 1.0) > 1e-6:
+            raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole budget)")
+        arms[name] = Arm(name, about, tuple(stages))
+    if "baseline" not in arms:
+        raise ValueError("the arms must include 'baseline': every other arm is compared with it")
+    return arms

@@ -1,0 +1,203 @@
+"""One cell: train the arm's stages through mgn.train.run, then evaluate the final student (and the teacher).
+
+A cell runs in its own process: locally a fresh `python -m mgn.compare --run-cell SPEC RESULT` (spawned
+by spawn_cell with a fixed thread count, so one cell's DeepSpeed state, threads and memory never leak into
+the next), on Slurm a submitit job of CellJob on every rank. Both read a spec (cell_spec: the key, the
+fingerprint and every stage's config, as JSON) and give back one result row for results.jsonl.
+This file holds both sides of that process boundary: what the runner starts and what the child runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+import torch
+
+from mgn import distributed, preemption, train, verdict
+from mgn.checkpoint import load_checkpoint
+from mgn.compare.plan import Cell
+from mgn.config import Config
+from mgn.evaluate import caption_reliance, predict, summarize, test_batches
+
+log = logging.getLogger("mgn")
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout: child processes and Slurm jobs import mgn from it
+
+
+def cell_spec(cell: Cell, work: Path) -> dict:
+    return {"key": cell.key, "setting": cell.setting.name, "arm": cell.arm.name, "seed": cell.seed,
+            "fingerprint": cell.fingerprint(work), "configs": [c.to_dict() for c in cell.stage_configs(work)]}
+
+
+def run_cell(spec: dict) -> dict | None:
+    """Train every stage of a cell, then (rank 0) evaluate its final student and teacher. Every rank calls it.
+
+    A stage whose run folder holds a finished run with this config is skipped; an interrupted one resumes
+    from its checkpoint (`train.resume auto`), as a requeued Slurm job does. Returns the result row on
+    rank 0, None elsewhere, {"preempted": ...} when a stage stopped for a signal.
+    """
+    configs = [Config.from_dict(raw) for raw in spec["configs"]]
+    train_seconds = 0.0
+    for cfg in configs:
+        if _finished(cfg):
+            train_seconds += json.loads((cfg.run_dir / "summary.json").read_text()).get("train_seconds", 0.0)
+            continue
+        if distributed.detect_world().rank == 0:
+            set_aside_if_stale(cfg)
+        distributed.barrier()
+        summary = train.run(cfg, keep_process_group=True)
+        if summary.get("preempted"):
+            return summary
+        train_seconds += summary["train_seconds"]
+    distributed.shutdown()
+    if distributed.detect_world().rank != 0:
+        return None
+    start = time.perf_counter()
+    guided = [c for c in configs if c.uses_captions]
+    row = {"key": spec["key"], "setting": spec["setting"], "arm": spec["arm"], "seed": spec["seed"],
+           "fingerprint": spec["fingerprint"], "train_seconds": round(train_seconds, 2),
+           **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None),
+           "start": json.loads((configs[0].run_dir / "start.json").read_text()),
+           "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
+    row["eval_seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def set_aside_if_stale(cfg: Config) -> None:
+    """A stage folder written with another config (the user changed a setting) must not be resumed: it is
+    renamed `<name>.stale-<time>`, kept for inspection, and the stage starts afresh."""
+    if _saved_config_matches(cfg) is False:
+        aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run_dir.rename(aside)
+        log.warning("MGN compare: %s was trained with another config; moved to %s, training this stage afresh",
+                    cfg.run_dir, aside)
+
+
+def _saved_config_matches(cfg: Config) -> bool | None:
+    """Whether the stage folder was written with this very config; None when it holds no config yet."""
+    saved = cfg.run_dir / "config.json"
+    if not saved.exists():
+        return None
+    try:
+        return Config.load(saved) == cfg
+    except (OSError, ValueError):
+        return False
+
+
+def _finished(cfg: Config) -> bool:
+    """A stage already done with this very config (a re-run skips it)."""
+    try:
+        done = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not done.get("preempted") and _saved_config_matches(cfg) is True
+
+
+def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
+    """The final checkpoint's student (fused, as deployed) on the test shards; the guided teacher and its
+    caption reliance from `teacher_run` (the last stage that read captions), if any."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = verdict.METRICS
+    ckpt = load_checkpoint(student_run)
+    report = summarize(predict(ckpt, test_batches(ckpt.cfg, ckpt.cfg.data, False, batch_size=256), device=device),
+                       target_precision=None)
+    row = {"test_samples": report["samples"], "student": {k: report["student"][k] for k in metrics}}
+    if teacher_run is not None:
+        guided = load_checkpoint(teacher_run, teacher=True)
+        batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256)
+        report = summarize(predict(guided, batches, device=device, teacher=True), target_precision=None)
+        row["teacher"] = {k: report["teacher"][k] for k in metrics}
+        row["reliance"] = caption_reliance(guided.teacher, batches, device=device)
+    return row
+
+
+def code_version() -> str:
+    """The commit the runs were made with (and '+dirty' with uncommitted changes), for results.jsonl."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
+class CellJob:
+    """One cell as a Slurm job: every rank trains the stages; rank 0 evaluates and returns the row.
+
+    On a time-limit or preemption signal the stage saves, rank 0 requeues the job, and the restart
+    resumes the stage from its checkpoint (run_cell always passes train.resume auto).
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def __call__(self) -> dict | None:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        row = run_cell(self.spec)
+        if row is not None and row.get("preempted"):
+            if row.get("requeue") and row.get("rank", 0) == 0:
+                preemption.requeue_slurm_job()
+            raise SystemExit(0)
+        return row
+
+
+# --- the local child process: started by spawn_*, entered through main() ----------------------------------
+
+def spawn_cell(spec_file: Path, result_file: Path, log_file: Path, threads: int) -> None:
+    """main_cell in a fresh process; raises RuntimeError if it fails (its output is in `log_file`)."""
+    _spawn(["--run-cell", str(spec_file), str(result_file)], log_file, threads)
+
+
+def spawn_training(cfg: Config, log_file: Path, threads: int) -> None:
+    """main_train in a fresh process (the stand-in's pretraining); raises RuntimeError if it fails."""
+    _spawn(["--train-config", json.dumps(cfg.to_dict())], log_file, threads)
+
+
+def _spawn(args: list[str], log_file: Path, threads: int) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+                                                                     "SLURM_"))}
+    threads = threads or len(os.sched_getaffinity(0))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with log_file.open("w") as out:
+        result = subprocess.run([sys.executable, "-m", "mgn.compare", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"exit status {result.returncode}; see {log_file}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Internal entry points of the cell processes (`python -m mgn.compare`); users run compare.py."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if argv[:1] == ["--run-cell"]:
+        return main_cell(argv[1], argv[2])
+    if argv[:1] == ["--train-config"]:
+        return main_train(argv[1])
+    raise SystemExit("usage: python compare.py --help (this module's own entry points are internal)")
+
+
+def main_cell(spec_file: str, result_file: str) -> int:
+    """`python -m mgn.compare --run-cell SPEC RESULT`: one cell in this process (what the runner spawns)."""
+    spec = json.loads(Path(spec_file).read_text())
+    row = run_cell(spec)
+    if row is not None and not row.get("preempted"):
+        tmp = Path(result_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps(row) + "\n")
+        tmp.replace(result_file)
+    return 0
+
+
+def main_train(raw: str) -> int:
+    """`python -m mgn.compare --train-config JSON`: one plain training run (the stand-in's pretraining)."""
+    train.run(Config.from_dict(json.loads(raw)))
+    return 0

@@ -1,0 +1,110 @@
+"""Where the cells run: one after another in local child processes, or side by side as Slurm jobs.
+
+Either way a finished cell's row is appended to results.jsonl as soon as it arrives, and a failed cell is
+reported and skipped, not fatal: the others are kept, and the same command again retries only the
+failures. On Slurm the submitted jobs are recorded too (submitted.jsonl), so a runner started again
+re-attaches to jobs still queued or running instead of submitting them twice.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import submitit
+
+from mgn.compare.cell import REPO, CellJob, cell_spec, spawn_cell
+from mgn.compare.ledger import append_result, read_results
+from mgn.compare.plan import Cell, Options, samples_seen
+
+SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                       "UNKNOWN")
+
+
+def run_locally(pending: list[Cell], options: Options, results_file: Path) -> None:
+    started = time.perf_counter()
+    failures = []
+    for number, cell in enumerate(pending, 1):
+        spec = cell_spec(cell, options.work)
+        stem = options.work / "cells" / cell.key.replace("/", "-")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        spec_file, result_file = stem.with_suffix(".json"), stem.with_suffix(".result.json")
+        spec_file.write_text(json.dumps(spec))
+        result_file.unlink(missing_ok=True)
+        try:
+            spawn_cell(spec_file, result_file, stem.with_suffix(".log"), options.threads)
+            row = json.loads(result_file.read_text())
+        except (RuntimeError, OSError, ValueError) as error:
+            failures.append(cell.key)
+            print(f"MGN compare: [{number}/{len(pending)}] {cell.key} FAILED: {error}", flush=True)
+            continue
+        row["train_samples_seen"] = samples_seen(cell, options.work)
+        append_result(results_file, row)
+        print(progress_line(number, len(pending), row, time.perf_counter() - started), flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(failures[:5])}); their logs are in "
+                           f"{options.work / 'cells'}; the others are saved: re-run the same command to retry")
+
+
+def progress_line(number: int, total: int, row: dict, elapsed: float) -> str:
+    teacher = f", teacher {row['teacher']['accuracy']:.3f}" if "teacher" in row else ""
+    left = elapsed / number * (total - number)
+    return (f"MGN compare: [{number}/{total}] {row['key']}: student acc {row['student']['accuracy']:.3f} "
+            f"AUROC {row['student']['auroc']:.3f}{teacher} | train {row['train_seconds']:.0f} s | "
+            f"elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left")
+
+
+def run_on_slurm(pending: list[Cell], options: Options, results_file: Path) -> None:
+    """One submitit job per cell (every stage and the evaluation inside it); rows appended as jobs finish."""
+    ledger = options.work / "slurm" / "submitted.jsonl"  # a runner started again re-attaches to its jobs
+    submitted = {(r["key"], r["fingerprint"]): r for r in read_results(ledger)}
+    jobs, attached = {}, 0
+    for cell in pending:
+        spec = cell_spec(cell, options.work)
+        record = submitted.get((cell.key, spec["fingerprint"]))
+        if record:
+            job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"],
+                                    tasks=tuple(range(record["tasks"])))
+            if job.state not in SLURM_FAILED_STATES:  # queued, running, or done with its result on disk
+                jobs[job] = cell
+                attached += 1
+                continue
+        executor = slurm_executor(options, cell)
+        job = executor.submit(CellJob(spec))
+        append_result(ledger, {"key": cell.key, "fingerprint": spec["fingerprint"], "job_id": job.job_id,
+                               "folder": str(job.paths.folder), "tasks": options.slurm_args.get("nodes", 1)
+                               * max(options.slurm_args.get("gpus_per_node", 1), 1)})
+        jobs[job] = cell
+    print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
+          f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
+    started, failures = time.perf_counter(), []
+    for number, job in enumerate(submitit.helpers.as_completed(list(jobs)), 1):
+        cell = jobs[job]
+        try:
+            row = next(r for r in job.results() if r)
+        except Exception as error:  # noqa: BLE001 - a failed job is reported, the others continue
+            failures.append(cell.key)
+            print(f"MGN compare: [{number}/{len(jobs)}] {cell.key} FAILED (job {job.job_id}): {error}", flush=True)
+            continue
+        row["train_samples_seen"] = samples_seen(cell, options.work)
+        append_result(results_file, row)
+        print(progress_line(number, len(jobs), row, time.perf_counter() - started), flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} Slurm job(s) failed: {', '.join(failures[:5])}; their logs are under "
+                           f"{options.work / 'slurm'}; re-run the same command to retry them")
+
+
+def slurm_executor(options: Options, cell: Cell) -> submitit.AutoExecutor:
+    s = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "partition": None, **options.slurm_args}
+    tasks = max(s["gpus_per_node"], 1)
+    executor = submitit.AutoExecutor(folder=options.work / "slurm" / cell.key.replace("/", "-"))
+    executor.update_parameters(
+        name=f"mgn-compare-{cell.arm.name}-s{cell.seed}", nodes=s["nodes"], tasks_per_node=tasks,
+        cpus_per_task=s["cpus_per_task"], timeout_min=s["time"], slurm_partition=s["partition"],
+        slurm_signal_delay_s=min(300, s["time"] * 30), slurm_additional_parameters={"requeue": True},
+        slurm_srun_args=["--kill-on-bad-exit=1"],
+        slurm_setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}",
+                     f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{s['cpus_per_task']}}}"])
+    if s["gpus_per_node"]:
+        executor.update_parameters(gpus_per_node=s["gpus_per_node"])
+    return executor
