@@ -86,6 +86,25 @@ def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path
         choose_settings(settings_for(options), ["plentiful/pretrained"])
 
 
+def test_the_executors_one_loop_saves_each_row_at_once_and_reports_a_failure_without_stopping(tmp_path, capsys):
+    from mgn.compare.executors import collect
+    from mgn.compare.plan import Cell, Setting
+    from mgn.config import preset_config
+
+    arms = load_arms()
+    setting = Setting("scarce", "scratch", "train-*.tar", "test-*.tar", 100)
+    base = preset_config("compare", {"train": {"epochs": 2}}).to_dict()
+    failed, done = (Cell(setting, arms[name], 0, base) for name in ("guided", "baseline"))
+    row = {"key": done.key, "student": {"accuracy": 0.5, "auroc": 0.625}, "train_seconds": 3.0}
+    results = tmp_path / "out" / "results.jsonl"
+    assert collect(iter([(failed, None, " (job 7): boom"), (done, row, "")]), 2, tmp_path, results) == [failed.key]
+    assert read_results(results) == [{**row, "train_samples_seen": 200}]  # 100 samples x 2 epochs
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "MGN compare: [1/2] scarce/scratch/guided/seed0 FAILED (job 7): boom"
+    assert printed[1].startswith("MGN compare: [2/2] scarce/scratch/baseline/seed0: student acc 0.500 AUROC 0.625 | "
+                                 "train 3 s | elapsed")
+
+
 @pytest.mark.slow
 def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, capsys):
     assert compare.main(argv(shards, tmp_path)) == 0

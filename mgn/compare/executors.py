@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import submitit
@@ -22,9 +23,15 @@ SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_
 
 
 def run_locally(pending: list[Cell], options: Options, results_file: Path) -> None:
-    started = time.perf_counter()
-    failures = []
-    for number, cell in enumerate(pending, 1):
+    """The cells one after another, each in a fresh child process (cell.spawn_cell) with its log beside it."""
+    failures = collect(_local_outcomes(pending, options), len(pending), options.work, results_file)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(failures[:5])}); their logs are in "
+                           f"{options.work / 'cells'}; the others are saved: re-run the same command to retry")
+
+
+def _local_outcomes(pending: list[Cell], options: Options) -> Iterator[tuple[Cell, dict | None, str]]:
+    for cell in pending:
         spec = cell_spec(cell, options.work)
         stem = options.work / "cells" / cell.key.replace("/", "-")
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -35,27 +42,21 @@ def run_locally(pending: list[Cell], options: Options, results_file: Path) -> No
             spawn_cell(spec_file, result_file, stem.with_suffix(".log"), options.threads)
             row = json.loads(result_file.read_text())
         except (RuntimeError, OSError, ValueError) as error:
-            failures.append(cell.key)
-            print(f"MGN compare: [{number}/{len(pending)}] {cell.key} FAILED: {error}", flush=True)
+            yield cell, None, f": {error}"
             continue
-        row["train_samples_seen"] = samples_seen(cell, options.work)
-        append_result(results_file, row)
-        print(progress_line(number, len(pending), row, time.perf_counter() - started), flush=True)
-    if failures:
-        raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(failures[:5])}); their logs are in "
-                           f"{options.work / 'cells'}; the others are saved: re-run the same command to retry")
-
-
-def progress_line(number: int, total: int, row: dict, elapsed: float) -> str:
-    teacher = f", teacher {row['teacher']['accuracy']:.3f}" if "teacher" in row else ""
-    left = elapsed / number * (total - number)
-    return (f"MGN compare: [{number}/{total}] {row['key']}: student acc {row['student']['accuracy']:.3f} "
-            f"AUROC {row['student']['auroc']:.3f}{teacher} | train {row['train_seconds']:.0f} s | "
-            f"elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left")
+        yield cell, row, ""
 
 
 def run_on_slurm(pending: list[Cell], options: Options, results_file: Path) -> None:
     """One submitit job per cell (every stage and the evaluation inside it); rows appended as jobs finish."""
+    jobs = _submit_or_reattach(pending, options)
+    failures = collect(_slurm_outcomes(jobs), len(jobs), options.work, results_file)
+    if failures:
+        raise RuntimeError(f"{len(failures)} Slurm job(s) failed: {', '.join(failures[:5])}; their logs are under "
+                           f"{options.work / 'slurm'}; re-run the same command to retry them")
+
+
+def _submit_or_reattach(pending: list[Cell], options: Options) -> dict[submitit.Job, Cell]:
     ledger = options.work / "slurm" / "submitted.jsonl"  # a runner started again re-attaches to its jobs
     submitted = {(r["key"], r["fingerprint"]): r for r in read_results(ledger)}
     jobs, attached = {}, 0
@@ -77,21 +78,41 @@ def run_on_slurm(pending: list[Cell], options: Options, results_file: Path) -> N
         jobs[job] = cell
     print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
           f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
-    started, failures = time.perf_counter(), []
-    for number, job in enumerate(submitit.helpers.as_completed(list(jobs)), 1):
-        cell = jobs[job]
+    return jobs
+
+
+def _slurm_outcomes(jobs: dict[submitit.Job, Cell]) -> Iterator[tuple[Cell, dict | None, str]]:
+    for job in submitit.helpers.as_completed(list(jobs)):
         try:
             row = next(r for r in job.results() if r)
         except Exception as error:  # noqa: BLE001 - a failed job is reported, the others continue
-            failures.append(cell.key)
-            print(f"MGN compare: [{number}/{len(jobs)}] {cell.key} FAILED (job {job.job_id}): {error}", flush=True)
+            yield jobs[job], None, f" (job {job.job_id}): {error}"
             continue
-        row["train_samples_seen"] = samples_seen(cell, options.work)
+        yield jobs[job], row, ""
+
+
+def collect(outcomes: Iterable[tuple[Cell, dict | None, str]], total: int, work: Path, results_file: Path) -> list[str]:
+    """The one loop of both executors: append each finished cell's row to results_file as it arrives and print a
+    progress line; a failed cell (row None; `failure` is what its line says after FAILED) is printed and
+    skipped. Returns the keys of the failed cells."""
+    started, failures = time.perf_counter(), []
+    for number, (cell, row, failure) in enumerate(outcomes, 1):
+        if row is None:
+            failures.append(cell.key)
+            print(f"MGN compare: [{number}/{total}] {cell.key} FAILED{failure}", flush=True)
+            continue
+        row["train_samples_seen"] = samples_seen(cell, work)
         append_result(results_file, row)
-        print(progress_line(number, len(jobs), row, time.perf_counter() - started), flush=True)
-    if failures:
-        raise RuntimeError(f"{len(failures)} Slurm job(s) failed: {', '.join(failures[:5])}; their logs are under "
-                           f"{options.work / 'slurm'}; re-run the same command to retry them")
+        print(progress_line(number, total, row, time.perf_counter() - started), flush=True)
+    return failures
+
+
+def progress_line(number: int, total: int, row: dict, elapsed: float) -> str:
+    teacher = f", teacher {row['teacher']['accuracy']:.3f}" if "teacher" in row else ""
+    left = elapsed / number * (total - number)
+    return (f"MGN compare: [{number}/{total}] {row['key']}: student acc {row['student']['accuracy']:.3f} "
+            f"AUROC {row['student']['auroc']:.3f}{teacher} | train {row['train_seconds']:.0f} s | "
+            f"elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left")
 
 
 def slurm_executor(options: Options, cell: Cell) -> submitit.AutoExecutor:
