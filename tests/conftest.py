@@ -57,3 +57,18 @@ def calibrate_batchnorm(model: torch.nn.Module, image_size: int, batches: int = 
     for m in norms:
         m.momentum = 0.1
     model.eval()
+
+
+@pytest.fixture
+def sbatch_script(monkeypatch):
+    """Renders the sbatch script of a submitit executor made in the test, on a machine without Slurm: submitit
+    picks its Slurm executor only where it finds srun, so the test says it does. Nothing is submitted."""
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+
+    def render(executor) -> str:
+        assert executor.cluster == "slurm"
+        return executor._executor._make_submission_file_text("python -u job.py", "0")
+
+    return render

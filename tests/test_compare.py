@@ -105,6 +105,23 @@ def test_the_executors_one_loop_saves_each_row_at_once_and_reports_a_failure_wit
                                  "train 3 s | elapsed")
 
 
+def test_each_slurm_task_of_a_cell_gets_its_cpus_from_srun_too(tmp_path, sbatch_script):
+    """srun does not inherit --cpus-per-task from the job (Slurm >= 22.05): the job's srun passes it."""
+    from mgn.compare.executors import slurm_executor, slurm_parameters
+    from mgn.compare.plan import Cell, Options, Setting
+
+    options = Options(work=tmp_path, slurm=True, slurm_args={"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 6,
+                                                             "partition": "gpu", "time": 60})
+    cell = Cell(Setting("scarce", "scratch", "train-*.tar", "test-*.tar", 100), load_arms()["guided"], 1, {})
+    parameters = slurm_parameters(options, cell)
+    assert parameters["cpus_per_task"] == 6 and "--cpus-per-task=6" in parameters["slurm_srun_args"]
+    assert (parameters["nodes"], parameters["tasks_per_node"], parameters["gpus_per_node"]) == (2, 4, 4)
+    script = sbatch_script(slurm_executor(options, cell))
+    assert "#SBATCH --cpus-per-task=6\n" in script and "#SBATCH --ntasks-per-node=4\n" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=6" in srun.split() and "--kill-on-bad-exit=1" in srun.split()
+
+
 @pytest.mark.slow
 def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, capsys):
     assert compare.main(argv(shards, tmp_path)) == 0

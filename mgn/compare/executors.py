@@ -116,16 +116,25 @@ def progress_line(number: int, total: int, row: dict, elapsed: float) -> str:
 
 
 def slurm_executor(options: Options, cell: Cell) -> submitit.AutoExecutor:
-    s = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "partition": None, **options.slurm_args}
-    tasks = max(s["gpus_per_node"], 1)
     executor = submitit.AutoExecutor(folder=options.work / "slurm" / cell.key.replace("/", "-"))
-    executor.update_parameters(
-        name=f"mgn-compare-{cell.arm.name}-s{cell.seed}", nodes=s["nodes"], tasks_per_node=tasks,
+    executor.update_parameters(**slurm_parameters(options, cell))
+    return executor
+
+
+def slurm_parameters(options: Options, cell: Cell) -> dict:
+    """submitit's parameters of the cell's job: `nodes` x one task per GPU, each task a rank.
+
+    srun gets --cpus-per-task explicitly: since Slurm 22.05 a step does not inherit it from the job's
+    allocation, and each rank would get one CPU (slurm/train.sh passes it to srun too).
+    """
+    s = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "partition": None, **options.slurm_args}
+    parameters = dict(
+        name=f"mgn-compare-{cell.arm.name}-s{cell.seed}", nodes=s["nodes"], tasks_per_node=max(s["gpus_per_node"], 1),
         cpus_per_task=s["cpus_per_task"], timeout_min=s["time"], slurm_partition=s["partition"],
         slurm_signal_delay_s=min(300, s["time"] * 30), slurm_additional_parameters={"requeue": True},
-        slurm_srun_args=["--kill-on-bad-exit=1"],
+        slurm_srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={s['cpus_per_task']}"],
         slurm_setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}",
                      f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{s['cpus_per_task']}}}"])
     if s["gpus_per_node"]:
-        executor.update_parameters(gpus_per_node=s["gpus_per_node"])
-    return executor
+        parameters["gpus_per_node"] = s["gpus_per_node"]
+    return parameters
