@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def submit(cfg: Config, args: argparse.Namespace) -> submitit.Job:
     """Queue the job for `cfg` with the Slurm settings in `args`; returns the submitit job."""
+    executor = build_executor(cfg, args)
+    if TrainJob.__module__ != "__main__":  # imported (tests): ship the class by value, like a script's
+        cloudpickle.register_pickle_by_value(sys.modules[TrainJob.__module__])  # needs sys.modules entry
+    return executor.submit(TrainJob(cfg.to_dict()))
+
+
+def build_executor(cfg: Config, args: argparse.Namespace) -> submitit.AutoExecutor:
+    """The executor of the job for `cfg`, with the Slurm settings in `args`; nothing is queued."""
     if args.signal_delay_s >= args.time * 60:
         raise ValueError(f"--signal-delay-s {args.signal_delay_s} is not shorter than --time {args.time} min: "
                          "the job would be told to requeue as soon as it starts")
@@ -94,17 +102,17 @@ def submit(cfg: Config, args: argparse.Namespace) -> submitit.Job:
         cpus_per_task=args.cpus_per_task, timeout_min=args.time,
         slurm_partition=args.partition, slurm_signal_delay_s=args.signal_delay_s,
         # requeue: allowed even where the cluster default forbids it; kill-on-bad-exit: one rank's
-        # crash ends the job instead of leaving the others blocked in a collective until the limit.
-        slurm_additional_parameters={"requeue": True}, slurm_srun_args=["--kill-on-bad-exit=1"],
+        # crash ends the job instead of leaving the others blocked in a collective until the limit;
+        # cpus-per-task: since Slurm 22.05 srun does not inherit it from the job (as in slurm/train.sh).
+        slurm_additional_parameters={"requeue": True},
+        slurm_srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={args.cpus_per_task}"],
         # the job imports mgn from this checkout wherever it was submitted from
         slurm_setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}",
                      f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.cpus_per_task}}}"],
     )
     if args.gpus_per_node:
         executor.update_parameters(gpus_per_node=args.gpus_per_node)
-    if TrainJob.__module__ != "__main__":  # imported (tests): ship the class by value, like a script's
-        cloudpickle.register_pickle_by_value(sys.modules[TrainJob.__module__])  # needs sys.modules entry
-    return executor.submit(TrainJob(cfg.to_dict()))
+    return executor
 
 
 def job_config(args: argparse.Namespace) -> Config:

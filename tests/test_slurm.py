@@ -8,7 +8,8 @@
     every task, as Slurm delivers them), the job requeues, resumes and its result comes back.
   * a rank that dies takes the job down at once, with the error in the log, instead of a hang.
 
-The cluster comes from tests/slurm_cluster.py; every wait is bounded.
+The cluster comes from tests/slurm_cluster.py; every wait is bounded. Without a cluster, one test checks
+the job script that `slurm/submit.py` builds.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from slurm_cluster import SlurmCluster
 
 pytest_plugins = ["slurm_cluster"]  # the session fixture `slurm_cluster` (tests/slurm_cluster.py)
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parent.parent
 
 # Two nodes x two tasks, fake GPUs; the tiny preset: 1 epoch, 9 updates of 4 ranks x 8 samples.
@@ -107,6 +107,8 @@ def reference(slurm_cluster, work) -> dict:
             "err": read(run_dir / f"slurm-{job_id}.err")}
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_sbatch_two_nodes_four_ranks_complete_with_checkpoint_and_tensorboard(reference):
     run_dir, out = reference["run_dir"], reference["out"]
     assert reference["info"]["JobState"] == "COMPLETED", out[-3000:] + reference["err"][-3000:]
@@ -121,6 +123,8 @@ def test_sbatch_two_nodes_four_ranks_complete_with_checkpoint_and_tensorboard(re
     assert (run_dir / "config.json").exists() and (run_dir / "train.log").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_steps(slurm_cluster, work, reference):
     """USR2 to one rank on the other node: all ranks agree, save, rank 0 requeues, the job resumes.
     Then `scontrol requeue` from outside (SIGTERM to the tasks): save, stop, Slurm restarts it, resume."""
@@ -162,6 +166,20 @@ def load_submit_module():
     return module
 
 
+def test_submit_py_gives_each_rank_its_cpus_through_srun_too(tmp_path, sbatch_script):
+    """srun does not inherit --cpus-per-task from the job (Slurm >= 22.05): the job's srun passes it."""
+    submit = load_submit_module()
+    args = submit.build_parser().parse_args([
+        "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "6", "--time", "60", "--preset", "tiny",
+        "--train.output_dir", str(tmp_path), "--train.run_name", "cpus"])
+    script = sbatch_script(submit.build_executor(submit.job_config(args), args))
+    assert "#SBATCH --cpus-per-task=6\n" in script and "#SBATCH --ntasks-per-node=4\n" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=6" in srun.split() and "--kill-on-bad-exit=1" in srun.split()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_cluster, work, reference):
     submit = load_submit_module()
     args = submit.build_parser().parse_args([
@@ -189,6 +207,8 @@ def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_
     assert results[0]["step"] == steps_of(reference["run_dir"]) == steps_of(cfg.run_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_crashed_rank_fails_the_job_at_once_with_the_error_in_the_log(slurm_cluster, work):
     cluster = slurm_cluster
     job_id, run_dir = submit_train_sh(cluster, work, "crash")
