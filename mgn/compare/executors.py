@@ -70,11 +70,11 @@ def _submit_or_reattach(pending: list[Cell], options: Options) -> dict[submitit.
                 jobs[job] = cell
                 attached += 1
                 continue
-        executor = slurm_executor(options, cell)
-        job = executor.submit(CellJob(spec))
+        job = slurm_executor(options, cell).submit(CellJob(spec))
+        parameters = slurm_parameters(options, cell)
         append_result(ledger, {"key": cell.key, "fingerprint": spec["fingerprint"], "job_id": job.job_id,
-                               "folder": str(job.paths.folder), "tasks": options.slurm_args.get("nodes", 1)
-                               * max(options.slurm_args.get("gpus_per_node", 1), 1)})
+                               "folder": str(job.paths.folder),
+                               "tasks": parameters["nodes"] * parameters["tasks_per_node"]})
         jobs[job] = cell
     print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
           f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
