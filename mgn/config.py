@@ -184,7 +184,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"image_model": "mobileone_s0", "image_size": 64, "text_model": PACKAGED_MINILM,
                   "seq_len": 16, "fusion_dim": 64, "attention_heads": 4, "text_cache": 4096},
         "data": {"train_shards": "", "test_shards": "", "num_workers": 1, "shuffle_buffer": 500},
-        # Learning rates chosen on the baseline alone (README, "Does guidance help?"), the same for every arm.
+        # Learning rates chosen on the baseline alone (benchmarks/results/README.md), the same for every arm.
         "train": {"epochs": 10, "micro_batch": 32, "lr_image": 3e-3, "lr_head": 6e-3, "warmup_steps": 10,
                   "log_every": 25, "eval_every": -1, "ckpt_every": 0, "keep_last": 1, "attention_images": 0},
     },
