@@ -78,7 +78,7 @@ def prepare(*, ckpt: str | None = None, variant: str = "mobileone_s4", image_siz
             num_classes: int = 2, bn_warmup_batches: int = 4, seed: int = 0, trust: bool = False) -> Models:
     """Student from a checkpoint (any kind mgn.evaluate reads), or random init of `variant`."""
     if ckpt:
-        from mgn.checkpoint import load_checkpoint  # noqa: PLC0415
+        from mgn.artifacts import load_checkpoint  # noqa: PLC0415
 
         loaded = load_checkpoint(ckpt, trust=trust)
         cfg = loaded.cfg.model

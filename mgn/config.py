@@ -101,7 +101,13 @@ class TrainConfig:
                                        "stops with an error")
     label_smoothing: float = option(0.1, "label smoothing of every cross-entropy term")
     zero_stage: int = option(0, "DeepSpeed ZeRO stage", (0, 1, 2))
-    precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
+    device: str = option("auto", "auto: the rank's GPU when CUDA works (an error where GPUs were allocated but CUDA "
+                                 "does not work), else the CPU; cuda; cpu", ("auto", "cuda", "cpu"))
+    precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 = autocast over fp32 weights",
+                            ("auto", "fp32", "bf16"))
+    sync_batchnorm: bool = option(False, "multi-GPU: SyncBatchNorm (batch statistics over all ranks, one all-gather "
+                                         "per BatchNorm layer and forward); off: per-rank statistics, running "
+                                         "averages made equal across ranks before every evaluation and checkpoint")
     dist_timeout_s: int = option(600, "seconds a collective may wait before the job fails")
     log_every: int = option(10, "updates between log lines and scalar points")
     eval_every: int = option(0, "updates between evaluations; 0: after each epoch; -1: never during training")

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mgn.config import Config, DataConfig, resolve_text_model
 from mgn.images import DEFAULT_MAX_PIXELS, cap_caption, open_capped, to_rgb
+from mgn.model import image_normalisation
 from mgn.tar import tar_samples
 
 log = logging.getLogger(__name__)
@@ -246,11 +247,9 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
     """The `train` or `test` loader of a run's config: its shards, image size, normalisation (the image
     encoder's), tokenizer and micro-batch. `captions` defaults to whether the objective reads them; `data`
     replaces the config's data section (other shards, other workers)."""
-    import timm  # noqa: PLC0415 - only for the normalisation constants
-
-    pretrained = timm.get_pretrained_cfg(cfg.model.image_model).to_dict()
+    mean, std = image_normalisation(cfg.model.image_model)
     captions = cfg.uses_captions if captions is None else captions
-    common = dict(image_size=cfg.model.image_size, mean=pretrained["mean"], std=pretrained["std"],
+    common = dict(image_size=cfg.model.image_size, mean=mean, std=std,
                   tokenizer_name=resolve_text_model(cfg.model.text_model) if captions else None,
                   seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
                   world_size=world_size)

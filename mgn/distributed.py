@@ -102,22 +102,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(world: World, timeout_s: int) -> torch.device:
+GPU_ALLOCATION_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = None) -> torch.device:
+    """The device of this rank: `cuda` (the GPU of its local rank), `cpu`, or `auto`.
+
+    `auto` is the GPU when CUDA works, else the CPU, except where GPUs were allocated to this process (Slurm's GPU
+    variables, or CUDA_VISIBLE_DEVICES naming devices) and CUDA still does not work: a broken driver or a CPU-only
+    torch on a GPU node must not turn a GPU job into a slow CPU one without a word. More ranks on a node than
+    GPUs is an error too: two ranks on one GPU end in an obscure NCCL failure later.
+    """
+    env = os.environ if env is None else env
+    if name == "cpu":
+        return torch.device("cpu")
+    if name not in ("auto", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cuda or cpu")
+    if not torch.cuda.is_available():
+        allocated = {k: env[k] for k in GPU_ALLOCATION_VARIABLES if env.get(k) not in (None, "", "-1", "none")}
+        if name == "cuda" or allocated:
+            why = f"GPUs were allocated ({', '.join(f'{k}={v}' for k, v in allocated.items())})" if allocated \
+                else "a GPU was asked for"
+            raise RuntimeError(f"{why} but CUDA is not available to torch {torch.__version__} (no driver, or a "
+                               f"CPU-only build); fix the node or the install, or train on the CPU on purpose "
+                               f"with --train.device cpu")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this node shows {count} GPU(s) to the "
+                           f"process; start at most {count} task(s) per node (srun --ntasks-per-node, torchrun "
+                           f"--nproc_per_node), one per GPU")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(world: World, timeout_s: int, device_name: str = "auto") -> torch.device:
     """Export the rank variables, pick the device, and start the process group through DeepSpeed."""
     import deepspeed  # noqa: PLC0415 - heavy import
 
     if dist.is_initialized():  # a second run in the same process (mgn.train.run's keep_process_group)
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    device = pick_device(device_name, world.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "nccl"
     else:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~25 s of g++) used only by its
         # inference kernels; training over gloo does not need it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return device
@@ -159,6 +194,11 @@ def sync_batchnorm_buffers(model: torch.nn.Module) -> None:
             for buffer in (module.running_mean, module.running_var):
                 dist.all_reduce(buffer)
                 buffer /= dist.get_world_size()
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def gather_objects(obj):

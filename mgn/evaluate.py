@@ -1,8 +1,9 @@
 """Evaluate a trained model: the image-only student exactly as deployed, optionally beside the guided teacher.
 
-    load_checkpoint(path)  -> Checkpoint      (mgn/checkpoint.py) any of: run dir, checkpoints dir, its `latest`,
+    load_checkpoint(path)  -> Checkpoint      (mgn/artifacts.py) any of: run dir, checkpoints dir, its `latest`,
                                              a tag dir (ZeRO-0: module states; ZeRO-1/2: consolidated fp32), student.pt2
     predict(ckpt, batches) -> Predictions     fused student on every sample; teacher and unfused student too
+                                             (mgn/predictions.py: the loop the trainer's evaluation shares)
     summarize(preds, ...)  -> report dict     scikit-learn metrics (mgn.metrics), kept-by-student ratios
     run(...)               -> report dict     the whole of `python evaluate.py`: table, eval.json, pr_curve.png
 
@@ -14,19 +15,18 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mgn import distributed
-from mgn.checkpoint import Checkpoint, load_checkpoint
+from mgn.artifacts import Checkpoint, load_checkpoint
 from mgn.config import Config
 from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
+from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
 
 log = logging.getLogger("mgn")
 
@@ -34,23 +34,8 @@ log = logging.getLogger("mgn")
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "recall_at_precision",
                  "threshold_at_precision")
 
-NO_SAMPLES = "no samples were read: the shards are empty, or every sample was skipped as bad"
-
 
 # --- running the model ------------------------------------------------------------------------------------
-
-@dataclass
-class Predictions:
-    keys: list[str]
-    labels: np.ndarray  # [N] int
-    student: np.ndarray  # [N, K] probabilities from the deployed (fused) student
-    teacher: np.ndarray | None = None  # [N, K] guided probabilities
-    fusion_max_abs_diff: float | None = None  # max |fused - unfused| student logit over the checked samples
-    fusion_max_logit: float | None = None
-    fusion_pred_agree: float | None = None  # fraction of checked samples with the same argmax
-    fusion_checked: int = 0
-    seconds: float = 0.0
-
 
 @torch.inference_mode()
 def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, teacher: bool = False,
@@ -61,48 +46,37 @@ def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, 
     and always all of them with the teacher, which computes the unfused student logits anyway).
     `allow_empty`: a rank of a distributed evaluation may get no shards; the merged set must not be empty.
     """
-    num_classes = ckpt.cfg.model.num_classes
     require_finite(ckpt.student, f"{ckpt.path} (the student)")
     student = ckpt.student.to(device)
     unfused = ckpt.unfused_student.to(device) if ckpt.unfused_student is not None else None
-    guided = ckpt.teacher.to(device) if teacher else None
+    guided = ckpt.objective.to(device) if teacher else None
     if teacher and guided is None:
         raise ValueError("load the checkpoint with teacher=True to evaluate the teacher")
-    keys, labels, student_probs, teacher_probs = [], [], [], []
-    max_diff, max_logit, agree, checked = 0.0, 0.0, 0, 0
-    start = time.perf_counter()
-    for index, batch in enumerate(batches):
-        batch_labels = _labels_of(batch, num_classes)
+    check = {"max_diff": 0.0, "max_logit": 0.0, "agree": 0, "checked": 0, "batches": 0}
+
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = batch["image"].to(device, torch.float32)
         logits = student(image).float()
-        reference = None
+        reference, teacher_logits = None, None
         if guided is not None:
             out = guided.predict(image, input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device))
-            teacher_probs.append(out.teacher.float().softmax(-1).cpu())
-            reference = out.student.float()
-        elif unfused is not None and (fusion_check_batches is None or index < fusion_check_batches):
+            teacher_logits, reference = out.teacher, out.student.float()
+        elif unfused is not None and (fusion_check_batches is None or check["batches"] < fusion_check_batches):
             reference = unfused(image).float()
+        check["batches"] += 1
         if reference is not None:
-            max_diff = max(max_diff, (logits - reference).abs().max().item())
-            max_logit = max(max_logit, reference.abs().max().item())
-            agree += (logits.argmax(-1) == reference.argmax(-1)).sum().item()
-            checked += len(image)
-        student_probs.append(logits.softmax(-1).cpu())
-        labels.append(batch_labels)
-        keys.extend(batch.get("key") or [f"#{index}:{i}" for i in range(len(image))])
-    if not labels:
-        if not allow_empty:
-            raise ValueError(NO_SAMPLES)
-        empty = np.zeros((0, num_classes), dtype=np.float32)
-        return Predictions(keys=[], labels=np.zeros(0, dtype=np.int64), student=empty,
-                           teacher=empty.copy() if guided is not None else None)
-    return Predictions(keys=keys, labels=np.concatenate(labels), student=torch.cat(student_probs).numpy(),
-                       teacher=torch.cat(teacher_probs).numpy() if teacher_probs else None,
-                       fusion_max_abs_diff=max_diff if checked else None,
-                       fusion_max_logit=max_logit if checked else None,
-                       fusion_pred_agree=agree / checked if checked else None, fusion_checked=checked,
-                       seconds=time.perf_counter() - start)
+            check["max_diff"] = max(check["max_diff"], (logits - reference).abs().max().item())
+            check["max_logit"] = max(check["max_logit"], reference.abs().max().item())
+            check["agree"] += (logits.argmax(-1) == reference.argmax(-1)).sum().item()
+            check["checked"] += len(image)
+        return logits, teacher_logits
+
+    preds = collect(batches, forward, ckpt.cfg.model.num_classes, allow_empty=allow_empty)
+    if check["checked"]:
+        preds.fusion_max_abs_diff, preds.fusion_max_logit = check["max_diff"], check["max_logit"]
+        preds.fusion_pred_agree, preds.fusion_checked = check["agree"] / check["checked"], check["checked"]
+    return preds
 
 
 @torch.inference_mode()
@@ -147,43 +121,6 @@ def caption_reliance(objective, batches: Iterable[dict], *, device: torch.device
     n = len(labels)
     return {"samples": n, "teacher_accuracy": own_correct / n, "swapped_caption_accuracy": swapped_correct / n,
             "empty_caption_accuracy": empty_correct / n, "changed_by_swap": changed / n}
-
-
-def _labels_of(batch: dict, num_classes: int) -> np.ndarray:
-    labels = batch.get("label")
-    if labels is None:
-        raise ValueError("these shards have no labels (no 'cls' entry per sample); evaluation needs labelled shards")
-    labels = torch.as_tensor(labels).cpu().numpy().astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][:5].tolist()
-        raise ValueError(f"labels {bad} are outside [0, {num_classes}): the shards are unlabelled (-1) or were made "
-                         f"for another number of classes than model.num_classes={num_classes}")
-    return labels
-
-
-def merge(parts: list[Predictions]) -> Predictions:
-    """Predictions from several ranks as one set; a sample read by two ranks (padding) counts once."""
-    if len(parts) == 1:
-        return parts[0]
-    seen, keep = set(), []
-    keys = [k for p in parts for k in p.keys]
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    checked = sum(p.fusion_checked for p in parts)
-    diffs = [p.fusion_max_abs_diff for p in parts if p.fusion_max_abs_diff is not None]
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in parts])[keep]
-
-    return Predictions(keys=[keys[i] for i in keep], labels=cat("labels"), student=cat("student"),
-                       teacher=cat("teacher") if parts[0].teacher is not None else None,
-                       fusion_max_abs_diff=max(diffs) if diffs else None,
-                       fusion_max_logit=max((p.fusion_max_logit or 0.0) for p in parts) if diffs else None,
-                       fusion_pred_agree=(sum(p.fusion_pred_agree * p.fusion_checked for p in parts
-                                              if p.fusion_checked) / checked) if checked else None,
-                       fusion_checked=checked, seconds=max(p.seconds for p in parts))
 
 
 # --- reporting --------------------------------------------------------------------------------------------
@@ -354,16 +291,8 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
 def predict_clip(clip, batches: Iterable[dict], *, device: torch.device) -> Predictions:
     """CLIP zero-shot class probabilities on every batch (in the `student` field: the image-only model scored)."""
     clip = clip.to(device)
-    keys, labels, probs = [], [], []
-    start = time.perf_counter()
-    for index, batch in enumerate(batches):
-        labels.append(_labels_of(batch, clip.classes.shape[0]))
-        probs.append(clip(batch["image"].to(device, torch.float32)).float().softmax(-1).cpu())
-        keys.extend(batch.get("key") or [f"#{index}:{i}" for i in range(len(batch["image"]))])
-    if not labels:
-        raise ValueError(NO_SAMPLES)
-    return Predictions(keys=keys, labels=np.concatenate(labels), student=torch.cat(probs).numpy(),
-                       seconds=time.perf_counter() - start)
+    return collect(batches, lambda batch: (clip(batch["image"].to(device, torch.float32)), None),
+                   clip.classes.shape[0])
 
 
 def run_clip(model: str, *, shards: str, prompts: str | None = None, target_precision: float | None = 0.9,

@@ -4,16 +4,23 @@
                         finite (ZeRO-0: the gradients are already averaged, so every rank sees the same ones)
     BatchNormSnapshot   BatchNorm running statistics as of the last accepted update; a forward pass that blew
                         up has already written into them, so a skipped update puts them back
+    UpdateGuard         the trainer's one call after each update: keep or restore, count, stop after too many
     require_finite      the check before any checkpoint, exported student or evaluation
 
 The trainer agrees across ranks, at each update boundary, whether any rank saw a non-finite loss (one
-small all-reduce, shared with the preemption flag). Under ZeRO-1/2, DeepSpeed's own check of the global
-gradient norm also skips the step; the trainer counts those through `engine.skipped_steps`.
+small all-reduce, shared with the preemption flag). Under ZeRO-1/2 the optimizer also agrees on its
+gradient check (each rank holds a partition), and DeepSpeed's own check of the global gradient norm may
+skip the step too; the trainer counts those through `engine.skipped_steps`.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+log = logging.getLogger("mgn")
 
 
 class NonFiniteError(RuntimeError):
@@ -21,8 +28,16 @@ class NonFiniteError(RuntimeError):
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    def __init__(self, params, **kwargs):
+    """AdamW that skips an update when told to or when a gradient it holds is not finite.
+
+    `agree(bad) -> bool`, when given, turns this rank's verdict into one for every rank (True if any rank's is
+    bad): under ZeRO-1/2 each rank steps only its own partition of the gradients, and ranks that decided alone
+    could apply a partial update.
+    """
+
+    def __init__(self, params, *, agree: Callable[[bool], bool] | None = None, **kwargs):
         super().__init__(params, **kwargs)
+        self.agree = agree
         self.skip_next_step = False  # set by the trainer when a rank saw a non-finite loss
         self.skipped = False  # what the last step() did
 
@@ -30,7 +45,8 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        self.skipped = self.skip_next_step or not finite
+        bad = self.skip_next_step or not finite
+        self.skipped = self.agree(bad) if self.agree is not None else bad
         if self.skipped:
             return None
         return super().step(closure)
@@ -51,6 +67,35 @@ class BatchNormSnapshot:
     @torch.no_grad()
     def restore(self) -> None:
         torch._foreach_copy_(self.buffers, self.saved)
+
+
+class UpdateGuard:
+    """After each update: keep the BatchNorm statistics of an accepted one; after a skipped one put them back,
+    count it, and stop the run after `limit` in a row (`hint()` says where to go on from, for the message)."""
+
+    def __init__(self, module: nn.Module, limit: int, hint: Callable[[], str]):
+        self.batchnorm, self.limit, self.hint = BatchNormSnapshot(module), limit, hint
+
+    def accept(self) -> None:
+        """The model as it is now is good (after an accepted update, or a resume)."""
+        self.batchnorm.keep()
+
+    def after_update(self, skipped: bool, state) -> None:
+        """`state`: the run's TrainState (step, skipped_steps, consecutive_skips), updated here."""
+        if not skipped:
+            self.accept()
+            state.consecutive_skips = 0
+            return
+        self.batchnorm.restore()
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        log.warning("MGN: step %d skipped: non-finite loss or gradient on some rank (%d in a row, %d in this run); "
+                    "weights unchanged", state.step, state.consecutive_skips, state.skipped_steps)
+        if state.consecutive_skips >= self.limit:
+            raise NonFiniteError(
+                f"{self.limit} updates in a row (steps {state.step - self.limit + 1}-{state.step}) had a non-finite "
+                f"loss or gradient (train.max_skipped_steps={self.limit}); the weights were not updated by them. "
+                f"{self.hint()}")
 
 
 def non_finite(module: nn.Module) -> list[str]:

@@ -38,6 +38,12 @@ class ImageClassifier(nn.Module):
         return self.head(self.encoder(image))
 
 
+def image_normalisation(image_model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the image encoder's pretrained weights: the loader normalises with them, pictures undo it."""
+    pretrained = timm.get_pretrained_cfg(image_model).to_dict()
+    return tuple(pretrained["mean"]), tuple(pretrained["std"])
+
+
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     """A timm MobileOne returning its final feature map [B, C, h, w]; downloads only if asked."""
     kwargs = dict(num_classes=0, global_pool="")

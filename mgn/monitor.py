@@ -1,4 +1,5 @@
-"""Rank-0 logging: a prefixed console/file log and one TensorBoard writer per run.
+"""What a run shows while it trains: a prefixed console/file log on rank 0, one TensorBoard writer per run, the
+step timer and the periodic training line, metrics.csv and the progress bar.
 
 Two writers in one run folder make TensorBoard skip data, so only global rank 0 writes. After a
 resume the writer purges events past the resumed step, so curves never zigzag or repeat a step.
@@ -6,10 +7,16 @@ resume the writer purges events past the resumed step, so curves never zigzag or
 from __future__ import annotations
 
 import logging
+import resource
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from mgn import distributed
+from mgn.data import BALANCE_WARNING
+from mgn.metrics import classification_metrics
 
 log = logging.getLogger("mgn")
 
@@ -118,3 +125,106 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@dataclass
+class StepTimer:
+    """Splits wall time into waiting for data and computing, between log lines; counts what was trained."""
+    data: float = 0.0
+    total: float = 0.0
+    samples: int = 0
+    updates: int = 0
+    terms: dict = field(default_factory=dict)  # name -> per-micro-batch values (tensors: no device sync per step)
+
+    def add(self, output, labels: torch.Tensor) -> None:
+        """One micro-batch's loss, its named terms and its training accuracy (an objective's StepOutput)."""
+        self.samples += len(labels)
+        correct = (output.logits.detach().argmax(-1) == labels).float().mean()
+        for name, value in {"loss": output.loss, **output.terms, "accuracy": correct}.items():
+            self.terms.setdefault(name, []).append(value.detach().float())
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def scalars(self, device: torch.device) -> dict[str, float]:
+        """Means over every rank since the last reset: `train/<term>` values, throughput, data wait, step time.
+        One all-reduce of a tensor on the rank's device (NCCL takes no CPU tensor) and one host sync."""
+        names = sorted(self.terms)
+        local = [torch.stack(self.terms[n]).mean() for n in names]
+        local.append(torch.tensor(self.samples / max(self.total, 1e-9), device=device))
+        means = distributed.all_reduce_mean(torch.stack([v.to(device) for v in local])).tolist()
+        values = {f"train/{name}": value for name, value in zip(names, means)}
+        return values | {"train/samples_per_s": means[-1] * distributed.world_size(),
+                         "train/data_wait_fraction": self.data / max(self.total, 1e-9),
+                         "train/peak_memory_mb": peak_memory_mb(device),
+                         "train/seconds_per_step": self.total / max(self.updates, 1)}
+
+
+def train_line(values: dict[str, float], step: int, total_steps: int, epoch: int, remaining_s: float) -> str:
+    """The periodic training log line, from `StepTimer.scalars`."""
+    terms = {k.removeprefix("train/"): v for k, v in values.items() if k.startswith("train/")}
+    extra = ("samples_per_s", "data_wait_fraction", "peak_memory_mb", "seconds_per_step", "loss", "accuracy")
+    parts = " ".join(f"{name} {value:.4f}" for name, value in terms.items() if name not in extra)
+    return (f"MGN: step {step}/{total_steps} epoch {epoch} loss {terms['loss']:.4f} ({parts}) acc "
+            f"{terms['accuracy']:.3f} | {terms['seconds_per_step']:.2f} s/step, ETA {format_duration(remaining_s)} | "
+            f"{terms['samples_per_s']:.1f} samples/s | data wait {100 * terms['data_wait_fraction']:.0f}% | peak mem "
+            f"{terms['peak_memory_mb']:.0f} MB")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def size_line(objective, world_size: int, updates_per_epoch: int, total_steps: int, cfg, precision: str) -> str:
+    """What a run trains, and how much of it: the start-up line."""
+    n_params = sum(p.numel() for p in objective.parameters())
+    n_student = sum(p.numel() for p in objective.student.parameters())
+    per_update = world_size * cfg.train.micro_batch * cfg.train.grad_accum
+    return (f"MGN: objective {cfg.objective.name}, {n_params / 1e6:.2f}M parameters ({n_student / 1e6:.2f}M in the "
+            f"deployed student); {world_size} ranks x {cfg.train.micro_batch} x {cfg.train.grad_accum} = {per_update} "
+            f"samples per update; {updates_per_epoch} updates per epoch, {total_steps} total; precision {precision}")
+
+
+def log_balance(balance: dict, epoch: int) -> None:
+    """How evenly an epoch covers the training samples (mgn.data's plan), with a warning past BALANCE_WARNING."""
+    log.info("MGN: epoch %d reads every training sample once, except %.1f%% repeated and %.1f%% not seen "
+             "(ranks and workers balanced by sample count)", epoch + 1, 100 * balance["repeated_fraction"],
+             100 * balance["unseen_fraction"])
+    if max(balance.values()) > BALANCE_WARNING:
+        log.warning("MGN: more than %.0f%% of epoch %d is repeated or never seen: more samples per rank, or a "
+                    "smaller micro_batch x ranks, fixes it", 100 * BALANCE_WARNING, epoch + 1)
+
+
+def report_evaluation(preds, tensorboard: TensorBoard, run_dir: Path, step: int, epoch: int) -> dict[str, dict]:
+    """Metrics per role (student, and teacher when there is one) of an evaluation's predictions
+    (mgn.predictions), to the log, TensorBoard and metrics.csv. Returns them."""
+    results = {}
+    for role, probs in (("student", preds.student), ("teacher", preds.teacher)):
+        if probs is None:
+            continue
+        results[role] = metrics = classification_metrics(preds.labels, probs)
+        tensorboard.scalars({f"eval/{role}_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
+        if probs.shape[1] == 2:
+            tensorboard.pr_curve(f"eval/{role}_pr", torch.as_tensor(preds.labels), torch.as_tensor(probs[:, 1]), step)
+        log.info("MGN: eval step %d %-7s acc %.4f  P %.4f  R %.4f  F1 %.4f  AUROC %.4f  (%d samples)", step, role,
+                 metrics["accuracy"], metrics["precision"], metrics["recall"], metrics["f1"], metrics["auroc"],
+                 metrics["samples"])
+    append_metrics(run_dir, step, epoch, results)
+    return results
+
+
+def done_line(summary: dict) -> str:
+    """The last line of a run: where everything is, and the two students."""
+    final = f"acc {summary['student_accuracy']:.4f}" if summary["student_accuracy"] is not None else "not evaluated"
+    best = (f" | best student (step {summary['best_student_step']}, acc {summary['best_student_accuracy']:.4f}; "
+            f"chosen on the test set) {summary['student_best']}") if summary["student_best"] else ""
+    return (f"MGN: done step={summary['step']}. run dir {summary['run_dir']} | TensorBoard: tensorboard --logdir "
+            f"{summary['tensorboard']} | final student ({final}) {summary['student']}{best}")

@@ -14,9 +14,11 @@ import io
 import math
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 COLOUR_MAP = "PRGn"  # purple (less than uniform) - white - green (more): no red
 SCALE = 2.0  # log2 range: 1/4x to 4x of uniform
@@ -78,9 +80,13 @@ def attention_figure(samples: list[AttentionSample], title: str = "") -> np.ndar
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    from PIL import Image  # noqa: PLC0415
-
     return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def save_picture(picture: np.ndarray, path: Path) -> None:
+    """An [H, W, 3] uint8 picture as a PNG file, its folder made when missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
 
 
 def _verdict(role: str, predicted: str, label: str) -> str:

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgn.checkpoint import CheckpointError, load_checkpoint, resolve
+from mgn.artifacts import load_checkpoint, resolve
+from mgn.checkpoint import CheckpointError
 from mgn.config import Config
 from mgn.evaluate import Predictions, format_table, merge, predict, run, summarize
 from mgn.metrics import classification_metrics

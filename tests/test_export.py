@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mgn.config import Config, ModelConfig
-from mgn.checkpoint import read_student
+from mgn.artifacts import read_student
 from mgn.export import export_student, fuse_student, unfused_modules
 from mgn.model import ImageClassifier
 from tests.conftest import calibrate_batchnorm

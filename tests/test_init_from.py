@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgn.checkpoint import CheckpointError, init_student
+from mgn.artifacts import init_student
+from mgn.checkpoint import CheckpointError
 from mgn.config import preset_config
 from mgn.export import fuse_student, unfuse_into
 from mgn.model import ImageClassifier

@@ -20,7 +20,7 @@ import submitit
 import torch
 
 from mgn import distributed, preemption, train, verdict
-from mgn.checkpoint import load_checkpoint
+from mgn.artifacts import load_checkpoint
 from mgn.compare.plan import Cell
 from mgn.config import Config
 from mgn.evaluate import caption_reliance, predict, summarize, test_batches
@@ -113,7 +113,7 @@ def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
         batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256)
         report = summarize(predict(guided, batches, device=device, teacher=True), target_precision=None)
         row["teacher"] = {k: report["teacher"][k] for k in metrics}
-        row["reliance"] = caption_reliance(guided.teacher, batches, device=device)
+        row["reliance"] = caption_reliance(guided.objective, batches, device=device)
     return row
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from mgn.checkpoint import load_checkpoint
+from mgn.artifacts import load_checkpoint
 from mgn.compare.cell import evaluate_run, spawn_training
 from mgn.compare.plan import SHARD_SIZE, Cell, Options, standin_config, standin_weights, synthetic_dir
 from mgn.config import PRESETS

@@ -1,0 +1,327 @@
+"""Reading what training wrote, for evaluation, benchmarks and `train.init_from`.
+
+`load_checkpoint(path)` accepts a run folder, its checkpoints/ folder or `latest`, a tag folder (ZeRO-0 module
+states, or ZeRO-1/2 shards consolidated to fp32) or an exported student (.safetensors, .pt2), and rebuilds the
+student (and on request the whole objective) from the config saved with the weights, never from command-line
+options. Tags are found through `mgn.checkpoint.newest_intact_tag`, the same verified finder a resume uses.
+`init_student` loads those weights into a new run's student. Nothing is unpickled unless trusted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from mgn.checkpoint import (
+    MODEL_STATES,
+    TRUST_HINT,
+    CheckpointError,
+    UntrustedCheckpointError,
+    config_differences,
+    latest_tag_name,
+    newest_intact_tag,
+)
+from mgn.config import Config
+from mgn.export import ARTIFACT_NAME, PROGRAM_NAME, fuse_student, unfuse_into
+from mgn.model import ImageClassifier
+from mgn.objectives import build_objective
+
+log = logging.getLogger("mgn")
+
+STUDENT_PREFIX = "student."  # every objective holds the deployed model as `self.student`
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint of any kind, with the deployed student ready to run (fused, eval, fp32, CPU)."""
+    kind: str  # "deepspeed" (module states) | "zero" (ZeRO-1/2, consolidated to fp32) | "student" (artifact)
+    path: Path  # the tag folder or the artifact file actually read
+    cfg: Config
+    student: nn.Module  # as deployed: fused MobileOne + head (or the exported program itself)
+    stored_fused: bool  # whether the image encoder was already reparameterized in the file
+    unfused_student: nn.Module | None = None  # the training-time student (None for an artifact or fused file)
+    objective: nn.Module | None = None  # the whole training objective (student + guidance), only when asked for
+    step: int | None = None
+    tag: str | None = None
+    zero_stage: int | None = None
+    dtype: str = "float32"  # dtype of the weights as stored
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = {"deepspeed": f"DeepSpeed checkpoint (ZeRO-{self.zero_stage or 0}, module states)",
+                "zero": f"ZeRO-{self.zero_stage} checkpoint (fp32 weights consolidated by zero_to_fp32)",
+                "student": "exported student artifact"}[self.kind]
+        encoder = "stored fused" if self.stored_fused else "stored unfused, fused here for evaluation"
+        step = f", step {self.step}" if self.step is not None else ""
+        return f"{what}{step}; objective {self.cfg.objective.name}, {self.cfg.model.image_model}, encoder {encoder}"
+
+
+def resolve(path: str | Path) -> tuple[str, Path]:
+    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder (expected a run folder, its checkpoints/ folder, "
+                              f"checkpoints/latest, a checkpoints/<tag>/ folder, or {ARTIFACT_NAME})")
+    if path.is_file():
+        if path.suffix in (".safetensors", ".pt2"):
+            return "artifact", path
+        if path.name == "latest":
+            return "tag", _tag_from_latest(path)
+        if path.name.endswith("model_states.pt"):
+            return "tag", path.parent
+        raise CheckpointError(f"{path}: not a checkpoint file (expected {ARTIFACT_NAME}, a DeepSpeed `latest` file "
+                              f"or {MODEL_STATES})")
+    if (path / MODEL_STATES).exists():
+        return "tag", path
+    for folder in (path, path / "checkpoints"):
+        if (folder / "latest").exists():
+            return "tag", _tag_from_latest(folder / "latest")
+    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME, path / PROGRAM_NAME,
+                     path / "student" / PROGRAM_NAME):
+        if artifact.exists():
+            return "artifact", artifact
+    if any(path.glob("*optim_states.pt")):
+        raise CheckpointError(f"{path}: has optimizer shards but no {MODEL_STATES}; the checkpoint is incomplete")
+    raise CheckpointError(f"{path}: no checkpoint found here (looked for {MODEL_STATES}, latest, checkpoints/latest, "
+                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME})")
+
+
+def _tag_from_latest(latest: Path) -> Path:
+    """The tag `latest` names if it is intact, else (with a warning) the newest intact one; a `latest` that names
+    no tag at all is an error: the folder is not what its pointer says."""
+    tag = latest_tag_name(latest.parent)
+    if not tag or not (latest.parent / tag / MODEL_STATES).exists():
+        raise CheckpointError(f"{latest} points at tag {tag!r}, but {latest.parent / tag / MODEL_STATES} does not "
+                              f"exist (tags present: {sorted(p.name for p in latest.parent.glob('*/') if p.is_dir())})")
+    return newest_intact_tag(latest.parent)
+
+
+def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = False) -> Checkpoint:
+    """Load any checkpoint kind; build the student (and with `teacher`, the whole objective) from its own config.
+
+    Without `trust` nothing is unpickled: student.safetensors and the DeepSpeed model-states file are read as
+    tensors only; a student.pt2 that marks any weight as pickled is refused; ZeRO-1/2 tags are read from
+    their module states (fp32 masters would need DeepSpeed's unpickling consolidation of the optimizer shards,
+    which `trust` allows).
+    """
+    kind, where = resolve(path)
+    if kind == "artifact":
+        if teacher:
+            raise CheckpointError(f"{where}: an exported student holds no text encoder or fusion; pass the training "
+                                  f"checkpoint (run folder or checkpoints/<tag>) to evaluate the guided teacher")
+        return _load_artifact(where, trust)
+    return _load_tag(where, teacher=teacher, consolidate_zero=trust)
+
+
+def read_student(path: Path, trust: bool = False) -> tuple[nn.Module, Config, dict]:
+    """(module, config, export facts) of an exported student: .safetensors (safe) or .pt2 (trusted only)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if "config.json" not in meta or "export.json" not in meta:
+            raise CheckpointError(f"{path}: not an MGN student (no config.json/export.json in its metadata)")
+        cfg = Config.from_dict(json.loads(meta["config.json"]))
+        student = fuse_student(ImageClassifier(cfg.model))  # timm's MobileOne, reparameterized: the deployed shape
+        student.load_state_dict(weights, strict=True)
+        return student.eval(), cfg, json.loads(meta["export.json"])
+    pickled = pt2_pickled_members(path)
+    if pickled and not trust:
+        raise UntrustedCheckpointError(f"{path}: this torch.export archive stores {len(pickled)} item(s) as pickles "
+                                       f"({pickled[:3]}), and loading it would unpickle them: {TRUST_HINT}")
+    extra = {"config.json": "", "export.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    if not extra["config.json"] or not extra["export.json"]:
+        raise CheckpointError(f"{path}: not an MGN student artifact (no embedded config.json/export.json)")
+    return program.module(), Config.from_dict(json.loads(extra["config.json"])), json.loads(extra["export.json"])
+
+
+def pt2_pickled_members(path: Path) -> list[str]:
+    """What torch.export.load would unpickle in a .pt2 archive: weights or constants marked `use_pickle`, and
+    any pickle file inside."""
+    found = []
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith((".pkl", ".pickle")) or name.endswith("/data.pkl"):
+                found.append(name)
+            elif name.endswith(("model_weights_config.json", "model_constants_config.json")):
+                config = json.loads(archive.read(name)).get("config", {})
+                found += [f"{name}:{key}" for key, item in config.items() if item.get("use_pickle")]
+    return found
+
+
+def _load_artifact(path: Path, trust: bool) -> Checkpoint:
+    try:
+        module, cfg, meta = read_student(path, trust)
+    except CheckpointError:
+        raise
+    except Exception as error:  # torch.export and safetensors raise several types for a damaged file
+        raise CheckpointError(f"{path}: cannot read the exported student ({type(error).__name__}: {error}); "
+                              f"the file is truncated, corrupt or not a student artifact") from error
+    for key, value in (("image_model", cfg.model.image_model), ("num_classes", cfg.model.num_classes)):
+        if key in meta and meta[key] != value:
+            raise CheckpointError(f"{path}: export.json says {key}={meta[key]!r} but the embedded config says "
+                                  f"{value!r}; the artifact was assembled from another model's config")
+    return Checkpoint(kind="student", path=path, cfg=cfg, student=module, stored_fused=bool(meta.get("fused", True)),
+                      notes=[f"export format {meta.get('format_version')}, trained with objective "
+                             f"{meta.get('objective')}"])
+
+
+def _read_model_states(tag_dir: Path) -> dict:
+    file = tag_dir / MODEL_STATES
+    try:
+        # DeepSpeed's model-states file holds tensors, plain containers and numbers: safe to load weights-only.
+        states = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{file}: cannot read checkpoint ({type(error).__name__}: {str(error)[:200]}); the file "
+                              f"is truncated or corrupt; re-copy it or evaluate another tag") from error
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{file}: no 'module' state dict inside; not a DeepSpeed model-states file")
+    return states
+
+
+def _config_for(tag_dir: Path, states: dict) -> Config:
+    """The config saved inside the checkpoint; the run's config.json must agree with it where both exist."""
+    run_config = tag_dir.parent.parent / "config.json"
+    embedded = states.get("config")
+    if embedded is None and not run_config.exists():
+        raise CheckpointError(f"{tag_dir}: no config saved with this checkpoint (no client_state 'config' and no "
+                              f"{run_config}); cannot tell which model to build")
+    try:
+        cfg = Config.from_dict(embedded) if embedded is not None else Config.load(run_config)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{tag_dir}: the saved config does not parse ({error}); written by an incompatible "
+                              f"version of mgn?") from error
+    if embedded is not None and run_config.exists():
+        try:
+            other = Config.load(run_config)
+        except (ValueError, TypeError, json.JSONDecodeError):
+            other = None
+        if other is not None:
+            differ = config_differences(cfg, other, ("checkpoint", "config.json"))
+            if differ:
+                raise CheckpointError(f"{tag_dir}: this checkpoint comes from another model config than {run_config} "
+                                      f"({', '.join(differ)}); was it copied from another run?")
+    return cfg
+
+
+def _load_tag(tag_dir: Path, *, teacher: bool, consolidate_zero: bool) -> Checkpoint:
+    states = _read_model_states(tag_dir)
+    cfg = _config_for(tag_dir, states)
+    zero_stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    weights = dict(states["module"])
+    stored_dtype = _dominant_dtype(weights)
+    has_shards = any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
+    notes = []
+    kind = "deepspeed"
+    if has_shards and zero_stage in (1, 2) and consolidate_zero:
+        weights.update(_consolidate_zero(tag_dir))  # fp32 masters; frozen params and buffers stay from the module
+        kind = "zero"
+    elif has_shards and zero_stage in (1, 2):
+        notes.append(f"ZeRO-{zero_stage}: read from the module states, not from the optimizer shards (consolidating "
+                     f"those unpickles them; --trust-checkpoint allows it)"
+                     + ("" if stored_dtype == "float32" else f"; the module states are {stored_dtype} copies"))
+    elif stored_dtype != "float32":
+        notes.append(f"weights stored as {stored_dtype} (ZeRO-{zero_stage} keeps its fp32 masters in optimizer state, "
+                     f"not read); evaluated in fp32 after conversion")
+    if teacher and not cfg.uses_captions:
+        raise CheckpointError(f"{tag_dir}: a {cfg.objective.name} checkpoint has no guided (teacher) path; "
+                              f"drop --teacher")
+    train_state = states.get("train_state") or {}
+    step = states.get("step", train_state.get("step"))
+    stored_fused = any(k.endswith("reparam_conv.weight") for k in weights)
+
+    student_weights = {k[len(STUDENT_PREFIX):]: v for k, v in weights.items() if k.startswith(STUDENT_PREFIX)}
+    student = ImageClassifier(cfg.model)
+    if stored_fused:
+        student = fuse_student(student)
+    _load_strict(student, student_weights, cfg, tag_dir, what="student")
+    student = student.float().eval()
+    fused = student if stored_fused else fuse_student(student)
+
+    objective = None
+    if teacher:
+        objective = build_objective(cfg)
+        if stored_fused:
+            objective.student = fuse_student(objective.student)
+        _load_strict(objective, weights, cfg, tag_dir, what=f"{cfg.objective.name} objective")
+        objective = objective.float().eval()
+    return Checkpoint(kind=kind, path=tag_dir, cfg=cfg, student=fused, stored_fused=stored_fused,
+                      unfused_student=None if stored_fused else student, objective=objective, step=step,
+                      tag=tag_dir.name, zero_stage=zero_stage, dtype=stored_dtype, notes=notes)
+
+
+def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as error:
+        raise CheckpointError(f"{tag_dir}: the ZeRO optimizer shards cannot be consolidated ({type(error).__name__}: "
+                              f"{str(error)[:200]}); a shard is missing, truncated or from another world size") \
+            from error
+
+
+def _dominant_dtype(weights: dict) -> str:
+    floats = [v.dtype for v in weights.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return str(max(set(floats), key=floats.count)).replace("torch.", "") if floats else "float32"
+
+
+def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, what: str) -> None:
+    """load_state_dict, but a mismatch names the config the model was built from and the first differences.
+
+    Frozen parameters may be absent: checkpoints do not store them, the model built them from its config.
+    """
+    expected = model.state_dict()
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in expected if k not in weights and k not in frozen]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k}: checkpoint {list(weights[k].shape)} vs model {list(v.shape)}" for k, v in expected.items()
+              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        m = cfg.model
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
+        raise CheckpointError(
+            f"{source}: the weights do not fit the {what} built from the config saved with the checkpoint "
+            f"(objective.name={cfg.objective.name!r}, model.image_model={m.image_model!r}, "
+            f"model.num_classes={m.num_classes}): {'; '.join(p for p in parts if p)}. "
+            f"The checkpoint comes from another model config.")
+    model.load_state_dict(weights, strict=not frozen)
+
+
+def init_student(student: ImageClassifier, cfg: Config) -> str:
+    """`train.init_from`: load another run's student (or only its image encoder) into `student`.
+
+    From a training checkpoint the unfused weights are copied as they are. An exported student holds
+    fused weights only; they are written into the unfused layout so that it computes the same function in
+    eval mode (mgn.export.unfuse_into). Returns a line for the log.
+    """
+    source = load_checkpoint(cfg.train.init_from, trust=cfg.train.trust_checkpoint)
+    if source.cfg.model.image_model != cfg.model.image_model:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from!r} holds a {source.cfg.model.image_model}, "
+                              f"this run trains a {cfg.model.image_model} (model.image_model)")
+    donor = ImageClassifier(source.cfg.model)
+    if source.unfused_student is not None:
+        donor.load_state_dict(source.unfused_student.state_dict())
+    else:
+        unfuse_into(donor, source.student.state_dict())
+    weights = donor.state_dict()
+    if cfg.train.init_parts == "image_encoder":
+        weights = {k: v for k, v in weights.items() if k.startswith("encoder.")}
+    elif source.cfg.model.num_classes != cfg.model.num_classes:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from!r} has {source.cfg.model.num_classes} classes, "
+                              f"this run {cfg.model.num_classes}: pass --train.init_parts image_encoder for a "
+                              f"fresh head")
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (cfg.train.init_parts == "image_encoder" and k.startswith("head."))]
+    if missing or unexpected:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from!r}: weights do not fit this run's student "
+                              f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)")
+    return f"{cfg.train.init_parts} from {source.describe()} at {source.path}"

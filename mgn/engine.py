@@ -1,0 +1,113 @@
+"""The optimisation machinery, built in one place: parameter groups and their learning rates, the schedule,
+mixed precision and the DeepSpeed engine that holds them.
+
+    build_engine(objective, cfg, device, total_steps) -> DeepSpeed engine (client GuardedAdamW + warmup-cosine)
+    autocast(cfg, device)                             -> the forward's mixed-precision context
+    apply_learning_rates(engine, cfg)                 -> after a resume, the config's rates win
+
+Precision: bf16 runs as torch autocast over fp32 weights (fp32 master weights and optimizer state, fp32
+BatchNorm statistics, the exported student fused from fp32 weights), not through DeepSpeed's `bf16`
+section, which stores the model in bf16 and steps it with an unfused per-parameter optimizer. DeepSpeed
+itself then runs in fp32 mode: it averages gradients, clips, checkpoints and partitions (ZeRO-1/2).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from mgn import distributed
+from mgn.config import Config
+from mgn.guard import GuardedAdamW
+
+
+def learning_rates(cfg: Config) -> dict[str, float]:
+    """The one map from parameter part to learning rate."""
+    return {"image": cfg.train.lr_image, "text": cfg.train.lr_text, "head": cfg.train.lr_head}
+
+
+def parameter_part(name: str) -> str:
+    """Which learning rate a parameter of an objective takes: its image encoder, its text encoder, or the rest."""
+    # Text first: a BERT's own layers are also named "...encoder...".
+    if name.startswith("guide.text."):
+        return "text"
+    return "image" if name.startswith("student.encoder.") else "head"
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """One group per part and decay: separate learning rates, no weight decay on 1-d parameters (biases, norms)."""
+    rates, buckets = learning_rates(cfg), {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            buckets.setdefault((parameter_part(name), param.ndim > 1), []).append(param)
+    return [{"name": part if decay else f"{part}_no_decay", "params": params, "lr": rates[part],
+             "weight_decay": cfg.train.weight_decay if decay else 0.0}
+            for (part, decay), params in sorted(buckets.items())]
+
+
+def apply_learning_rates(engine, cfg: Config) -> list[str]:
+    """After a resume, the config's learning rates win over the checkpoint's (a resume with a lower rate after a
+    divergence must lower it): each group's base rate is reset and its current rate recomputed from the
+    schedule's position. Returns the changes, for the log."""
+    rates, schedule, changes = learning_rates(cfg), engine.lr_scheduler, []
+    for index, group in enumerate(engine.client_optimizer.param_groups):
+        base = rates[group["name"].removesuffix("_no_decay")]
+        if schedule.base_lrs[index] != base:
+            changes.append(f"{group['name']} {schedule.base_lrs[index]:g} -> {base:g}")
+            schedule.base_lrs[index] = group["initial_lr"] = base
+            group["lr"] = base * schedule.lr_lambdas[index](schedule.last_epoch)
+    return changes
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def precision(cfg: Config, device: torch.device) -> str:
+    """'bf16' or 'fp32': `auto` is bf16 on a GPU, fp32 on CPU."""
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def autocast(cfg: Config, device: torch.device):
+    """The forward's mixed-precision context: bf16 autocast over fp32 weights, or nothing in fp32."""
+    if precision(cfg, device) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """Per-rank micro-batch and accumulation only, so one config serves every world size. fp32 to DeepSpeed:
+    mixed precision is autocast's (module docstring)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,  # explicit: DeepSpeed would otherwise clip at 1.0
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW with a skip: ZeRO only knows the name
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(objective: nn.Module, cfg: Config, device: torch.device, total_steps: int):
+    """DeepSpeed engine with a client AdamW (fused on a GPU) and the warmup-cosine schedule (saved in its
+    checkpoints). Under ZeRO-1/2 each rank holds one partition of the gradients, so the optimizer's skip of a
+    non-finite update is agreed across ranks (one decision for all); under ZeRO-0 every rank sees the same
+    averaged gradients and decides alone."""
+    import deepspeed  # noqa: PLC0415 - heavy import, needed by training only
+
+    agree = (lambda bad: distributed.any_rank(bad, device)) if cfg.train.zero_stage > 0 else None
+    optimizer = GuardedAdamW(param_groups(objective, cfg), fused=device.type == "cuda", agree=agree)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg))
+    return engine
