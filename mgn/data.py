@@ -277,7 +277,8 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
     decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
                       max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes)
     dataset = _ShardStream(plan.ranks[rank], decoder, batch_size=batch_size, quotas=quotas, skips=skips,
-                           shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}")
+                           shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}",
+                           max_member_bytes=data_cfg.max_member_bytes)
     workers = len(quotas) if data_cfg.num_workers > 0 else 0
     return TrainLoader(dataset, workers, data_cfg.max_skip_fraction, order[skip_batches:], plan.num_batches,
                        plan.balance(batch_size))
@@ -294,7 +295,8 @@ def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_n
     dataset = _ShardStream(split_samples(mine, workers) if workers else [],
                            Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False,
                                    max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes),
-                           batch_size=batch_size, quotas=None, skips=None, shuffle_buffer=0, seed="eval")
+                           batch_size=batch_size, quotas=None, skips=None, shuffle_buffer=0, seed="eval",
+                           max_member_bytes=data_cfg.max_member_bytes)
     return EvalLoader(dataset, workers if data_cfg.num_workers > 0 else 0, data_cfg.max_skip_fraction, held)
 
 
@@ -416,10 +418,11 @@ class _ShardStream(IterableDataset):
     """One worker's pipeline: its pieces -> raw samples -> shuffle -> (skip) -> decode -> batches (+ skip counts)."""
 
     def __init__(self, workers: list[list[Piece]], decoder: "Decoder", *, batch_size: int,
-                 quotas: list[int] | None, skips: list[int] | None, shuffle_buffer: int, seed: str):
+                 quotas: list[int] | None, skips: list[int] | None, shuffle_buffer: int, seed: str,
+                 max_member_bytes: int):
         self.workers, self.decoder = workers, decoder
         self.batch_size, self.quotas, self.skips = batch_size, quotas, skips
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.max_member_bytes = shuffle_buffer, seed, max_member_bytes
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -432,7 +435,8 @@ class _ShardStream(IterableDataset):
         for stream in streams:
             seed = f"{self.seed}/{stream}"
             samples = _read_pieces(self.workers[stream], stats, repeat=train,
-                                   shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed)
+                                   shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed,
+                                   max_member_bytes=self.max_member_bytes)
             skip = self.skips[stream] * self.batch_size if train else 0
             yield from _batches(stream, self.batch_size, self.quotas[stream] if train else None,
                                 self.skips[stream] if train else 0, self.decoder,
@@ -447,7 +451,7 @@ def _drop(samples: Iterator[dict], count: int) -> Iterator[dict]:
 
 
 def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_buffer: int,
-                 seed: str) -> Iterator[dict]:
+                 seed: str, max_member_bytes: int) -> Iterator[dict]:
     """Raw samples of the pieces, shuffled within each pass; training passes repeat until the quota is met.
 
     Repetition wraps the shuffle buffer rather than feeding it, so no sample comes back before the whole
@@ -457,7 +461,7 @@ def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_bu
     order, number = list(pieces), 0
     while True:
         samples = (dict(sample, __pass__=number) for piece in order
-                   for sample in _piece_samples(piece, stats if number == 0 else _Stats()))
+                   for sample in _piece_samples(piece, stats if number == 0 else _Stats(), max_member_bytes))
         if shuffle_buffer > 1:
             samples = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=rng)(samples)
         produced = 0
@@ -467,19 +471,21 @@ def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_bu
         if not repeat:
             return
         if produced == 0:
-            raise RuntimeError(f"no readable samples in {[p.shard for p in pieces]}: cannot fill this worker's batches")
+            raise RuntimeError(f"no readable samples in {[p.shard for p in pieces]}: cannot fill this worker's batches "
+                               f"({stats.skipped_report()})")
         number += 1
         rng.shuffle(order)
 
 
-def _piece_samples(piece: Piece, stats: _Stats) -> Iterator[dict]:
-    """Samples [start, stop) of a shard; a repeated key within them is a bad sample."""
+def _piece_samples(piece: Piece, stats: _Stats, max_member_bytes: int) -> Iterator[dict]:
+    """Samples [start, stop) of a shard; a repeated key within them is a bad sample. A shard that cannot be
+    read on (mgn.tar.ShardError, a tarfile.TarError) loses the rest of the piece, counted as skipped."""
     keys: set[str] = set()
     count = 0  # samples of the piece met, good or bad
     error = None
     try:
         with open(piece.shard, "rb", buffering=1 << 20) as f:
-            for index, sample in enumerate(tar_samples(f)):
+            for index, sample in enumerate(tar_samples(f, max_member_bytes=max_member_bytes)):
                 if index < piece.start:
                     continue
                 if index >= piece.stop:
@@ -493,7 +499,8 @@ def _piece_samples(piece: Piece, stats: _Stats) -> Iterator[dict]:
                 sample["__url__"] = piece.shard
                 yield sample
     except (tarfile.TarError, OSError) as exc:
-        error = f"unreadable tar after {piece.start + count} samples: {exc}"
+        reason = str(exc).removeprefix(f"{piece.shard}, ")  # mgn.tar names the shard first; the report has it
+        error = f"unreadable tar after {piece.start + count} samples: {reason}"
     lost = piece.size - count
     if error or lost > 0:
         lost = max(lost, 1)

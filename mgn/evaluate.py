@@ -27,6 +27,7 @@ from mgn.config import Config
 from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
 from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
+from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files
 
 log = logging.getLogger("mgn")
 
@@ -248,7 +249,7 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
     cfg = ckpt.cfg
     data_cfg = dataclasses.replace(cfg.data, **({"test_shards": shards} if shards else {}),
                                    **({"num_workers": num_workers} if num_workers is not None else {}))
-    require_labels(expand_shards(data_cfg.test_shards))
+    require_labels(expand_shards(data_cfg.test_shards), max_member_bytes=data_cfg.max_member_bytes)
     preds = predict(ckpt, test_batches(cfg, data_cfg, teacher, batch_size, world.rank, world.world_size),
                     device=torch_device, teacher=teacher, fusion_check_batches=fusion_check_batches,
                     allow_empty=world.world_size > 1)
@@ -327,15 +328,14 @@ def run_clip(model: str, *, shards: str, prompts: str | None = None, target_prec
     return report
 
 
-def require_labels(shards: list[str], members: int = 12) -> None:
-    """Fail before any model runs when shards carry no labels: no `.cls` among each shard's first files."""
-    import tarfile  # noqa: PLC0415
-
+def require_labels(shards: list[str], members: int = 12, max_member_bytes: int = MAX_MEMBER_BYTES) -> None:
+    """Fail before any model runs when shards carry no labels: no `.cls` among each shard's first files.
+    Read with the loader's own reader and member cap (`tarfile` would allocate what a pax header claims)."""
     for shard in shards:
         try:
-            with tarfile.open(shard) as tar:
-                names = [m.name for _, m in zip(range(members), tar)]
-        except (tarfile.TarError, OSError):
+            with open(shard, "rb") as f:
+                names = [name for _, (name, _) in zip(range(members), tar_files(f, max_member_bytes=max_member_bytes))]
+        except (ShardError, OSError):
             continue  # a damaged shard is the reader's to report, with its skip accounting
         if names and not any(name.endswith(".cls") for name in names):
             raise ValueError(f"{shard} has no labels (no .cls file among its first samples: {names[:4]}); "
