@@ -28,9 +28,7 @@ def main() -> int:
     from mgn import preemption  # noqa: PLC0415
     from mgn.train import run  # noqa: PLC0415 - heavy: torch, DeepSpeed
 
-    summary = run(cfg)
-    if summary.get("requeue") and summary.get("rank", 0) == 0:
-        preemption.requeue_slurm_job()
+    preemption.requeue_if_asked(run(cfg))
     return 0
 
 

@@ -195,6 +195,15 @@ def newest_intact_tag(ckpt_dir: Path) -> Path:
                           f"checked, see the warnings); move the folder away to start afresh")
 
 
+def resume_hint(ckpt_dir: Path, run_name: str) -> str:
+    """For a run that cannot go on: its last good checkpoint, and how to continue from it."""
+    good = latest_tag_name(ckpt_dir)
+    if not good:
+        return "Last good checkpoint: none yet. Lower the learning rate and start afresh"
+    return (f"Last good checkpoint: {ckpt_dir / good}. Lower the learning rate and resume from it: --train.run_name "
+            f"{run_name} --train.resume auto --train.lr_... (the config's rates replace the checkpoint's)")
+
+
 def check_resume_allowed(cfg: Config) -> None:
     """Refuse, before anything starts, a resume that would unpickle a file from outside this run's folder without
     --train.trust_checkpoint, and a fresh start over a folder that already holds this run's checkpoints."""
@@ -228,7 +237,8 @@ def find_resume_tag(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
                 raise CheckpointError(f"train.resume={resume!r}: {problem}")
             return path.parent, path.name
         else:
-            raise FileNotFoundError(f"train.resume={resume!r}: no DeepSpeed checkpoint (no 'latest' file or tag folder)")
+            raise FileNotFoundError(f"train.resume={resume!r}: no DeepSpeed checkpoint (no 'latest' file or tag "
+                                    f"folder)")
     tag = newest_intact_tag(folder)
     return folder, tag.name
 
@@ -244,6 +254,18 @@ def config_differences(saved: Config, other: Config, names: tuple[str, str], ign
 
 # Fields a resumed run may change: the caption cache size and where the image weights first came from.
 RESUME_MAY_CHANGE = ("text_cache", "image_pretrained")
+
+
+def resume(engine, cfg: Config, rank: int, world_size: int) -> TrainState | None:
+    """All ranks: continue from a checkpoint when `train.resume` asks for one. Rank 0 verifies the tags, every rank
+    loads the one it chose. None when there is nothing to resume."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    found = distributed.gather_objects(find_resume_tag(ckpt_dir, cfg.train.resume) if rank == 0 else None)[0]
+    if found:
+        return load(engine, *found, rank=rank, world_size=world_size, cfg=cfg)
+    if cfg.train.resume == "auto":
+        log.info("MGN: train.resume=auto found no checkpoint in %s: starting this run from the beginning", ckpt_dir)
+    return None
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int, cfg: Config | None = None) -> TrainState:
@@ -263,9 +285,9 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int, cfg: Conf
         differ = config_differences(Config.from_dict(client["config"]), cfg, ("checkpoint", "now"),
                                     ignore=RESUME_MAY_CHANGE)
         if differ:
-            raise CheckpointError(f"{ckpt_dir / tag} was trained with another model or objective ({'; '.join(differ)}); "
-                                  f"resume it with its own settings, or start a new run (--train.init_from for its "
-                                  f"weights)")
+            raise CheckpointError(f"{ckpt_dir / tag} was trained with another model or objective "
+                                  f"({'; '.join(differ)}); resume it with its own settings, or start a new run "
+                                  f"(--train.init_from for its weights)")
     frozen = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
     if frozen and rank == 0:
         log.info("MGN: %d frozen parameter tensors are not stored in checkpoints; they come from the config's "

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgn.config import DataConfig
+from mgn.data import eval_loader
+
 # Binary moderation, class 0 = non_violent (in-game), class 1 = violent (real): the paper's task.
 DEFAULT_PROMPTS = {
     "non_violent": ["a screenshot of a video game", "a video game scene with a special effect",
@@ -92,9 +95,6 @@ def load_clip(name: str, prompts: dict[str, list[str]] | None = None, *, allow_d
 def clip_batches(clip: ZeroShotCLIP, test_shards: str, *, batch_size: int = 64, num_workers: int = 2,
                  rank: int = 0, world_size: int = 1):
     """The project's test loader (mgn.data.eval_loader) at CLIP's input size and normalisation."""
-    from mgn.config import DataConfig  # noqa: PLC0415
-    from mgn.data import eval_loader  # noqa: PLC0415
-
     return eval_loader(DataConfig(test_shards=test_shards, num_workers=num_workers), image_size=clip.image_size,
                        mean=clip.mean, std=clip.std, tokenizer_name=None, seq_len=1, batch_size=batch_size,
                        rank=rank, world_size=world_size)

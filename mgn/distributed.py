@@ -105,19 +105,21 @@ def free_port() -> int:
 GPU_ALLOCATION_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
 
 
-def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = None) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, flag: str = "--train.device",
+                env: dict[str, str] | None = None) -> torch.device:
     """The device of this rank: `cuda` (the GPU of its local rank), `cpu`, or `auto`.
 
     `auto` is the GPU when CUDA works, else the CPU, except where GPUs were allocated to this process (Slurm's GPU
     variables, or CUDA_VISIBLE_DEVICES naming devices) and CUDA still does not work: a broken driver or a CPU-only
     torch on a GPU node must not turn a GPU job into a slow CPU one without a word. More ranks on a node than
-    GPUs is an error too: two ranks on one GPU end in an obscure NCCL failure later.
+    GPUs is an error too: two ranks on one GPU end in an obscure NCCL failure later. `flag` names the option
+    that chooses the device, for the message.
     """
     env = os.environ if env is None else env
     if name == "cpu":
         return torch.device("cpu")
     if name not in ("auto", "cuda"):
-        raise ValueError(f"device {name!r}: expected auto, cuda or cpu")
+        raise ValueError(f"{flag} {name!r}: expected auto, cuda or cpu")
     if not torch.cuda.is_available():
         allocated = {k: env[k] for k in GPU_ALLOCATION_VARIABLES if env.get(k) not in (None, "", "-1", "none")}
         if name == "cuda" or allocated:
@@ -125,7 +127,7 @@ def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = Non
                 else "a GPU was asked for"
             raise RuntimeError(f"{why} but CUDA is not available to torch {torch.__version__} (no driver, or a "
                                f"CPU-only build); fix the node or the install, or train on the CPU on purpose "
-                               f"with --train.device cpu")
+                               f"with {flag} cpu")
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:

@@ -13,6 +13,7 @@ itself then runs in fp32 mode: it averages gradients, clips, checkpoints and par
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 from mgn import distributed
 from mgn.config import Config
 from mgn.guard import GuardedAdamW
+
+log = logging.getLogger("mgn")
 
 
 def learning_rates(cfg: Config) -> dict[str, float]:
@@ -50,7 +53,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 def apply_learning_rates(engine, cfg: Config) -> list[str]:
     """After a resume, the config's learning rates win over the checkpoint's (a resume with a lower rate after a
     divergence must lower it): each group's base rate is reset and its current rate recomputed from the
-    schedule's position. Returns the changes, for the log."""
+    schedule's position. Logs and returns the changes."""
     rates, schedule, changes = learning_rates(cfg), engine.lr_scheduler, []
     for index, group in enumerate(engine.client_optimizer.param_groups):
         base = rates[group["name"].removesuffix("_no_decay")]
@@ -58,6 +61,8 @@ def apply_learning_rates(engine, cfg: Config) -> list[str]:
             changes.append(f"{group['name']} {schedule.base_lrs[index]:g} -> {base:g}")
             schedule.base_lrs[index] = group["initial_lr"] = base
             group["lr"] = base * schedule.lr_lambdas[index](schedule.last_epoch)
+    if changes:
+        log.info("MGN: learning rates from this run's config, not the checkpoint's: %s", ", ".join(changes))
     return changes
 
 

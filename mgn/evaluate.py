@@ -23,9 +23,12 @@ import torch
 
 from mgn import distributed
 from mgn.artifacts import Checkpoint, load_checkpoint
+from mgn.clip import clip_batches, load_clip, read_prompts
 from mgn.config import Config
+from mgn.data import build_loader, expand_shards
 from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
+from mgn.monitor import TensorBoard
 from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
 from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files
 
@@ -238,13 +241,10 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
         device: str = "auto", out_dir: str | Path | None = None, tensorboard: str | Path | None = None,
         fusion_check_batches: int | None = 1, trust: bool = False, quiet: bool = False) -> dict:
     """Everything `python evaluate.py` does; returns the report written to eval.json (on rank 0)."""
-    from mgn.data import expand_shards  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
-
     world = distributed.detect_world()
-    torch_device = _pick_device(device, world.local_rank)
+    torch_device = distributed.pick_device(device, world.local_rank, flag="--device")
     if world.world_size > 1:  # gloo on CPU, NCCL on GPU; each rank then reads its own shards
-        rank_device = distributed.init_distributed(world, timeout_s=600)
-        torch_device = rank_device if device == "auto" else torch_device
+        distributed.init_distributed(world, timeout_s=600, device_name=torch_device.type)
     ckpt = load_checkpoint(ckpt_path, teacher=teacher, trust=trust)
     cfg = ckpt.cfg
     data_cfg = dataclasses.replace(cfg.data, **({"test_shards": shards} if shards else {}),
@@ -300,10 +300,7 @@ def run_clip(model: str, *, shards: str, prompts: str | None = None, target_prec
              batch_size: int = 64, num_workers: int = 2, device: str = "auto", out_dir: str | Path | None = None,
              allow_download: bool = False, quiet: bool = False) -> dict:
     """`python evaluate.py --clip MODEL --shards ...`: the CLIP zero-shot baseline, reported like the student."""
-    from mgn.clip import clip_batches, load_clip, read_prompts  # noqa: PLC0415
-    from mgn.data import expand_shards  # noqa: PLC0415
-
-    torch_device = _pick_device(device, 0)
+    torch_device = distributed.pick_device(device, flag="--device")
     class_prompts = read_prompts(prompts)
     clip = load_clip(model, class_prompts, allow_download=allow_download)
     require_labels(expand_shards(shards))
@@ -344,25 +341,11 @@ def require_labels(shards: list[str], members: int = 12, max_member_bytes: int =
 
 def test_batches(cfg: Config, data_cfg, teacher: bool, batch_size: int | None, rank: int = 0, world_size: int = 1):
     """The test loader for a checkpoint's config: its image size and normalisation, captions when asked."""
-    from mgn.data import build_loader  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
-
     return build_loader(cfg, "test", rank=rank, world_size=world_size, captions=teacher, batch_size=batch_size,
                         data=data_cfg)
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device visible")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
 def _log_tensorboard(log_dir: Path, report: dict, preds: Predictions, step: int) -> None:
-    from mgn.monitor import TensorBoard  # noqa: PLC0415
-
     board = TensorBoard(log_dir, enabled=True, resume_step=None)
     for role in ("student", "teacher"):
         if role not in report:

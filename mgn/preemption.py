@@ -49,3 +49,14 @@ def requeue_slurm_job() -> None:
         job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     log.info("MGN: requeueing Slurm job %s", job_id)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+
+
+def requeue_if_asked(summary: dict | None) -> bool:
+    """The ending of a run that a signal stopped (every launcher's): rank 0 requeues the Slurm job when the
+    signal asked for it (a SIGTERM means Slurm itself is cancelling or requeueing). True when the run was
+    stopped, so that the caller ends without reporting a result: that would tell a submitter the job is over."""
+    if not summary or not summary.get("preempted"):
+        return False
+    if summary.get("requeue") and summary.get("rank", 0) == 0:
+        requeue_slurm_job()
+    return True

@@ -29,8 +29,19 @@ from mgn.export import ARTIFACT_NAME, export_student
 from mgn.faults import FaultInjection
 from mgn.guard import UpdateGuard, require_finite
 from mgn.model import image_normalisation
-from mgn.monitor import (Progress, StepTimer, TensorBoard, done_line, log_balance, point_latest, report_evaluation,
-                         setup_logging, size_line, tensorboard_dir, train_line)
+from mgn.monitor import (
+    Progress,
+    StepTimer,
+    TensorBoard,
+    done_line,
+    log_balance,
+    point_latest,
+    report_evaluation,
+    setup_logging,
+    size_line,
+    tensorboard_dir,
+    train_line,
+)
 from mgn.objectives import Objective, build_objective
 from mgn.pictures import attention_figure, samples_from_batch, save_picture
 from mgn.predictions import collect, merge
@@ -100,28 +111,42 @@ def ensure_demo_shards(cfg: Config) -> None:
     write_synthetic(out_dir, samples=cfg.data.synthetic_samples, image_size=cfg.model.image_size, seed=0)
 
 
+def build_model(cfg: Config, world: distributed.World, device: torch.device) -> tuple[Objective, dict]:
+    """The objective to train (its student from `train.init_from` when given), and the evidence that runs of one
+    seed start alike: the digest of the initial student (start.json)."""
+    objective = build_objective(cfg)
+    if cfg.train.init_from:
+        log.info("MGN: initialised %s", init_student(objective.student, cfg))
+    start_record = {"student_sha256": weights_digest(objective.student)}
+    if device.type == "cuda" and world.world_size > 1 and cfg.train.sync_batchnorm:
+        objective = timm.layers.convert_sync_batchnorm(objective)  # keeps timm's BatchNormAct2d activations
+    return objective, start_record
+
+
 class Trainer:
     """One run's objective, DeepSpeed engine and position; `fit` trains to the end or to a stop signal."""
 
     def __init__(self, cfg: Config, world: distributed.World, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
         self.ckpt_dir = cfg.run_dir / "checkpoints"
-        objective = build_objective(cfg)
-        if cfg.train.init_from:
-            log.info("MGN: initialised %s", init_student(objective.student, cfg))
-        self.start_record = {"student_sha256": weights_digest(objective.student)}  # pairing evidence: start.json
-        if device.type == "cuda" and world.world_size > 1 and cfg.train.sync_batchnorm:
-            objective = timm.layers.convert_sync_batchnorm(objective)  # keeps timm's BatchNormAct2d activations
+        objective, self.start_record = build_model(cfg, world, device)
         batches_per_epoch = len(self._train_batches(epoch=0))
         self.updates_per_epoch = batches_per_epoch // cfg.train.grad_accum
         if self.updates_per_epoch < 1:
             raise ValueError(f"{batches_per_epoch} batches per epoch < train.grad_accum={cfg.train.grad_accum}")
         self.total_steps = self.updates_per_epoch * cfg.train.epochs
         self.engine = build_engine(objective, cfg, device, self.total_steps)
-        self.guard = UpdateGuard(self.engine.module, cfg.train.max_skipped_steps, self._resume_hint)
+        self.guard = UpdateGuard(self.engine.module, cfg.train.max_skipped_steps,
+                                 lambda: checkpoint.resume_hint(self.ckpt_dir, cfg.train.run_name))
         self.faults = FaultInjection.from_environment(world.rank)
-        resumed = self._resume()
-        self.tensorboard = TensorBoard(tensorboard_dir(cfg.run_dir), world.is_main, self.state.step if resumed else None)
+        self.state = checkpoint.resume(self.engine, cfg, world.rank, world.world_size)
+        resumed = self.state is not None
+        if resumed:
+            self.guard.accept()
+            apply_learning_rates(self.engine, cfg)
+        self.state = self.state or TrainState()
+        self.tensorboard = TensorBoard(tensorboard_dir(cfg.run_dir), world.is_main,
+                                       self.state.step if resumed else None)
         self.class_names = class_names(cfg.data.test_shards)
         self.mean, self.std = image_normalisation(cfg.model.image_model)  # to draw test images in the picture
         self.last_student_accuracy = None
@@ -133,24 +158,6 @@ class Trainer:
     @property
     def objective(self) -> Objective:
         return self.engine.module
-
-    def _resume(self) -> bool:
-        """Continue from a checkpoint when asked: rank 0 verifies the tags, every rank loads the one it chose."""
-        self.state = TrainState()
-        found = distributed.gather_objects(checkpoint.find_resume_tag(self.ckpt_dir, self.cfg.train.resume)
-                                           if self.world.is_main else None)[0]
-        if not found:
-            if self.cfg.train.resume == "auto":
-                log.info("MGN: train.resume=auto found no checkpoint in %s: starting this run from the beginning",
-                         self.ckpt_dir)
-            return False
-        self.state = checkpoint.load(self.engine, *found, rank=self.world.rank, world_size=self.world.world_size,
-                                     cfg=self.cfg)
-        self.guard.accept()
-        changed = apply_learning_rates(self.engine, self.cfg)
-        if changed:
-            log.info("MGN: learning rates from this run's config, not the checkpoint's: %s", ", ".join(changed))
-        return True
 
     def _train_batches(self, epoch: int, skip: int = 0):
         return build_loader(self.cfg, "train", rank=self.world.rank, world_size=self.world.world_size, epoch=epoch,
@@ -337,31 +344,28 @@ class Trainer:
     def _finish(self) -> dict:
         if not checkpoint.has_tag(self.ckpt_dir, self.state.step):
             self.save()  # refuses a non-finite model, so the export below never sees one
-        state, run_dir = self.state, self.cfg.run_dir
-        evaluated = state.best_metric > float("-inf")
-        summary = {"step": state.step, "epochs": state.epoch, "world_size": self.world.world_size,
-                   "train_seconds": round(self._train_seconds(), 2), "run_dir": str(run_dir),
-                   "checkpoints": str(self.ckpt_dir), "tensorboard": str(run_dir / "tb"), "preempted": False,
-                   "skipped_steps": state.skipped_steps,
-                   "student_accuracy": self.last_student_accuracy,  # of the final student, at the last evaluation
-                   "student_best": str(run_dir / "student_best" / ARTIFACT_NAME) if evaluated else None,
-                   "best_student_accuracy": state.best_metric if evaluated else None,
-                   "best_student_step": state.best_step if evaluated else None}
+        summary = run_summary(self.state, self.cfg, self.world.world_size, self._train_seconds(),
+                              self.last_student_accuracy)
         if self.world.is_main:
-            summary["student"] = str(export_student(self.objective.student, self.cfg, run_dir / "student"))
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["student"] = str(export_student(self.objective.student, self.cfg, self.cfg.run_dir / "student"))
+            (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.info("%s", done_line(summary))
         distributed.barrier()
         return summary
 
-    def _resume_hint(self) -> str:
-        """For a run that cannot go on: its last good checkpoint, and how to continue from it."""
-        good = checkpoint.latest_tag_name(self.ckpt_dir)
-        if not good:
-            return "Last good checkpoint: none yet. Lower the learning rate and start afresh"
-        return (f"Last good checkpoint: {self.ckpt_dir / good}. Lower the learning rate and resume from it: "
-                f"--train.run_name {self.cfg.train.run_name} --train.resume auto --train.lr_... (the config's rates "
-                f"replace the checkpoint's)")
+
+def run_summary(state: TrainState, cfg: Config, world_size: int, train_seconds: float,
+                student_accuracy: float | None) -> dict:
+    """`summary.json`: where the run's files are and how its students scored."""
+    run_dir, evaluated = cfg.run_dir, state.best_metric > float("-inf")
+    return {"step": state.step, "epochs": state.epoch, "world_size": world_size,
+            "train_seconds": round(train_seconds, 2), "run_dir": str(run_dir),
+            "checkpoints": str(run_dir / "checkpoints"), "tensorboard": str(run_dir / "tb"), "preempted": False,
+            "skipped_steps": state.skipped_steps,
+            "student_accuracy": student_accuracy,  # of the final student, at the last evaluation
+            "student_best": str(run_dir / "student_best" / ARTIFACT_NAME) if evaluated else None,
+            "best_student_accuracy": state.best_metric if evaluated else None,
+            "best_student_step": state.best_step if evaluated else None}
 
 
 def model_inputs(batch: dict, device: torch.device, captions: bool) -> dict:

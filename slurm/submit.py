@@ -49,14 +49,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             # Any restart (our requeue, a preemption requeue, a node failure): continue this run.
             cfg.train.resume = "auto"
         summary = run(cfg)
-        if not summary.get("preempted"):
-            return summary
-        # Every rank saved the checkpoint. Rank 0 requeues when the signal asked for it (a SIGTERM means
-        # Slurm itself is cancelling or requeueing the job). No rank returns: a result file would tell
-        # the submitter the job is over.
-        if summary.get("requeue") and summary.get("rank", 0) == 0:
-            preemption.requeue_slurm_job()
-        raise SystemExit(0)
+        if preemption.requeue_if_asked(summary):  # every rank saved; no rank returns a result
+            raise SystemExit(0)
+        return summary
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's own handler (a signal before training installed its handler)."""

@@ -13,7 +13,7 @@ from mgn import checkpoint, distributed
 from mgn.checkpoint import TrainState
 from mgn.config import Config, ModelConfig, TrainConfig
 from mgn.objectives import build_objective
-from mgn.train import build_engine
+from mgn.engine import build_engine
 from tests.conftest import calibrate_batchnorm
 
 MICRO_BATCH = 4

@@ -3,7 +3,7 @@ import pytest
 
 from mgn.config import preset_config
 from mgn.objectives import build_objective
-from mgn.train import param_groups
+from mgn.engine import param_groups
 
 
 @pytest.mark.parametrize("freeze_text", [False, True])

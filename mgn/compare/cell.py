@@ -142,9 +142,7 @@ class CellJob:
     def __call__(self) -> dict | None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         row = run_cell(self.spec)
-        if row is not None and row.get("preempted"):
-            if row.get("requeue") and row.get("rank", 0) == 0:
-                preemption.requeue_slurm_job()
+        if preemption.requeue_if_asked(row):
             raise SystemExit(0)
         return row
 

@@ -1,0 +1,103 @@
+"""GPU paths checked on CPU: what NCCL, CUDA and mixed precision need, without a GPU.
+
+- every tensor the training log hands to a collective lives on the rank's device (NCCL refuses CPU tensors;
+  the `meta` device stands in for a GPU here, so a CPU tensor shows up as the wrong device);
+- a GPU job on a node where CUDA does not work stops with a clear message instead of training on the CPU,
+  and more ranks than GPUs on a node is refused;
+- the optimizer's skip of a non-finite update is one decision for all ranks when `agree` is given (ZeRO-1/2);
+- bf16 is autocast over fp32 weights and fp32 BatchNorm statistics, never DeepSpeed's bf16 section.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mgn import distributed, engine, monitor
+from mgn.config import preset_config
+from mgn.guard import GuardedAdamW
+from mgn.objectives import StepOutput, build_objective
+
+
+def test_the_training_log_gives_the_collective_tensors_on_the_ranks_device(monkeypatch):
+    seen = []
+
+    def fake_all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+        seen.append(values.device)
+        return torch.zeros(values.shape)
+
+    monkeypatch.setattr(distributed, "all_reduce_mean", fake_all_reduce_mean)
+    timer = monitor.StepTimer()
+    device = torch.device("meta")  # stands in for the rank's GPU
+    for _ in range(3):
+        output = StepOutput(loss=torch.tensor(0.5, device=device), logits=torch.zeros(4, 2, device=device),
+                            terms={"student_ce": torch.tensor(0.5, device=device)})
+        timer.add(output, torch.zeros(4, dtype=torch.long, device=device))
+    timer.total, timer.updates = 1.0, 3
+    values = timer.scalars(device)
+    assert seen == [device], "the log's collective got a tensor off the rank's device"
+    assert {"train/loss", "train/student_ce", "train/accuracy", "train/samples_per_s"} <= set(values)
+
+
+def test_a_gpu_job_without_working_cuda_stops_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"GPUs were allocated \(SLURM_GPUS_ON_NODE=4\).*--train.device cpu"):
+        distributed.pick_device("auto", 0, env={"SLURM_GPUS_ON_NODE": "4"})
+    with pytest.raises(RuntimeError, match="a GPU was asked for.*--device cpu"):
+        distributed.pick_device("cuda", 0, flag="--device", env={})
+    assert distributed.pick_device("cpu", 0, env={"SLURM_GPUS_ON_NODE": "4"}) == torch.device("cpu")
+    assert distributed.pick_device("auto", 0, env={"CUDA_VISIBLE_DEVICES": ""}) == torch.device("cpu")
+
+
+def test_more_ranks_than_gpus_on_a_node_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.pick_device("auto", 1, env={}) == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match="local rank 2 has no GPU of its own: this node shows 2 GPU"):
+        distributed.pick_device("auto", 2, env={})
+
+
+def _optimizer(agree):
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 0.5)
+    return param, GuardedAdamW([param], lr=0.1, agree=agree)
+
+
+def test_the_skip_decision_is_one_for_all_ranks_when_agreed():
+    # This rank's gradients are finite, but another rank's partition was not: the agreed decision skips here too.
+    param, optimizer = _optimizer(agree=lambda bad: True)
+    optimizer.step()
+    assert optimizer.skipped and torch.equal(param.detach(), torch.ones(3))
+    # Without agreement (ZeRO-0, where every rank holds the same averaged gradients) the rank decides alone.
+    param, optimizer = _optimizer(agree=None)
+    optimizer.step()
+    assert not optimizer.skipped and not torch.equal(param.detach(), torch.ones(3))
+    # The rank's own verdict is what it offers to the others.
+    offered = []
+    param, optimizer = _optimizer(agree=lambda bad: offered.append(bad) or bad)
+    param.grad[0] = float("nan")
+    optimizer.step()
+    assert offered == [True] and optimizer.skipped
+
+
+def test_bf16_is_autocast_over_fp32_weights_and_batchnorm():
+    cfg = preset_config("tiny", {"objective": {"name": "baseline"}, "train": {"precision": "bf16"}})
+    assert "bf16" not in engine.deepspeed_config(cfg) and "data_types" not in engine.deepspeed_config(cfg)
+    objective = build_objective(cfg).train()
+    cpu = torch.device("cpu")
+    assert engine.precision(cfg, cpu) == "bf16"
+    with engine.autocast(cfg, cpu):
+        output = objective(torch.randn(2, 3, 64, 64), label=torch.tensor([0, 1]))
+    assert output.logits.dtype == torch.bfloat16  # computed in bf16 ...
+    assert output.loss.dtype == torch.float32  # ... the loss in fp32 (cross_entropy on .float())
+    assert {p.dtype for p in objective.parameters()} == {torch.float32}  # fp32 master weights
+    running = [b for m in objective.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var)]
+    assert running and {b.dtype for b in running} == {torch.float32}
+    assert all(torch.isfinite(b).all() for b in running)
+    fp32 = preset_config("tiny", {"train": {"precision": "auto"}})
+    assert engine.precision(fp32, cpu) == "fp32" and engine.precision(fp32, torch.device("cuda")) == "bf16"
+
+
+def test_fp16_is_refused_with_the_allowed_choices():
+    with pytest.raises(ValueError, match=r"train.precision='fp16': expected one of \['auto', 'fp32', 'bf16'\]"):
+        preset_config("tiny", {"train": {"precision": "fp16"}})
