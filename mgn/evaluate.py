@@ -27,6 +27,7 @@ from mgn.config import Config
 from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
 from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
+from mgn.shard_sets import expand_shards
 from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files
 
 log = logging.getLogger("mgn")
@@ -238,8 +239,6 @@ def run(ckpt_path: str | Path, *, shards: str | None = None, teacher: bool = Fal
         device: str = "auto", out_dir: str | Path | None = None, tensorboard: str | Path | None = None,
         fusion_check_batches: int | None = 1, trust: bool = False, quiet: bool = False) -> dict:
     """Everything `python evaluate.py` does; returns the report written to eval.json (on rank 0)."""
-    from mgn.data import expand_shards  # noqa: PLC0415 - webdataset & co., not needed to load checkpoints
-
     world = distributed.detect_world()
     torch_device = _pick_device(device, world.local_rank)
     if world.world_size > 1:  # gloo on CPU, NCCL on GPU; each rank then reads its own shards
@@ -301,7 +300,6 @@ def run_clip(model: str, *, shards: str, prompts: str | None = None, target_prec
              allow_download: bool = False, quiet: bool = False) -> dict:
     """`python evaluate.py --clip MODEL --shards ...`: the CLIP zero-shot baseline, reported like the student."""
     from mgn.clip import clip_batches, load_clip, read_prompts  # noqa: PLC0415
-    from mgn.data import expand_shards  # noqa: PLC0415
 
     torch_device = _pick_device(device, 0)
     class_prompts = read_prompts(prompts)
