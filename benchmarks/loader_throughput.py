@@ -33,7 +33,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn.config import PACKAGED_MINILM, DataConfig  # noqa: E402
-from mgn.data import Decoder, expand_shards, train_loader  # noqa: E402
+from mgn.data import train_loader  # noqa: E402
+from mgn.decode import Decoder  # noqa: E402
+from mgn.shard_sets import expand_shards  # noqa: E402
 from mgn.shards import write_synthetic  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

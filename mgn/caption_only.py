@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import tarfile
 
-from mgn.data import expand_shards
-from mgn.images import cap_caption
-from mgn.shards import MAX_CAPTION_BYTES
+from mgn.manifest import MAX_CAPTION_BYTES
+from mgn.safe_images import cap_caption
+from mgn.shard_sets import expand_shards
 from mgn.tar import tar_samples
 
 

@@ -1,15 +1,11 @@
-"""WebDataset input pipelines: equal batches on every rank for training, every test sample once for eval.
+"""The distributed reader, shards -> batches: equal batches on every rank for training, every test sample once for eval.
 
-Training, per epoch: the shard list is shuffled with (seed, epoch), identically on every rank, and its
-samples, concatenated in that order, are cut into one contiguous range per rank and then per DataLoader
-worker, balanced by sample count (`sizes.json`), not by shard: a rank or worker may read part of a
-shard, so uneven shards neither idle a rank nor make it repeat a small shard many times. Each worker
-reads its range, shuffles raw samples in a buffer, decodes to RGB, applies the train transform, batches
-and tokenizes. The number of batches per rank is fixed up front: ceil(samples / (batch_size x world_size)),
-the same on every rank and for any `num_workers`; each worker's range holds exactly its batches' worth of
-samples, so only the last global batch of an epoch can be short: its missing places (fewer than batch_size x
-world_size) are filled by reading the rank's range again, reshuffled. `TrainLoader.balance` reports the
-repeated and never-seen shares per epoch.
+Which samples each rank and worker reads is the epoch plan (mgn/epoch_plan.py); what a sample becomes is
+the decoder (mgn/decode.py). This module runs them: each training worker reads its range of raw samples
+(mgn/tar.py), shuffles them in a buffer, decodes to RGB, applies the train transform, batches and
+tokenizes, and its range holds exactly its batches' worth of samples; the rank's shortfall in the last
+global batch is filled by reading the range again, reshuffled. `TrainLoader.balance` reports the repeated
+and never-seen shares per epoch.
 
 The order is a function of (seed, epoch, rank, num_workers), and augmentation is seeded per sample (seed,
 epoch, key, pass), so a resumed run skips what it already consumed as raw samples, before any decoding
@@ -27,216 +23,26 @@ samples skipped stops the run with an error naming the shards.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import math
-import os
 import random
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-import braceexpand
-import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mgn.config import Config, DataConfig, resolve_text_model
-from mgn.images import DEFAULT_MAX_PIXELS, cap_caption, open_capped, to_rgb
+from mgn.decode import BadSample, Decoder, preload_tokenizer
+from mgn.epoch_plan import Piece, plan_epoch, round_robin, split_samples
 from mgn.model import image_normalisation
+from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-TRAIN_SCALE, TRAIN_RATIO = (0.6, 1.0), (3 / 4, 4 / 3)
-EVAL_CROP_PCT = 0.875  # timm's default for MobileOne: resize to size/0.875, centre-crop size
 MAX_EXAMPLES = 20  # skip reasons kept for the report
-BALANCE_WARNING = 0.05  # warn when more than this share of an epoch repeats or is never seen
-
-
-# ---------------------------------------------------------------------------------------------- shard lists
-
-def expand_shards(spec: str) -> list[str]:
-    """Brace pattern, glob, or a .txt file listing shards (relative to the file); '::' joins several."""
-    shards: list[str] = []
-    for part in spec.split("::"):
-        if part.endswith(".txt"):
-            listing = Path(part)
-            if not listing.is_file():
-                raise FileNotFoundError(f"shard list {part!r} (from {spec!r}) does not exist")
-            lines = [x.strip() for x in listing.read_text().splitlines()]
-            found = [str(listing.parent / x) for x in lines if x and not x.startswith("#")]
-        else:
-            found = []
-            for pattern in braceexpand.braceexpand(part):
-                found += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        shards += found
-    if not shards:
-        raise FileNotFoundError(f"no shards match {spec!r}")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards from {spec!r} do not exist, "
-                                f"e.g. {missing[:3]}")
-    repeated = [s for s, n in Counter(shards).items() if n > 1]
-    if repeated:
-        raise ValueError(f"shards listed more than once in {spec!r}: {repeated[:3]}")
-    return shards
-
-
-def class_names(spec: str) -> list[str]:
-    """The label names of a shard set, from the `dataset_card.json` beside its first shard ([] if there is none)."""
-    try:
-        card = Path(expand_shards(spec)[0]).parent / "dataset_card.json"
-        return [str(x) for x in json.loads(card.read_text())["labels"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def read_sizes(shards: list[str]) -> dict[str, int]:
-    """Samples per shard from the `sizes.json` beside each shard (written by mgn.shards)."""
-    tables: dict[Path, dict] = {}
-    sizes, missing = {}, []
-    for shard in shards:
-        folder = Path(shard).parent
-        if folder not in tables:
-            path = folder / "sizes.json"
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} is missing: the loader needs samples per shard to give every rank the same "
-                    f"number of batches (write shards with `python -m mgn.shards`, which writes it last)")
-            tables[folder] = json.loads(path.read_text())
-        count = tables[folder].get(Path(shard).name)
-        if count is None:
-            missing.append(shard)
-        else:
-            sizes[shard] = int(count)
-    if missing:
-        raise ValueError(f"sizes.json lacks {len(missing)} shard(s), e.g. {missing[:3]}; "
-                         f"was the shard set rewritten or interrupted?")
-    return sizes
-
-
-# ---------------------------------------------------------------------------------------------- splitting
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples [start, stop) of one shard, counted in the order the shard holds them."""
-    shard: str
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def split_samples(pieces: list[Piece], parts: int) -> list[list[Piece]]:
-    """Cut the samples of `pieces` (in order) into `parts` contiguous ranges of near-equal size.
-
-    Part i gets samples [floor(i T / parts), floor((i + 1) T / parts)) of the T samples, so sizes differ
-    by at most one, whatever the shard sizes.
-    """
-    total = sum(p.size for p in pieces)
-    return cut_samples(pieces, [i * total // parts for i in range(parts + 1)])
-
-
-def cut_samples(pieces: list[Piece], bounds: list[int]) -> list[list[Piece]]:
-    """Part i holds samples [bounds[i], bounds[i + 1]) of the pieces' samples, counted in order."""
-    out: list[list[Piece]] = [[] for _ in range(len(bounds) - 1)]
-    offset = 0
-    for piece in pieces:
-        for part in range(len(out)):
-            low, high = max(bounds[part], offset), min(bounds[part + 1], offset + piece.size)
-            if low < high:
-                out[part].append(Piece(piece.shard, piece.start + low - offset, piece.start + high - offset))
-        offset += piece.size
-    return out
-
-
-def batches_per_epoch(total_samples: int, batch_size: int, world_size: int) -> int:
-    return max(1, math.ceil(total_samples / (batch_size * world_size)))
-
-
-def worker_quotas(num_batches: int, samples: list[int]) -> list[int]:
-    """Split a rank's batches among its workers in proportion to the samples each one holds.
-
-    Largest remainders, ties to the lower worker: a worker with little data repeats little and a
-    worker with much data drops little.
-    """
-    total = sum(samples)
-    if total == 0:
-        raise ValueError("the shards hold no samples (sizes.json says 0)")
-    exact = [num_batches * n / total for n in samples]
-    quotas = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(samples)), key=lambda w: (quotas[w] - exact[w], w))
-    for w in by_remainder[: num_batches - sum(quotas)]:
-        quotas[w] += 1
-    return quotas
-
-
-def round_robin(quotas: list[int]) -> list[tuple[int, int]]:
-    """(worker, batch index) in the order the DataLoader delivers them: one batch from each worker that
-    has any left, in worker order, round after round."""
-    order, taken = [], [0] * len(quotas)
-    while len(order) < sum(quotas):
-        for worker, quota in enumerate(quotas):
-            if taken[worker] < quota:
-                order.append((worker, taken[worker]))
-                taken[worker] += 1
-    return order
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What every rank and worker reads in one training epoch; the same arithmetic on every rank."""
-    num_batches: int  # per rank
-    ranks: list[list[list[Piece]]]  # rank -> worker -> pieces
-    quotas: list[list[int]]  # rank -> worker -> batches
-
-    def balance(self, batch_size: int) -> dict:
-        """Shares of the epoch's samples read twice and never read, over all ranks."""
-        repeated = unseen = 0
-        for workers, quotas in zip(self.ranks, self.quotas):
-            for pieces, quota in zip(workers, quotas):
-                held, need = sum(p.size for p in pieces), quota * batch_size
-                repeated += max(0, need - held)
-                unseen += max(0, held - need)
-        total_read = self.num_batches * batch_size * len(self.ranks)
-        total = sum(p.size for workers in self.ranks for pieces in workers for p in pieces)
-        return {"repeated_fraction": repeated / total_read, "unseen_fraction": unseen / max(total, 1)}
-
-
-def plan_epoch(shards: list[str], sizes: dict[str, int], *, batch_size: int, world_size: int, num_workers: int,
-               seed: int, epoch: int) -> EpochPlan:
-    order = list(shards)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(order)  # same on every rank
-    pieces = [Piece(s, 0, sizes[s]) for s in order if sizes[s] > 0]
-    num_batches = batches_per_epoch(sum(p.size for p in pieces), batch_size, world_size)
-    ranks, quotas = [], []
-    for rank_pieces in split_samples(pieces, world_size):
-        held = sum(p.size for p in rank_pieces)
-        if held == 0:
-            raise ValueError(f"{sum(sizes.values())} training samples cannot feed {world_size} ranks")
-        # Each worker gets exactly its batches' worth of samples, so only the rank's own shortfall (the last
-        # global batch) repeats; a worker that would get nothing is not started.
-        workers = max(1, min(num_workers, num_batches))
-        while True:
-            shares = worker_quotas(num_batches, [1] * workers)
-            ends = [min(held, batch_size * sum(shares[:w + 1])) for w in range(workers)]
-            bounds = [0, *ends[:-1], held]
-            if workers == 1 or all(low < high for low, high in zip(bounds, bounds[1:])):
-                break
-            workers -= 1
-        ranks.append(cut_samples(rank_pieces, bounds))
-        quotas.append(shares)
-    return EpochPlan(num_batches, ranks, quotas)
 
 
 # ---------------------------------------------------------------------------------------------- public loaders
@@ -270,7 +76,7 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
                       num_workers=max(data_cfg.num_workers, 1), seed=seed, epoch=epoch)
     if not 0 <= skip_batches <= plan.num_batches:
         raise ValueError(f"cannot skip {skip_batches} of {plan.num_batches} batches")
-    _preload(tokenizer_name, seq_len)
+    preload_tokenizer(tokenizer_name, seq_len)
     quotas = plan.quotas[rank]
     order = round_robin(quotas)
     skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
@@ -286,12 +92,13 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
 
 def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
                 batch_size: int, rank: int, world_size: int) -> "EvalLoader":
+    """This rank's share of the test samples, in order, each read once; the last batch may be short."""
     shards = expand_shards(data_cfg.test_shards)
     sizes = read_sizes(shards)
     mine = split_samples([Piece(s, 0, sizes[s]) for s in shards if sizes[s] > 0], world_size)[rank]
     held = sum(p.size for p in mine)
     workers = max(1, min(data_cfg.num_workers, held)) if held else 0
-    _preload(tokenizer_name, seq_len)
+    preload_tokenizer(tokenizer_name, seq_len)
     dataset = _ShardStream(split_samples(mine, workers) if workers else [],
                            Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False,
                                    max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes),
@@ -417,7 +224,7 @@ class _Stats:
 class _ShardStream(IterableDataset):
     """One worker's pipeline: its pieces -> raw samples -> shuffle -> (skip) -> decode -> batches (+ skip counts)."""
 
-    def __init__(self, workers: list[list[Piece]], decoder: "Decoder", *, batch_size: int,
+    def __init__(self, workers: list[list[Piece]], decoder: Decoder, *, batch_size: int,
                  quotas: list[int] | None, skips: list[int] | None, shuffle_buffer: int, seed: str,
                  max_member_bytes: int):
         self.workers, self.decoder = workers, decoder
@@ -440,7 +247,7 @@ class _ShardStream(IterableDataset):
             skip = self.skips[stream] * self.batch_size if train else 0
             yield from _batches(stream, self.batch_size, self.quotas[stream] if train else None,
                                 self.skips[stream] if train else 0, self.decoder,
-                                self.decoder.stage(_drop(samples, skip), stats), stats)
+                                _decoded(self.decoder, _drop(samples, skip), stats), stats)
 
 
 def _drop(samples: Iterator[dict], count: int) -> Iterator[dict]:
@@ -509,7 +316,31 @@ def _piece_samples(piece: Piece, stats: _Stats, max_member_bytes: int) -> Iterat
                    lost)
 
 
-def _batches(stream: int, batch_size: int, quota: int | None, first: int, decoder: "Decoder", items, stats: _Stats):
+def _decoded(decoder: Decoder, samples: Iterator[dict], stats: _Stats) -> Iterator[tuple]:
+    """Decoded samples; training augmentation is seeded per sample (run seed, epoch, key, pass), so it does
+    not depend on what came before: skipping samples on resume leaves every later crop unchanged.
+
+    A pass over a worker's range in which not one sample decodes would repeat forever without filling a
+    batch: it stops the run instead, with the skip report."""
+    current_pass, decoded = 0, 0
+    for sample in samples:
+        if sample["__pass__"] != current_pass:
+            if decoded == 0:
+                raise RuntimeError(f"not one sample of this worker's range decodes (e.g. {sample['__url__']}): "
+                                   f"{stats.skipped_report()}")
+            current_pass, decoded = sample["__pass__"], 0
+        rng = random.Random(f"aug/{decoder.seed}/{sample['__key__']}/{sample['__pass__']}") if decoder.train else None
+        try:
+            item = decoder.decode(sample, rng)
+        except BadSample as exc:
+            if sample["__pass__"] == 0:
+                stats.skip(sample["__url__"], sample["__key__"], str(exc))
+            continue
+        decoded += 1
+        yield item
+
+
+def _batches(stream: int, batch_size: int, quota: int | None, first: int, decoder: Decoder, items, stats: _Stats):
     """Training stops at the stream's quota of full batches (numbered from `first`, the resume point);
     evaluation keeps the last partial batch. Each batch carries its (stream, index) for the ordering."""
     buf, index = [], first
@@ -526,187 +357,6 @@ def _batches(stream: int, batch_size: int, quota: int | None, first: int, decode
     yield {"_stats": stats.take()}  # counts from after the last batch, or from a stream with no batches
 
 
-class Decoder:
-    """Bytes -> RGB crops -> uint8 batches with tokens (workers) -> normalised float batches (main process)."""
-
-    def __init__(self, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int, *, train: bool,
-                 seed: str = "", max_pixels: int = DEFAULT_MAX_PIXELS, max_caption_bytes: int = 4096):
-        self.size, self.train, self.seed = image_size, train, seed
-        self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
-        self.tokenizer_name, self.seq_len = tokenizer_name, seq_len
-        std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
-
-    def stage(self, samples: Iterator[dict], stats: _Stats) -> Iterator[tuple]:
-        """Decoded samples; training augmentation is seeded per sample (run seed, epoch, key, pass), so it does
-        not depend on what came before: skipping samples on resume leaves every later crop unchanged.
-
-        A pass over a worker's range in which not one sample decodes would repeat forever without filling a
-        batch: it stops the run instead, with the skip report."""
-        current_pass, decoded = 0, 0
-        for sample in samples:
-            if sample["__pass__"] != current_pass:
-                if decoded == 0:
-                    raise RuntimeError(f"not one sample of this worker's range decodes (e.g. {sample['__url__']}): "
-                                       f"{stats.skipped_report()}")
-                current_pass, decoded = sample["__pass__"], 0
-            rng = random.Random(f"aug/{self.seed}/{sample['__key__']}/{sample['__pass__']}") if self.train else None
-            try:
-                item = self.decode(sample, rng)
-            except _BadSample as exc:
-                if sample["__pass__"] == 0:
-                    stats.skip(sample["__url__"], sample["__key__"], str(exc))
-                continue
-            decoded += 1
-            yield item
-
-    def decode(self, sample: dict, rng: random.Random | None = None) -> tuple[str, np.ndarray, str, int]:
-        field = next((f for f in IMAGE_FIELDS if f in sample), None)
-        for name, value in (("image (jpg/png/webp)", field), ("txt", "txt" in sample), ("cls", "cls" in sample)):
-            if not value:
-                raise _BadSample(f"missing {name}")
-        try:
-            caption = cap_caption(sample["txt"], self.max_caption_bytes)  # before tokenizing: bounded cost
-            label = int(sample["cls"].decode("ascii").strip())
-        except ValueError as exc:
-            raise _BadSample(f"bad txt/cls: {exc}") from None
-        try:
-            image = self.load_rgb(sample[field])
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken data
-            raise _BadSample(f"undecodable image: {exc}") from None
-        return sample["__key__"], self.transform(image, rng), caption, label
-
-    def load_rgb(self, data: bytes) -> Image.Image:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop. Past the pixel cap
-        # (read from the header) anything that cannot be decoded reduced is a bad sample, not a memory spike.
-        need = math.ceil(self.size * (1.5 if self.train else 1 / EVAL_CROP_PCT))
-        return to_rgb(open_capped(data, self.max_pixels, need, reduce=True), upright=False)  # RGB always: the normalisation constants are RGB
-
-    def transform(self, image: Image.Image, rng: random.Random | None) -> np.ndarray:
-        """Crop and resize in one PIL call; train: random resized crop + flip, eval: centre crop."""
-        w, h = image.size
-        box = _random_crop(w, h, rng) if self.train else _centre_crop(w, h)
-        out = np.asarray(image.resize((self.size, self.size), Image.BILINEAR, box=box))
-        if self.train and rng.random() < 0.5:
-            out = out[:, ::-1]
-        return out
-
-    def collate(self, items: list, stats: dict, index: tuple[int, int]) -> dict:
-        """Pixels stay uint8 (a quarter of float32) and are written straight into shared memory.
-
-        Handing a batch from a worker to the main process costs about as much as decoding it
-        when it is float32 (measured: 3.4 ms per 32 x 96 px batch, 18 ms at 224 px; uint8: 1.2 and
-        4.8 ms), so the main process normalises (`normalise`). Labels and tokens stay numpy:
-        pickled through the pipe they cost less than a shared segment each.
-        """
-        shape = (len(items), self.size, self.size, 3)
-        pixels = _empty_shared(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
-        np.stack([item[1] for item in items], out=pixels.numpy())
-        batch = {"image": pixels, "_stats": stats, "_index": index,
-                 "label": np.array([item[3] for item in items], dtype=np.int64), "key": [item[0] for item in items]}
-        if self.tokenizer_name is not None:
-            batch["caption"] = [item[2] for item in items]  # for the attention picture
-            batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,
-                                                                   [item[2] for item in items])
-        return batch
-
-    def normalise(self, batch: dict) -> dict:
-        """Main process: uint8 NHWC -> normalised float32 NCHW, numpy -> LongTensor.
-
-        numpy, not torch: it is single-threaded, while torch's intra-op threads on a busy CPU
-        were measured to wait ~20 ms per batch for a free core (0.3 ms single-threaded at 96 px).
-        """
-        pixels = batch["image"].numpy().transpose(0, 3, 1, 2)
-        image = np.empty(pixels.shape, dtype=np.float32)
-        np.multiply(pixels, self.scale, out=image)
-        np.add(image, self.shift, out=image)
-        batch["image"] = torch.from_numpy(image)
-        for name in ("label", "input_ids", "attention_mask"):
-            if name in batch:
-                batch[name] = torch.from_numpy(batch[name])
-        return batch
-
-
-def _empty_shared(shape) -> torch.Tensor:
-    """What torch's default_collate does in workers: the batch is born shared, no copy on hand-over."""
-    elem = torch.empty(0, dtype=torch.uint8)
-    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
-    return elem.new(storage).resize_(*shape)
-
-
 def _keep(item):
     """collate_fn that leaves numpy arrays alone (the default would turn each into a shared tensor)."""
     return item
-
-
-class _BadSample(Exception):
-    pass
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(name: str):
-    """Built lazily in each worker process; Rust threads inside forked workers only oversubscribe."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only where captions are used
-
-    return AutoTokenizer.from_pretrained(resolve_text_model(name))
-
-
-@lru_cache(maxsize=4)
-def _fixed_length_backend(name: str, seq_len: int):
-    """The tokenizer's own Rust `tokenizers` object, set to truncate and pad to `seq_len`.
-
-    transformers' Python wrapper around it costs ~4x the tokenization itself on short captions
-    (measured: 155 vs 40 us a caption), a large share of a loader worker's time. A copy, so the
-    wrapper's own settings are untouched. None for tokenizers without a Rust backend.
-    """
-    wrapper = _tokenizer(name)
-    backend = getattr(wrapper, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    from tokenizers import Tokenizer  # noqa: PLC0415 - installed with transformers
-
-    fixed = Tokenizer.from_str(backend.to_str())
-    fixed.enable_truncation(max_length=seq_len)
-    fixed.enable_padding(length=seq_len, pad_id=wrapper.pad_token_id, pad_token=wrapper.pad_token)
-    return fixed
-
-
-def tokenize(name: str, seq_len: int, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), int64 [len(captions), seq_len]: what the wrapper gives with
-    padding="max_length", truncation=True (tests/test_data.py checks they agree)."""
-    backend = _fixed_length_backend(name, seq_len)
-    if backend is None:
-        tokens = _tokenizer(name)(captions, padding="max_length", truncation=True, max_length=seq_len,
-                                  return_tensors="np")
-        return tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
-    encodings = backend.encode_batch_fast(captions)  # no character offsets: we never use them
-    return (np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64))
-
-
-def _preload(tokenizer_name: str | None, seq_len: int) -> None:
-    """Load (never run) the tokenizer here: a bad name fails now, and forked workers inherit it
-    instead of loading it again every epoch. Spawned workers still load it lazily."""
-    if tokenizer_name is not None:
-        _fixed_length_backend(tokenizer_name, seq_len)
-
-
-def _random_crop(w: int, h: int, rng: random.Random) -> tuple[float, float, float, float]:
-    """torchvision's RandomResizedCrop parameters, drawn from our own seeded generator."""
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(*TRAIN_SCALE)
-        ratio = math.exp(rng.uniform(math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1])))
-        cw, ch = math.sqrt(target * ratio), math.sqrt(target / ratio)
-        if cw <= w and ch <= h:
-            x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            return x, y, x + cw, y + ch
-    return _centre_crop(w, h, 1.0)
-
-
-def _centre_crop(w: int, h: int, crop_pct: float = EVAL_CROP_PCT) -> tuple[float, float, float, float]:
-    side = min(w, h) * crop_pct
-    x, y = (w - side) / 2, (h - side) / 2
-    return x, y, x + side, y + side

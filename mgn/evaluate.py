@@ -25,11 +25,12 @@ from mgn import distributed
 from mgn.artifacts import Checkpoint, load_checkpoint
 from mgn.clip import clip_batches, load_clip, read_prompts
 from mgn.config import Config
-from mgn.data import build_loader, expand_shards
+from mgn.data import build_loader
 from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
 from mgn.monitor import TensorBoard
 from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
+from mgn.shard_sets import expand_shards
 from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files
 
 log = logging.getLogger("mgn")

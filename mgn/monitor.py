@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mgn import distributed
-from mgn.data import BALANCE_WARNING
+from mgn.epoch_plan import BALANCE_WARNING
 from mgn.metrics import classification_metrics
 
 log = logging.getLogger("mgn")

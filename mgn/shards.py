@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import hashlib
 import io
 import json
 import math
@@ -27,7 +25,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,27 +34,10 @@ import webdataset as wds
 from PIL import Image
 
 from mgn import synthetic
-from mgn.images import DEFAULT_MAX_PIXELS, ImageTooLarge, cap_caption, open_capped, to_rgb
+from mgn.manifest import MAX_CAPTION_BYTES, SPLITS, Reject, Row, check_rows, read_folder, read_manifest
+from mgn.safe_images import DEFAULT_MAX_PIXELS, ImageTooLarge, open_capped, to_rgb
 
-SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIZES_FILE, CARD_FILE, REJECTS_FILE = "sizes.json", "dataset_card.json", "rejects.jsonl"
-MAX_CAPTION_BYTES = 4096  # stored captions are cut to this (recorded in the sample's json and the card)
-MAX_CSV_FIELD = 1 << 24  # a CSV cell beyond 16 MB makes its row a reject, not an aborted write
-
-
-@dataclass
-class Row:
-    """One input row before any check; `line` is where to look in the manifest."""
-
-    line: int
-    where: str
-    image: str
-    caption: str
-    label: str
-    id: str | None = None
-    split: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,160 +53,11 @@ class Record:
     meta: dict
 
 
-@dataclass
-class Reject:
-    line: int
-    where: str
-    kind: str  # missing_file | outside_root | unreadable_image | too_large | empty_caption | unknown_label |
-    #            duplicate_id | bad_split | bad_row
-    reason: str
-    id: str | None = None
-    image: str | None = None
-
-
 class BadRowError(ValueError):
     """Raised under --strict on the first bad row."""
 
 
-# ---------------------------------------------------------------------------------------------- inputs
-
-def read_manifest(path: str | Path) -> list[Row]:
-    """CSV with a header or JSON Lines; columns image, caption, label, optional id and split.
-
-    Image paths are relative to the manifest's folder. Other columns go to the sample's json.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    base = path.parent
-    rows = _jsonl_rows(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path)
-    for row in rows:
-        if row.image and not os.path.isabs(row.image):
-            row.image = str(base / row.image)
-    return rows
-
-
-def _csv_rows(path: Path) -> list[Row]:
-    previous = csv.field_size_limit(MAX_CSV_FIELD)  # the module's default, 128 KB, aborts on one long caption
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "caption", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
-            rows = []
-            while True:
-                first_line = reader.line_num + 1
-                try:
-                    values = next(reader)
-                    line = reader.line_num
-                except StopIteration:
-                    return rows
-                except csv.Error as exc:  # e.g. a cell over MAX_CSV_FIELD: this row goes, the others stay
-                    values, line = {"__error__": f"unreadable CSV row: {exc}"}, first_line
-                rows.append(_row(line, f"{path.name}:{line}", values))
-    finally:
-        csv.field_size_limit(previous)
-
-
-def _jsonl_rows(path: Path) -> list[Row]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                values = json.loads(text)
-                if not isinstance(values, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                values = {"__error__": f"invalid JSON: {exc}"}
-            rows.append(_row(line_no, f"{path.name}:{line_no}", values))
-    return rows
-
-
-def _row(line: int, where: str, values: dict) -> Row:
-    values = {k: v for k, v in values.items() if k is not None}  # csv puts surplus cells under None
-    known = {"image", "caption", "label", "id", "split"}
-    text = {k: "" if values.get(k) is None else str(values[k]).strip() for k in known}
-    extra = {k: v for k, v in values.items() if k not in known}
-    return Row(line, where, text["image"], text["caption"], text["label"], text["id"] or None,
-               text["split"] or None, extra)
-
-
-def read_folder(root: str | Path) -> tuple[list[Row], list[str]]:
-    """`root/<label>/<name>.jpg` with the caption in `<name>.txt`; or the same under root/train, root/test."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    split_dirs = [(s, root / s) for s in SPLITS if (root / s).is_dir()]
-    rows, labels = [], set()
-    for split, base in split_dirs or [(None, root)]:
-        for label_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            labels.add(label_dir.name)
-            for image in sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                txt = image.with_suffix(".txt")
-                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-                where = str(image.relative_to(root))
-                rows.append(Row(len(rows) + 1, where, str(image), caption, label_dir.name,
-                                f"{label_dir.name}_{image.stem}", split))
-    return rows, sorted(labels)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-def sample_key(row_id: str) -> str:
-    """WebDataset splits file names at the first dot, so keys keep only [A-Za-z0-9_-]."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
-
-
-def check_rows(rows: list[Row], labels: list[str], *, test_fraction: float, seed: int, root: Path | None = None,
-               max_caption_bytes: int = MAX_CAPTION_BYTES) -> list[tuple[Row, str, str, int] | Reject]:
-    """The cheap, order-dependent checks (ids, labels, captions, splits, paths), done once in this process.
-
-    With `root`, an image whose path resolves outside it (an absolute path, a `..` escape, a symlink that
-    points elsewhere) is rejected: a manifest from someone else must not copy arbitrary files into shards.
-    Captions longer than `max_caption_bytes` are cut (the sample's json records the original length).
-    """
-    checked, first_line = [], {}
-    root = root.resolve() if root is not None else None
-    for row in rows:
-        key = sample_key(row.id) if row.id else f"row{row.line:07d}"
-
-        def bad(kind: str, reason: str) -> None:
-            checked.append(Reject(row.line, row.where, kind, reason, row.id, row.image or None))
-
-        if "__error__" in row.extra:
-            bad("bad_row", row.extra["__error__"])
-        elif key in first_line:
-            bad("duplicate_id", f"duplicate id {row.id!r} (as key {key!r}; first on line {first_line[key]})")
-        elif not row.caption:
-            bad("empty_caption", "empty caption")
-        elif row.label not in labels:
-            bad("unknown_label", f"label {row.label!r} not in the declared set {labels}")
-        elif row.split is not None and row.split.lower() not in SPLITS:
-            bad("bad_split", f"split {row.split!r} is not one of {list(SPLITS)}")
-        elif not row.image:
-            bad("missing_file", "no image path")
-        elif root is not None and not Path(row.image).resolve().is_relative_to(root):
-            bad("outside_root", f"image {row.image!r} resolves to {Path(row.image).resolve()}, outside the data "
-                                f"root {root} (--data-root; --allow-outside-root to permit it)")
-        else:
-            raw = row.caption.encode("utf-8")
-            if len(raw) > max_caption_bytes:
-                row.caption = cap_caption(raw, max_caption_bytes)
-                row.extra["caption_truncated_from_bytes"] = len(raw)
-            split = row.split.lower() if row.split else _seeded_split(key, test_fraction, seed)
-            checked.append((row, key, split, labels.index(row.label)))
-        first_line.setdefault(key, row.line)
-    return checked
-
-
-def _seeded_split(key: str, test_fraction: float, seed: int) -> str:
-    """Depends on the key only, so adding rows never moves an existing sample to the other split."""
-    digest = hashlib.sha1(f"{seed}/{key}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
-
+# -------------------------------------------------------------------------------------------- encoding
 
 def encode_row(item: tuple[Row, str, str, int] | Reject, *, labels: list[str], image_size: int, quality: int,
                fmt: str, keep_original: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Record | Reject:
@@ -281,7 +113,7 @@ def _encode_image(data: bytes, image_size: int, quality: int, fmt: str, keep_ori
         return out.getvalue(), fmt
 
 
-# ---------------------------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------------------------- writing
 
 class SplitWriter:
     """`<split>-%06d.tar` shards, each under a hidden temporary name until it is complete."""
@@ -311,7 +143,8 @@ class SplitWriter:
         name = f"{self.split}-{len(self.sizes):06d}.tar"
         self._tmp = self.out_dir / f".{name}.partial"
         self._file = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # fixed: same data, same bytes; int: no pax record per file
+        # mtime fixed: same data, same bytes; an int: no pax record per file
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self._name, self._count, self._bytes = name, 0, 0
 
     def finish(self) -> None:
@@ -413,7 +246,7 @@ def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
         yield from pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (4 * workers))))
 
 
-# ---------------------------------------------------------------------------------------------- entry points
+# ---------------------------------------------------------------------------------------- entry points
 
 def write_shards(rows: list[Row], out_dir: str | Path, *, labels: list[str], source: str,
                  image_size: int = 0, quality: int = 90, fmt: str = "jpg", max_samples: int = 1000,
@@ -471,7 +304,8 @@ def _parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2) or " "))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `python -m mgn.shards`; its help is this module's docstring."""
     p = argparse.ArgumentParser(prog="python -m mgn.shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -515,33 +349,41 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--decoys", type=int, default=defaults.decoys)
     g.add_argument("--target", choices=sorted(synthetic.TARGETS), default=defaults.target,
                    help="stored label: violence (the moderation task) or scene_quadrant (8 classes, for pretraining)")
-    args = p.parse_args(argv)
+    return p
 
+
+def _write(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
+    """Write the shards the parsed command line asks for; returns the dataset card."""
+    if args.synthetic:
+        knobs = {k: getattr(args, k) for k in ("cue_strength", "caption_info", "label_noise", "positive_fraction",
+                                                "spurious_train", "spurious_test", "decoys", "target")}
+        return write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
+                               max_samples=args.max_samples_per_shard or 256, workers=args.workers,
+                               overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)
+    if args.manifest:
+        if not args.labels:
+            p.error("--manifest needs --labels: the declared set fixes class indices across data sets")
+        rows, labels, source = read_manifest(args.manifest), None, f"manifest:{args.manifest}"
+    else:
+        rows, labels = read_folder(args.folder)
+        source = f"folder:{args.folder}"
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else labels
+    root = None if args.allow_outside_root else (
+        args.data_root or (Path(args.manifest).parent if args.manifest else args.folder))
+    return write_shards(rows, args.out, labels=labels, source=source, image_size=args.image_size or 0,
+                        quality=args.quality, fmt=args.format,
+                        max_samples=args.max_samples_per_shard or 1000,
+                        max_bytes=args.max_bytes_per_shard, workers=args.workers,
+                        test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
+                        overwrite=args.overwrite, data_root=root, keep_original=args.keep_original_bytes,
+                        max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
     try:
-        if args.synthetic:
-            knobs = {k: getattr(args, k) for k in ("cue_strength", "caption_info", "label_noise",
-                                                    "positive_fraction", "spurious_train", "spurious_test", "decoys", "target")}
-            card = write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
-                                   max_samples=args.max_samples_per_shard or 256, workers=args.workers,
-                                   overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)
-        else:
-            if args.manifest:
-                if not args.labels:
-                    p.error("--manifest needs --labels: the declared set fixes class indices across data sets")
-                rows, labels, source = read_manifest(args.manifest), None, f"manifest:{args.manifest}"
-            else:
-                rows, labels = read_folder(args.folder)
-                source = f"folder:{args.folder}"
-            labels = [x.strip() for x in args.labels.split(",")] if args.labels else labels
-            root = None if args.allow_outside_root else (
-                args.data_root or (Path(args.manifest).parent if args.manifest else args.folder))
-            card = write_shards(rows, args.out, labels=labels, source=source, image_size=args.image_size or 0,
-                                quality=args.quality, fmt=args.format,
-                                max_samples=args.max_samples_per_shard or 1000,
-                                max_bytes=args.max_bytes_per_shard, workers=args.workers,
-                                test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
-                                overwrite=args.overwrite, data_root=root, keep_original=args.keep_original_bytes,
-                                max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes)
+        card = _write(args, p)
     except (BadRowError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from mgn import checkpoint, distributed, preemption
 from mgn.artifacts import init_student
 from mgn.checkpoint import TrainState
 from mgn.config import Config
-from mgn.data import build_loader, class_names
+from mgn.data import build_loader
 from mgn.engine import apply_learning_rates, autocast, build_engine, precision
 from mgn.export import ARTIFACT_NAME, export_student
 from mgn.faults import FaultInjection
@@ -45,6 +45,7 @@ from mgn.monitor import (
 from mgn.objectives import Objective, build_objective
 from mgn.pictures import attention_figure, samples_from_batch, save_picture
 from mgn.predictions import collect, merge
+from mgn.shard_sets import class_names
 from mgn.shards import write_synthetic
 
 log = logging.getLogger("mgn")

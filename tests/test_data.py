@@ -14,8 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from mgn.config import PACKAGED_MINILM, DataConfig, resolve_text_model
-from mgn import data
-from mgn.data import eval_loader, expand_shards, read_sizes, tokenize, train_loader, worker_quotas
+from mgn import decode
+from mgn.data import eval_loader, train_loader
+from mgn.decode import tokenize
+from mgn.epoch_plan import worker_quotas
+from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_files
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -151,8 +154,8 @@ def test_resume_skips_raw_samples_and_continues_with_the_same_batches(tmp_path, 
     cfg = _cfg(tmp_path, num_workers=workers)
     full = [(b["key"], b["image"]) for b in train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=3, epoch=1)]
     decoded = []
-    original = data.Decoder.decode
-    monkeypatch.setattr(data.Decoder, "decode", lambda self, sample, rng=None: decoded.append(1) or original(
+    original = decode.Decoder.decode
+    monkeypatch.setattr(decode.Decoder, "decode", lambda self, sample, rng=None: decoded.append(1) or original(
         self, sample, rng))
     for skip in (1, 5, len(full) - 1):
         decoded.clear()
@@ -240,7 +243,7 @@ def test_fast_tokenize_matches_the_transformers_wrapper(which, seq_len, request,
     np.testing.assert_array_equal(mask, expected["attention_mask"])
     assert mask[3].all() and mask[1].sum() == 2  # truncated to the full length; empty = [CLS] [SEP]
 
-    monkeypatch.setattr(data, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
+    monkeypatch.setattr(decode, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
     slow_ids, slow_mask = tokenize(name, seq_len, CAPTIONS)
     np.testing.assert_array_equal(slow_ids, ids)
     np.testing.assert_array_equal(slow_mask, mask)

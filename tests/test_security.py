@@ -23,7 +23,8 @@ import evaluate
 from mgn.config import preset_config
 from mgn.export import export_student
 from mgn.model import ImageClassifier
-from mgn.shards import read_manifest, write_shards
+from mgn.manifest import read_manifest
+from mgn.shards import write_shards
 from tests.conftest import calibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +293,7 @@ def test_a_ten_megabyte_caption_is_cut_and_recorded_and_the_other_rows_survive(t
 
 
 def test_a_csv_cell_beyond_the_field_limit_is_a_rejected_row_with_its_line(tmp_path):
-    from mgn.shards import MAX_CSV_FIELD
+    from mgn.manifest import MAX_CSV_FIELD
 
     data = tmp_path / "data"
     data.mkdir()

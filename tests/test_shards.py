@@ -17,7 +17,9 @@ from PIL import Image
 
 from mgn import shards, synthetic
 from mgn.config import DataConfig
-from mgn.data import eval_loader, expand_shards, read_sizes
+from mgn.data import eval_loader
+from mgn.manifest import read_folder, read_manifest
+from mgn.shard_sets import expand_shards, read_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,7 +78,7 @@ def test_manifest_round_trip(tmp_path):
     _image(images / "b.png", mode="RGBA", seed=2)
     _image(images / "c.png", mode="L", seed=3)
     out = tmp_path / "shards"
-    card = shards.write_shards(shards.read_manifest(_manifest(tmp_path, rows)), out,
+    card = shards.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
                                labels=["non_violent", "violent"], source="test", max_samples=1)
     assert card["splits"]["train"] == {"samples": 2, "shards": 2, "per_label": {"non_violent": 1, "violent": 1}}
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 1, "train-000001.tar": 1,
@@ -113,14 +115,14 @@ def test_jsonl_manifest_seeded_split_and_reencoding(tmp_path):
              "label": "1" if i % 2 else "0"} for i in range(40)]
     manifest = _manifest(tmp_path, rows, "m.jsonl")
     out = tmp_path / "s"
-    card = shards.write_shards(shards.read_manifest(manifest), out, labels=["0", "1"], source="t",
+    card = shards.write_shards(read_manifest(manifest), out, labels=["0", "1"], source="t",
                                image_size=50, test_fraction=0.3, seed=1, workers=2)
     n_test = card["splits"]["test"]["samples"]
     assert 3 <= n_test <= 25 and card["splits"]["train"]["samples"] + n_test == 40
     sample = next(iter(_tar_samples(out / "train-000000.tar").values()))
     assert Image.open(io.BytesIO(sample["jpg"])).size == (100, 50)  # shorter side re-encoded to 50
     again = tmp_path / "s2"
-    shards.write_shards(shards.read_manifest(manifest), again, labels=["0", "1"], source="t", image_size=50,
+    shards.write_shards(read_manifest(manifest), again, labels=["0", "1"], source="t", image_size=50,
                         test_fraction=0.3, seed=1)
     assert (again / "sizes.json").read_text() == (out / "sizes.json").read_text()
 
@@ -132,7 +134,7 @@ def test_folder_layout(tmp_path):
         folder.mkdir(parents=True)
         _image(folder / f"{name}.jpg")
         (folder / f"{name}.txt").write_text(f"a {label}")
-    rows, labels = shards.read_folder(root)
+    rows, labels = read_folder(root)
     assert labels == ["cat", "dog"]
     card = shards.write_shards(rows, tmp_path / "out", labels=labels, source="folder")
     assert card["splits"]["test"]["per_label"] == {"cat": 0, "dog": 1}
@@ -152,7 +154,7 @@ def test_rejects_each_kind_of_bad_row(tmp_path):
         {"id": "ok", "image": str(good), "caption": "again", "label": "violent"},       # line 7
     ]
     out = tmp_path / "out"
-    card = shards.write_shards(shards.read_manifest(_manifest(tmp_path, rows)), out,
+    card = shards.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
                                labels=["non_violent", "violent"], source="t", test_fraction=0.0)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["kind"]) for r in rejects] == [
@@ -162,7 +164,7 @@ def test_rejects_each_kind_of_bad_row(tmp_path):
     assert list(_tar_samples(out / "train-000000.tar")) == ["ok"]  # bad rows left no files behind
 
     with pytest.raises(shards.BadRowError, match=r"manifest.csv:3: missing file"):
-        shards.write_shards(shards.read_manifest(_manifest(tmp_path, rows)), tmp_path / "strict",
+        shards.write_shards(read_manifest(_manifest(tmp_path, rows)), tmp_path / "strict",
                             labels=["non_violent", "violent"], source="t", strict=True)
     assert not list((tmp_path / "strict").glob("*.tar"))
 

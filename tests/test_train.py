@@ -110,7 +110,7 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     must drop the rewritten steps (purge_step), and a fresh start in the used folder is refused."""
     import math
 
-    from mgn.data import expand_shards, read_sizes
+    from mgn.shard_sets import expand_shards, read_sizes
 
     args = train_args(shards, tmp_path, "base", "--objective.name", "baseline", "--train.epochs", "2",
                       "--train.grad_accum", "4", "--train.log_every", "1", "--train.ckpt_every", "4",

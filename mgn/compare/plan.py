@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mgn.compare.arms import Arm
 from mgn.config import Config, preset_config
-from mgn.data import expand_shards, read_sizes
+from mgn.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
 STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained by this "
