@@ -105,13 +105,15 @@ def free_port() -> int:
 GPU_ALLOCATION_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
 
 
-def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = None) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = None, *,
+                cpu_hint: str = "train on the CPU on purpose with --train.device cpu") -> torch.device:
     """The device of this rank: `cuda` (the GPU of its local rank), `cpu`, or `auto`.
 
     `auto` is the GPU when CUDA works, else the CPU, except where GPUs were allocated to this process (Slurm's GPU
     variables, or CUDA_VISIBLE_DEVICES naming devices) and CUDA still does not work: a broken driver or a CPU-only
     torch on a GPU node must not turn a GPU job into a slow CPU one without a word. More ranks on a node than
     GPUs is an error too: two ranks on one GPU end in an obscure NCCL failure later.
+    `cpu_hint`: how the calling command runs on the CPU instead, for the message.
     """
     env = os.environ if env is None else env
     if name == "cpu":
@@ -124,8 +126,7 @@ def pick_device(name: str, local_rank: int = 0, env: dict[str, str] | None = Non
             why = f"GPUs were allocated ({', '.join(f'{k}={v}' for k, v in allocated.items())})" if allocated \
                 else "a GPU was asked for"
             raise RuntimeError(f"{why} but CUDA is not available to torch {torch.__version__} (no driver, or a "
-                               f"CPU-only build); fix the node or the install, or train on the CPU on purpose "
-                               f"with --train.device cpu")
+                               f"CPU-only build); fix the node or the install, or {cpu_hint}")
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:

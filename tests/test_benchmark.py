@@ -15,14 +15,14 @@ from mgn.benchmark import (
     BenchmarkError,
     Settings,
     check_equivalence,
-    guard,
     prepare,
+    require_deployable,
     run,
-    summary_stats,
     tiny_settings,
 )
 from mgn.config import Config, ModelConfig
 from mgn.export import export_student
+from mgn.timing import summary_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +71,12 @@ def test_tiny_cpu_run_writes_valid_json_with_the_equivalence_check(tmp_path, cap
 
 def test_refuses_to_time_a_train_mode_or_unfused_model():
     models = prepare(variant="mobileone_s0", image_size=64, bn_warmup_batches=1)
-    guard(models.fused, "fused")  # the deployed form passes
-    guard(models.unfused, "unfused reference", allow_unfused=True)
+    require_deployable(models.fused, "fused")  # the deployed form passes
+    require_deployable(models.unfused, "unfused reference", allow_unfused=True)
     with pytest.raises(BenchmarkError, match="not reparameterized"):
-        guard(models.unfused, "unfused")
+        require_deployable(models.unfused, "unfused")
     with pytest.raises(BenchmarkError, match="train mode"):
-        guard(models.fused.train(), "fused")
+        require_deployable(models.fused.train(), "fused")
 
 
 def test_a_broken_fusion_stops_the_run_before_timing(monkeypatch):
