@@ -1,32 +1,45 @@
-"""Training step time: every objective (guided MGN and its variants) vs. the image-only baseline, side by side.
+"""Training step time: every objective (guided MGN and its variants) vs. the image-only baseline, side by side,
+and the baseline vs. a bare PyTorch step.
 
 The engines are built in one process and timed in alternating rounds on the same in-memory batches,
 so machine noise hits them alike. "guided" encodes every caption (a first epoch); "guided_cached"
-has `model.text_cache` on and has seen the captions (later epochs). A second pass feeds the guided
-engine from the real loader to measure the data-wait fraction of step time.
+has `model.text_cache` on and has seen the captions (later epochs). "bare" is the baseline's step
+without the project: a plain loop over the same student (mgn.model.ImageClassifier), micro-batch,
+AdamW parameter groups, label smoothing, gradient clip and autocast, with no DeepSpeed, no non-finite
+guard and no schedule; `baseline_over_bare` is what the project's machinery costs. A second pass feeds
+the guided engine from the real loader to measure the data-wait fraction of step time.
 
     python benchmarks/train_step.py                        # demo preset, CPU
     python benchmarks/train_step.py --preset paper --workers 8   # on a GPU node (needs paper shards)
-Goals: guided/baseline step-time ratio <= 1.5; data wait < 5% with enough workers.
+    python benchmarks/train_step.py --preset tiny --steps 1 --rounds 2 --warmup 1 --out /tmp/step.json  # smoke
+Goals: guided/baseline step-time ratio <= 1.5; baseline/bare <= 1.05; data wait < 5% with enough workers.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn import distributed  # noqa: E402
 from mgn.config import OBJECTIVES, PRESETS, Config, preset_config  # noqa: E402
 from mgn.data import build_loader  # noqa: E402
+from mgn.engine import autocast, build_engine, param_groups, precision  # noqa: E402
+from mgn.model import ImageClassifier  # noqa: E402
 from mgn.objectives import build_objective  # noqa: E402
-from mgn.train import build_engine, ensure_demo_shards, model_inputs  # noqa: E402
+from mgn.train import ensure_demo_shards, model_inputs  # noqa: E402
+
+Step = Callable[[dict], None]
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,21 +51,50 @@ def loader(cfg: Config, world):
     return build_loader(cfg, "train", rank=world.rank, world_size=world.world_size, captions=True)
 
 
-def step(engine, batch: dict, cfg: Config, device: torch.device) -> None:
-    inputs = model_inputs(batch, device, next(engine.module.parameters()).dtype, cfg.uses_captions)
-    engine.backward(engine(**inputs, label=batch["label"].to(device)).loss)
-    engine.step()
+def engine_step(engine, cfg: Config, device: torch.device) -> Step:
+    """The project's step, as mgn.train.Trainer takes it: forward under autocast, DeepSpeed backward and step."""
+    def step(batch: dict) -> None:
+        with autocast(cfg, device):
+            output = engine(**model_inputs(batch, device, cfg.uses_captions), label=batch["label"].to(device))
+        engine.backward(output.loss)
+        engine.step()
+    return step
 
 
-def main() -> None:
+def bare_step(cfg: Config, device: torch.device) -> Step:
+    """The baseline's step in plain PyTorch, from the same initial weights (same seed, student built first)."""
+    torch.manual_seed(0)
+    student = ImageClassifier(cfg.model).to(device).train()
+    # parameter names as in an objective ("student.encoder..."), so the groups and their rates are the baseline's
+    groups = param_groups(nn.ModuleDict({"student": student}), cfg)
+    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")  # the project's GuardedAdamW, unguarded
+    params = [p for group in groups for p in group["params"]]
+
+    def step(batch: dict) -> None:
+        image = batch["image"].to(device, torch.float32, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        with autocast(cfg, device):
+            loss = F.cross_entropy(student(image).float(), label, label_smoothing=cfg.train.label_smoothing)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before the rounds")
     parser.add_argument("--workers", type=int, default=2, help="loader workers for the data-wait pass")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def objective_configs(preset: str, workers: int) -> dict[str, Config]:
     cached = {"freeze_text": True, "text_cache": 10**6}
     variants = {"baseline": ({"name": "baseline"}, {}),
                 "guided": ({"name": "guided"}, {"freeze_text": True, "text_cache": 0}),  # encodes every caption
@@ -60,9 +102,51 @@ def main() -> None:
                 # every other objective, with the text cache of later epochs: the cost line of each variant
                 **{name: ({"name": name}, cached) for name in OBJECTIVES if name not in ("baseline", "guided")},
                 "caption_dropout": ({"name": "guided", "caption_dropout": 0.5}, cached)}
-    configs = {name: preset_config(args.preset, {"objective": objective, "model": model,
-                                                 "data": {"num_workers": args.workers}})
-               for name, (objective, model) in variants.items()}
+    return {name: preset_config(preset, {"objective": objective, "model": model, "data": {"num_workers": workers}})
+            for name, (objective, model) in variants.items()}
+
+
+def time_rounds(steps: dict[str, Step], batches: list[dict], device: torch.device, warmup: int,
+                rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each mode, one mean per round; the modes take turns in every round."""
+    for step in steps.values():  # warmup: allocator, kernels, lazy init
+        for batch in itertools.islice(itertools.cycle(batches), warmup):
+            step(batch)
+    times = {mode: [] for mode in steps}
+    for _ in range(rounds):
+        for mode, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            synchronize(device)
+            times[mode].append((time.perf_counter() - start) / len(batches))
+    return times
+
+
+def data_wait(step: Step, batches, device: torch.device, steps: int) -> tuple[float, float]:
+    """(samples/s, share of the step spent waiting for the loader) of `step` fed by `batches`."""
+    wait = total = 0.0
+    samples = 0
+    tick = time.perf_counter()
+    for i, batch in enumerate(batches):
+        fetched = time.perf_counter()
+        step(batch)
+        synchronize(device)
+        done = time.perf_counter()
+        if i >= 2:  # skip worker start-up
+            wait += fetched - tick
+            total += done - tick
+            samples += len(batch["label"])
+        tick = done
+        if i + 1 == steps + 2:
+            break
+    return samples / total, wait / total
+
+
+def main() -> None:
+    args = parse_args()
+    configs = objective_configs(args.preset, args.workers)
     world = distributed.detect_world()
     device = distributed.init_distributed(world, timeout_s=300)
     ensure_demo_shards(configs["guided"])
@@ -71,76 +155,54 @@ def main() -> None:
         torch.manual_seed(0)
         engines[mode] = build_engine(build_objective(cfg), cfg, device, total_steps=10**6)
         engines[mode].train()
-    batches = []
-    for batch in loader(configs["guided"], world):
-        batches.append(batch)
-        if len(batches) == args.steps:
-            break
+    steps = {mode: engine_step(engine, configs[mode], device) for mode, engine in engines.items()}
+    steps = {"baseline": steps.pop("baseline"), "bare": bare_step(configs["baseline"], device), **steps}
+    batches = list(itertools.islice(loader(configs["guided"], world), args.steps))
 
-    times = {mode: [] for mode in engines}
-    for mode, engine in engines.items():  # warmup: allocator, kernels, lazy init
-        for batch in batches[:2]:
-            step(engine, batch, configs[mode], device)
-    for _ in range(args.rounds):
-        for mode, engine in engines.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for batch in batches:
-                step(engine, batch, configs[mode], device)
-            synchronize(device)
-            times[mode].append((time.perf_counter() - start) / len(batches))
-
-    # Data-wait pass: the guided engine fed by the real loader.
-    wait = total = 0.0
-    samples = 0
-    tick = time.perf_counter()
-    for i, batch in enumerate(loader(configs["guided"], world)):
-        fetched = time.perf_counter()
-        step(engines["guided"], batch, configs["guided"], device)
-        synchronize(device)
-        done = time.perf_counter()
-        if i >= 2:  # skip worker start-up
-            wait += fetched - tick
-            total += done - tick
-            samples += len(batch["label"])
-        tick = done
-        if i + 1 == args.steps + 2:
-            break
+    times = time_rounds(steps, batches, device, args.warmup, args.rounds)
+    with_loader, wait = data_wait(steps["guided"], loader(configs["guided"], world), device, args.steps)
 
     micro_batch = configs["guided"].train.micro_batch
+    step_s = {mode: statistics.median(t) for mode, t in times.items()}
     result = {
-        "preset": args.preset, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-        "micro_batch": micro_batch, "steps_per_round": args.steps, "rounds": args.rounds,
-        "step_s": {mode: statistics.median(t) for mode, t in times.items()},
-        "step_s_rounds": times,
-        "loader_workers": args.workers,
-        "guided_samples_per_s_with_loader": samples / total,
-        "data_wait_fraction": wait / total,
+        "preset": args.preset, "device": str(device), "precision": precision(configs["baseline"], device),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "torch": torch.__version__, "micro_batch": micro_batch, "steps_per_round": args.steps,
+        "rounds": args.rounds, "warmup_steps": args.warmup,
+        "step_s": step_s, "step_s_rounds": times,
+        "loader_workers": args.workers, "guided_samples_per_s_with_loader": with_loader, "data_wait_fraction": wait,
+        "guided_over_baseline": step_s["guided"] / step_s["baseline"],
+        "guided_cached_over_baseline": step_s["guided_cached"] / step_s["baseline"],
+        "baseline_over_bare": step_s["baseline"] / step_s["bare"],
+        "bare_step": "plain PyTorch loop: ImageClassifier, torch.optim.AdamW (same parameter groups), cross-entropy with "
+                "the same label smoothing, clip_grad_norm_, the project's autocast; no DeepSpeed, guard or schedule",
     }
-    result["guided_over_baseline"] = result["step_s"]["guided"] / result["step_s"]["baseline"]
-    result["guided_cached_over_baseline"] = result["step_s"]["guided_cached"] / result["step_s"]["baseline"]
-    for mode in engines:
-        result[f"{mode}_samples_per_s"] = micro_batch / result["step_s"][mode]
+    for mode in steps:
+        result[f"{mode}_samples_per_s"] = micro_batch / step_s[mode]
     if world.is_main:
-        print(f"MGN benchmark ({args.preset}, {device}, {torch.get_num_threads()} threads, micro-batch {micro_batch})")
-        print(f"  baseline step  {result['step_s']['baseline'] * 1e3:8.1f} ms  "
-              f"({result['baseline_samples_per_s']:.1f} samples/s)")
-        print(f"  guided step    {result['step_s']['guided'] * 1e3:8.1f} ms  "
-              f"({result['guided_samples_per_s']:.1f} samples/s)")
-        print(f"  guided, cached text {result['step_s']['guided_cached'] * 1e3:5.1f} ms  "
-              f"({result['guided_cached_samples_per_s']:.1f} samples/s)")
-        print(f"  guided / baseline = {result['guided_over_baseline']:.2f} cold (every caption encoded), "
-              f"{result['guided_cached_over_baseline']:.2f} with cached text  (goal <= 1.5)")
-        for mode in engines:
-            if mode not in ("baseline", "guided", "guided_cached"):
-                print(f"  {mode:<19} {result['step_s'][mode] * 1e3:6.1f} ms  "
-                      f"({result['step_s'][mode] / result['step_s']['baseline']:.2f} x baseline, cached text)")
-        print(f"  data wait with {args.workers} workers: {100 * result['data_wait_fraction']:.1f}% of step time "
-              f"(goal < 5%)")
+        print(report(result, args.workers))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"  wrote {args.out}")
+
+
+def report(result: dict, workers: int) -> str:
+    step_s = result["step_s"]
+    lines = [(f"MGN benchmark ({result['preset']}, {result['device']}, {result['precision']}, "
+              f"{result['torch_threads']} threads, micro-batch {result['micro_batch']})")]
+    for mode, label in (("bare", "bare PyTorch step"), ("baseline", "baseline step"), ("guided", "guided step"),
+                        ("guided_cached", "guided, cached text")):
+        lines.append(f"  {label:<19} {step_s[mode] * 1e3:8.1f} ms  ({result[f'{mode}_samples_per_s']:.1f} samples/s)")
+    lines.append(f"  baseline / bare = {result['baseline_over_bare']:.3f}  (goal <= 1.05)")
+    lines.append(f"  guided / baseline = {result['guided_over_baseline']:.2f} cold (every caption encoded), "
+                 f"{result['guided_cached_over_baseline']:.2f} with cached text  (goal <= 1.5)")
+    for mode in step_s:
+        if mode not in ("bare", "baseline", "guided", "guided_cached"):
+            lines.append(f"  {mode:<19} {step_s[mode] * 1e3:8.1f} ms  "
+                         f"({step_s[mode] / step_s['baseline']:.2f} x baseline, cached text)")
+    lines.append(f"  data wait with {workers} workers: {100 * result['data_wait_fraction']:.1f}% of step time "
+                 f"(goal < 5%)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,21 @@
 """Latency and throughput of the deployed student: reparameterized MobileOne + head.
 
-    prepare(...)        -> the models to time: student unfused / fused, and plain timm MobileOne (fused)
-                           of the same variant carrying the same weights
-    check_equivalence() -> fused vs unfused and student vs plain outputs, before anything is timed
-    time_latency()      -> batch-1 latency distributions, the models interleaved in rounds
-    time_throughput()   -> images/s at larger batches
-    matmul_peak()       -> measured fp32 (or fp16/bf16) matmul FLOP/s on the same device and threads
-    run(...)            -> the whole of `python benchmark.py`: table + JSON
+    prepare(...)         -> the models to time: student unfused / fused, and plain timm MobileOne (fused)
+                            of the same variant carrying the same weights
+    check_equivalence()  -> fused vs unfused and student vs plain outputs, before anything is timed
+    require_deployable() -> refuse to time a model in train mode, or one not reparameterized
+    run(...)             -> the whole of `python benchmark.py`: check, time, table + JSON
+    format_report()      -> the table printed from the JSON
 
-On CPU, time is `time.perf_counter` around each call with a stated thread count; on GPU, CUDA events
-with synchronisation. Everything runs under `torch.inference_mode`, with fixed input shapes.
+How each model is timed (clocks, interleaved rounds, throughput, FLOPs, matmul peak, the machine) is
+mgn/timing.py. On CPU, time is `time.perf_counter` around each call with a stated thread count; on GPU,
+CUDA events with synchronisation. Everything runs under `torch.inference_mode`, with fixed input shapes.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
-import platform
-import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,9 +23,10 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from mgn import timing
 from mgn.config import ModelConfig
+from mgn.distributed import pick_device
 from mgn.export import fuse_student, unfused_modules
 from mgn.model import ImageClassifier
 
@@ -177,9 +174,9 @@ def check_equivalence(models: Models, rtol: float, batch: int = 4, seed: int = 1
     return out
 
 
-# --- timing ------------------------------------------------------------------------------------------------
+# --- what may be timed ----------------------------------------------------------------------------------------
 
-def guard(model: nn.Module, name: str, allow_unfused: bool = False) -> None:
+def require_deployable(model: nn.Module, name: str, allow_unfused: bool = False) -> None:
     """Refuse to time what is not the deployed form, unless it is the explicit unfused reference."""
     if model.training:
         raise BenchmarkError(f"{name}: model is in train mode; timing it would measure the wrong thing (call eval())")
@@ -189,125 +186,17 @@ def guard(model: nn.Module, name: str, allow_unfused: bool = False) -> None:
                              f"{leftovers[:3]}); fuse it, or time it only as the unfused comparison")
 
 
-class Timer:
-    """Per-call wall time: CUDA events on GPU (synchronised), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object], calls: int) -> list[float]:
-        """Milliseconds for each of `calls` calls."""
-        if self.cuda:
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-            torch.cuda.synchronize()
-            for start, end in zip(starts, ends):
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-            return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-        out = []
-        for _ in range(calls):
-            tick = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - tick) * 1e3)
-        return out
-
-
-def summary_stats(ms: list[float]) -> dict:
-    from scipy.stats import trim_mean  # noqa: PLC0415 - scipy comes with scikit-learn
-
-    a = np.asarray(ms)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "trimmed_mean": float(trim_mean(a, 0.1)), "mean": float(a.mean()),
-            "min": float(a.min()), "max": float(a.max()), "std": float(a.std()), "n": len(a)}
-
-
-@torch.inference_mode()
-def time_latency(runners: dict[str, Callable], inputs: torch.Tensor, timer: Timer, warmup: int, iters: int,
-                 rounds: int) -> dict[str, list[float]]:
-    """Batch-1 latency samples per model; models take turns over `rounds` so slow drift affects all alike."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn(inputs)
-    samples = {name: [] for name in runners}
-    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
-    for calls in per_round:
-        for name, fn in runners.items():
-            samples[name] += timer(lambda fn=fn: fn(inputs), calls)
-    return samples
-
-
-@torch.inference_mode()
-def time_throughput(fn: Callable, inputs: torch.Tensor, timer: Timer, warmup: int, iters: int) -> dict:
-    for _ in range(max(1, warmup)):
-        fn(inputs)
-    ms = timer(lambda: fn(inputs), iters)
-    median = float(np.median(ms))
-    return {"batch": int(inputs.shape[0]), "ms_per_batch_p50": median,
-            "images_per_s": inputs.shape[0] / (median / 1e3), "n": len(ms)}
-
-
-def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Forward FLOPs (a multiply-add counts 2) from torch's FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(inputs)
-    return int(counter.get_total_flops())
-
-
-@torch.inference_mode()
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, timer: Timer, reps: int = 10) -> dict:
-    """Best observed square-matmul FLOP/s: the practical peak of this device at this thread count."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    ms = timer(lambda: a @ b, 3)  # warmup
-    ms = timer(lambda: a @ b, reps)
-    best = min(ms)
-    return {"size": size, "dtype": str(dtype).replace("torch.", ""), "best_ms": best,
-            "gflops": 2 * size ** 3 / (best / 1e3) / 1e9, "median_gflops": 2 * size ** 3 / (np.median(ms) / 1e3) / 1e9}
-
-
-# --- environment -------------------------------------------------------------------------------------------
-
-def environment(device: torch.device, threads: int) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "platform": platform.platform(), "device_type": device.type, "torch_threads": threads,
-           "torch_interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
-           "cpu": _cpu_name(), "mkldnn": torch.backends.mkldnn.is_available()}
-    affinity = getattr(os, "sched_getaffinity", None)
-    if affinity:
-        env["cpus_usable"] = len(affinity(0))
-    if hasattr(os, "getloadavg"):
-        # other processes competing for the cores inflate CPU latencies (2 threads on a busy 2-core machine: ~30x)
-        env["load_average_1min"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(), driver=_nvidia_driver(),
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    return env
-
-
-def _cpu_name() -> str:
+def select_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda | cuda:N through mgn.distributed.pick_device (cuda:N: the GPU of local rank N)."""
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise BenchmarkError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise BenchmarkError(f"--device {name}: this machine shows {torch.cuda.device_count()} GPU(s) to torch")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        return pick_device(kind, int(index or 0), flag="--device")
+    except RuntimeError as error:  # no CUDA, or no GPU N: one line from the command, not a traceback
+        raise BenchmarkError(f"--device {name}: {error}") from error
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -325,11 +214,10 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     s = settings
     if s.precision not in DTYPES:
         raise ValueError(f"--precision {s.precision!r}: expected one of {sorted(DTYPES)}")
-    device = _pick_device(s.device)
+    device = select_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
     threads = torch.get_num_threads()
-    dtype = DTYPES[s.precision]
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
     models = prepare(ckpt=ckpt, variant=variant, image_size=image_size, num_classes=num_classes,
@@ -339,74 +227,23 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     if failed:
         raise BenchmarkError(f"outputs disagree before timing ({', '.join(failed)}): {json.dumps(equivalence)}")
 
-    candidates = {STUDENT_FUSED: models.fused, PLAIN_FUSED: models.plain}
-    if s.compare_unfused and models.unfused is not None:
-        candidates = {STUDENT_UNFUSED: models.unfused, **candidates}
-    size = models.image_size
-    sizes = dict.fromkeys(candidates, size)
-    if clip:  # the paper's other baseline, timed by the same protocol at its own input size
-        from mgn.clip import load_clip  # noqa: PLC0415
-
-        clip_model = load_clip(clip)
-        candidates[CLIP_TOWER] = clip_model
-        sizes[CLIP_TOWER] = clip_model.image_size
-    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    flops, runners = {}, {}
-    for name, model in candidates.items():
-        guard(model, name, allow_unfused=name in (STUDENT_UNFUSED, CLIP_TOWER))
-        flops[name] = count_flops(model.float().cpu(), torch.zeros(1, 3, sizes[name], sizes[name]))
-        model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format).eval()
-        runners[name] = at_own_size(torch.compile(model) if s.compile else model, sizes[name], size)
-
-    if dtype != torch.float32:  # what the reduced precision costs in accuracy, on the timed device
-        x = realistic_images(4, size, torch.Generator().manual_seed(1))
-        with torch.inference_mode():
-            reference = models.fused.float().cpu()(x)
-            low = runners[STUDENT_FUSED](x.to(device, dtype).contiguous(memory_format=memory_format)).float().cpu()
-        equivalence["reduced_precision_vs_fp32"] = {"precision": s.precision,
-                                                    "max_abs_diff": (low - reference).abs().max().item(),
-                                                    "max_abs_logit": reference.abs().max().item(),
-                                                    "same_argmax": bool((low.argmax(1) == reference.argmax(1)).all())}
-    timer = Timer(device)
-    one = torch.randn(1, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-    latency = time_latency(runners, one, timer, s.warmup, s.iters, s.rounds)
-    results = {}
-    for name in runners:
-        stats = summary_stats(latency[name])
-        results[name] = {"flops_per_image": flops[name], "latency_ms_batch1": stats,
-                         "achieved_gflops_batch1": flops[name] / (stats["p50"] / 1e3) / 1e9, "throughput": []}
-    for batch in s.batch_sizes:
-        inputs = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        for name, fn in runners.items():
-            point = time_throughput(fn, inputs, timer, warmup=2, iters=s.throughput_iters)
-            point["achieved_gflops"] = flops[name] * batch / (point["ms_per_batch_p50"] / 1e3) / 1e9
-            results[name]["throughput"].append(point)
-    peak = matmul_peak(device, dtype, s.matmul_size, timer)
-    for entry in results.values():
-        entry["fraction_of_matmul_peak_batch1"] = entry["achieved_gflops_batch1"] / peak["gflops"]
-        for point in entry["throughput"]:
-            point["fraction_of_matmul_peak"] = point["achieved_gflops"] / peak["gflops"]
-
-    p50 = {name: r["latency_ms_batch1"]["p50"] for name, r in results.items()}
-    trimmed = {name: r["latency_ms_batch1"]["trimmed_mean"] for name, r in results.items()}
-    ratios = {"student_over_plain_p50": p50[STUDENT_FUSED] / p50[PLAIN_FUSED],
-              "student_over_plain_trimmed_mean": trimmed[STUDENT_FUSED] / trimmed[PLAIN_FUSED],
-              # noise floor: how much the same model's p50 moves between the first and second half of its samples
-              "student_p50_half_to_half": _half_ratio(latency[STUDENT_FUSED])}
-    if STUDENT_UNFUSED in results:
-        ratios["unfused_over_fused_p50"] = p50[STUDENT_UNFUSED] / p50[STUDENT_FUSED]
+    candidates, sizes = timed_models(models, s.compare_unfused, clip)
+    flops, runners = make_runners(candidates, sizes, models.image_size, s, device)
+    if s.precision != "fp32":  # what the reduced precision costs in accuracy, on the timed device
+        equivalence["reduced_precision_vs_fp32"] = reduced_precision_check(models, runners[STUDENT_FUSED], s, device)
+    results, latency, peak = measure(runners, flops, models.image_size, s, device)
+    ratios = latency_ratios(results, latency)
     if CLIP_TOWER in results:
-        ratios["student_over_clip_p50"] = p50[STUDENT_FUSED] / p50[CLIP_TOWER]
         results[CLIP_TOWER]["image_size"] = sizes[CLIP_TOWER]
     report = {
-        "model": {"variant": models.variant, "image_size": size, "num_classes": models.num_classes,
+        "model": {"variant": models.variant, "image_size": models.image_size, "num_classes": models.num_classes,
                   "weights": models.weights, "notes": models.notes,
                   "timed": "student = MobileOne encoder + ClassifierHead(avg, fc); plain = timm.create_model(variant, "
                            "num_classes=K) with the same weights; fused = timm reparameterize_model in eval mode"},
         "settings": {**asdict(s), "batch_sizes": list(s.batch_sizes), "device": str(device), "torch_threads": threads,
                      "timer": "CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter per call",
                      "inference_mode": True},
-        "environment": {**environment(device, threads), "load_average_1min_start": load_at_start},
+        "environment": {**timing.environment(device, threads), "load_average_1min_start": load_at_start},
         "equivalence": equivalence, "models": results, "ratios": ratios, "matmul_peak": peak,
     }
     if out:
@@ -420,31 +257,91 @@ def run(settings: Settings, *, ckpt: str | None = None, variant: str = "mobileon
     return report
 
 
-def at_own_size(model: nn.Module, own: int, timed: int):
-    """A runner for a model whose input side differs from the timed one (CLIP): same batch, its own size."""
-    if own == timed:
-        return model
-    inputs: dict[int, torch.Tensor] = {}  # made once per batch size: the timing is the model's, not an allocation
+def timed_models(models: Models, compare_unfused: bool, clip: str | None) -> tuple[dict, dict]:
+    """The models to time, by their name in the report, and the input side each is timed at."""
+    candidates = {STUDENT_FUSED: models.fused, PLAIN_FUSED: models.plain}
+    if compare_unfused and models.unfused is not None:
+        candidates = {STUDENT_UNFUSED: models.unfused, **candidates}
+    sizes = dict.fromkeys(candidates, models.image_size)
+    if clip:  # the paper's other baseline, timed by the same protocol at its own input size
+        from mgn.clip import load_clip  # noqa: PLC0415
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] not in inputs:
-            inputs[x.shape[0]] = torch.randn(x.shape[0], x.shape[1], own, own, device=x.device, dtype=x.dtype)
-        return model(inputs[x.shape[0]])
+        clip_model = load_clip(clip)
+        candidates[CLIP_TOWER] = clip_model
+        sizes[CLIP_TOWER] = clip_model.image_size
+    return candidates, sizes
 
-    return run
+
+def memory_format(s: Settings) -> torch.memory_format:
+    return torch.channels_last if s.channels_last else torch.contiguous_format
+
+
+def make_runners(candidates: dict[str, nn.Module], sizes: dict[str, int], size: int, s: Settings,
+                 device: torch.device) -> tuple[dict[str, int], dict]:
+    """FLOPs per image of each model (fp32, CPU), and its timed copy: on the device, in the precision and memory
+    format asked for, compiled if asked, fed at its own input size."""
+    flops, runners = {}, {}
+    for name, model in candidates.items():
+        require_deployable(model, name, allow_unfused=name in (STUDENT_UNFUSED, CLIP_TOWER))
+        flops[name] = timing.count_flops(model.float().cpu(), torch.zeros(1, 3, sizes[name], sizes[name]))
+        model = copy.deepcopy(model).to(device=device, dtype=DTYPES[s.precision], memory_format=memory_format(s)).eval()
+        runners[name] = timing.at_own_size(torch.compile(model) if s.compile else model, sizes[name], size)
+    return flops, runners
+
+
+def reduced_precision_check(models: Models, fused_runner, s: Settings, device: torch.device) -> dict:
+    """The timed fused student in fp16/bf16 against the fp32 one on CPU, on the same images."""
+    x = realistic_images(4, models.image_size, torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = models.fused.float().cpu()(x)
+        low = fused_runner(x.to(device, DTYPES[s.precision]).contiguous(memory_format=memory_format(s))).float().cpu()
+    return {"precision": s.precision, "max_abs_diff": (low - reference).abs().max().item(),
+            "max_abs_logit": reference.abs().max().item(),
+            "same_argmax": bool((low.argmax(1) == reference.argmax(1)).all())}
+
+
+def measure(runners: dict, flops: dict[str, int], size: int, s: Settings,
+            device: torch.device) -> tuple[dict, dict[str, list[float]], dict]:
+    """Batch-1 latency (interleaved), throughput at each batch size, and the matmul peak they are set against."""
+    dtype, layout, timer = DTYPES[s.precision], memory_format(s), timing.Timer(device)
+    one = torch.randn(1, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
+    latency = timing.time_latency(runners, one, timer, s.warmup, s.iters, s.rounds)
+    results = {}
+    for name in runners:
+        stats = timing.summary_stats(latency[name])
+        results[name] = {"flops_per_image": flops[name], "latency_ms_batch1": stats,
+                         "achieved_gflops_batch1": flops[name] / (stats["p50"] / 1e3) / 1e9, "throughput": []}
+    for batch in s.batch_sizes:
+        inputs = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
+        for name, fn in runners.items():
+            point = timing.time_throughput(fn, inputs, timer, warmup=2, iters=s.throughput_iters)
+            point["achieved_gflops"] = flops[name] * batch / (point["ms_per_batch_p50"] / 1e3) / 1e9
+            results[name]["throughput"].append(point)
+    peak = timing.matmul_peak(device, dtype, s.matmul_size, timer)
+    for entry in results.values():
+        entry["fraction_of_matmul_peak_batch1"] = entry["achieved_gflops_batch1"] / peak["gflops"]
+        for point in entry["throughput"]:
+            point["fraction_of_matmul_peak"] = point["achieved_gflops"] / peak["gflops"]
+    return results, latency, peak
+
+
+def latency_ratios(results: dict, latency: dict[str, list[float]]) -> dict:
+    p50 = {name: r["latency_ms_batch1"]["p50"] for name, r in results.items()}
+    trimmed = {name: r["latency_ms_batch1"]["trimmed_mean"] for name, r in results.items()}
+    ratios = {"student_over_plain_p50": p50[STUDENT_FUSED] / p50[PLAIN_FUSED],
+              "student_over_plain_trimmed_mean": trimmed[STUDENT_FUSED] / trimmed[PLAIN_FUSED],
+              # noise floor: how much the same model's p50 moves between the first and second half of its samples
+              "student_p50_half_to_half": _half_ratio(latency[STUDENT_FUSED])}
+    if STUDENT_UNFUSED in results:
+        ratios["unfused_over_fused_p50"] = p50[STUDENT_UNFUSED] / p50[STUDENT_FUSED]
+    if CLIP_TOWER in results:
+        ratios["student_over_clip_p50"] = p50[STUDENT_FUSED] / p50[CLIP_TOWER]
+    return ratios
 
 
 def _half_ratio(samples: list[float]) -> float:
     half = len(samples) // 2
     return float(np.median(samples[half:]) / np.median(samples[:half])) if half else float("nan")
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device visible")
-    return torch.device(name)
 
 
 def format_report(r: dict) -> str:

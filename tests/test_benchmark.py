@@ -2,6 +2,8 @@
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +17,14 @@ from mgn.benchmark import (
     BenchmarkError,
     Settings,
     check_equivalence,
-    guard,
     prepare,
+    require_deployable,
     run,
-    summary_stats,
     tiny_settings,
 )
 from mgn.config import Config, ModelConfig
 from mgn.export import export_student
+from mgn.timing import summary_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +73,12 @@ def test_tiny_cpu_run_writes_valid_json_with_the_equivalence_check(tmp_path, cap
 
 def test_refuses_to_time_a_train_mode_or_unfused_model():
     models = prepare(variant="mobileone_s0", image_size=64, bn_warmup_batches=1)
-    guard(models.fused, "fused")  # the deployed form passes
-    guard(models.unfused, "unfused reference", allow_unfused=True)
+    require_deployable(models.fused, "fused")  # the deployed form passes
+    require_deployable(models.unfused, "unfused reference", allow_unfused=True)
     with pytest.raises(BenchmarkError, match="not reparameterized"):
-        guard(models.unfused, "unfused")
+        require_deployable(models.unfused, "unfused")
     with pytest.raises(BenchmarkError, match="train mode"):
-        guard(models.fused.train(), "fused")
+        require_deployable(models.fused.train(), "fused")
 
 
 def test_a_broken_fusion_stops_the_run_before_timing(monkeypatch):
@@ -111,22 +113,32 @@ def test_latency_summary_statistics():
     assert summary_stats([1.0] * 9 + [1000.0])["trimmed_mean"] == pytest.approx(1.0)  # one outlier trimmed
 
 
+def run_script(tmp_path: Path, name: str, *args: str) -> dict:
+    """A standalone benchmark script's JSON, from a run in `tmp_path` (its relative paths, e.g. shards, land there)."""
+    out = tmp_path / f"{name}.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
     """The standalone benchmark scripts call the loader's internals; this keeps them in step with it."""
-    import subprocess
-    import sys
-
-    def run_script(name: str, *args: str) -> dict:
-        out = tmp_path / f"{name}.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
-                       check=True, cwd=ROOT, timeout=300, capture_output=True)
-        return json.loads(out.read_text())
-
-    loader = run_script("loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "1",
+    loader = run_script(tmp_path, "loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "1",
                         "--bare-seconds", "0.3")
     assert loader["images"] == 256 and loader["bare"]["samples_per_s"] > 0
     assert loader["loader"][0]["workers"] == 1 and loader["loader"][0]["samples_per_s"] > 0
-    resume = run_script("resume_startup", "--samples", "2000", "--shards", str(tmp_path / "shards"))
+    resume = run_script(tmp_path, "resume_startup", "--samples", "2000", "--shards", str(tmp_path / "shards"))
     assert resume["workers"] == 2 and resume["batches_per_epoch"] > 0
     assert all(resume[f"{way}_{at}%_s"] > 0 for way in ("raw_skip", "decode_and_discard") for at in (10, 90))
+
+
+@pytest.mark.slow
+def test_the_train_step_benchmark_times_a_bare_pytorch_step_beside_the_engines(tmp_path):
+    """benchmarks/train_step.py builds the trainer's engines itself; a tiny run keeps it in step with them."""
+    step = run_script(tmp_path, "train_step", "--preset", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1",
+                      "--workers", "0")
+    assert list(step["step_s"])[:3] == ["baseline", "bare", "guided"] and min(step["step_s"].values()) > 0
+    assert len(step["step_s_rounds"]["bare"]) == 1 and step["warmup_steps"] == 1
+    assert step["baseline_over_bare"] == step["step_s"]["baseline"] / step["step_s"]["bare"]
+    assert step["precision"] == "fp32" and step["device"] == "cpu" and 0 <= step["data_wait_fraction"] < 1

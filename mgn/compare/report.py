@@ -18,12 +18,12 @@ import torch
 
 from mgn import verdict
 from mgn.artifacts import load_checkpoint
-from mgn.benchmark import Timer, at_own_size, count_flops, time_latency
 from mgn.caption_only import caption_only_metrics
 from mgn.clip import clip_batches, load_clip, read_prompts
 from mgn.compare.arms import Arm
 from mgn.compare.plan import STANDIN_NOTE, Options, Setting, standin_weights
 from mgn.evaluate import predict_clip, summarize
+from mgn.timing import Timer, at_own_size, count_flops, time_latency
 
 
 def write_verdict(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], rows: list[dict]) -> dict:
