@@ -13,6 +13,7 @@ Configuration: dataclass defaults (the paper's settings) -> --preset (default: d
 import argparse
 import sys
 
+from mgn.cli import run_command
 from mgn.config import PRESETS, add_config_args, config_from_args
 
 
@@ -33,4 +34,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("train.py", main))

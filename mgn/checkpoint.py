@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,8 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     train_seconds: float = 0.0  # wall time of the run up to this checkpoint, across resumes
+    lr_scale: float = 1.0  # product of the rollbacks' learning-rate scales: the config's rates times this
+    rollbacks: list = field(default_factory=list)  # one record per rollback (mgn/recovery.py)
 
 
 def tag_for(step: int) -> str:

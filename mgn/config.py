@@ -99,8 +99,17 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (not on biases and norms)")
     warmup_steps: int = option(100, "linear warmup updates before the cosine decay")
     grad_clip: float = option(1.0, "gradient norm clip; 0 disables (DeepSpeed's own default would be 1.0)")
-    max_skipped_steps: int = option(5, "updates in a row skipped for a non-finite loss or gradient before the run "
-                                       "stops with an error")
+    max_skipped_steps: int = option(5, "updates in a row skipped for a non-finite loss, gradient or BatchNorm "
+                                       "statistic before the run counts as diverged (see on_divergence)")
+    on_divergence: str = option("stop", "a diverged run (max_skipped_steps in a row, or a non-finite model): stop = "
+                                        "one clear message and exit code 3; rollback = go back to the newest "
+                                        "verified checkpoint, skip the batches since then, go on",
+                                ("stop", "rollback"))
+    max_rollbacks: int = option(3, "rollback: at most this many per run, then stop")
+    rollback_skip_updates: int = option(0, "rollback: also skip this many updates' worth of batches after the "
+                                           "failure point (PaLM skipped 200-500 around a spike)")
+    rollback_lr_scale: float = option(1.0, "rollback: multiply the learning rates by this at each rollback "
+                                           "(1 = unchanged, as PaLM did)")
     label_smoothing: float = option(0.1, "label smoothing of every cross-entropy term")
     zero_stage: int = option(0, "DeepSpeed ZeRO stage", (0, 1, 2))
     device: str = option("auto", "auto: the rank's GPU when CUDA works (an error where GPUs were allocated but CUDA "
@@ -252,7 +261,9 @@ def validate(cfg: Config) -> None:
     for name in ("micro_batch", "grad_accum", "epochs", "log_every", "max_skipped_steps"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
-    for name in ("ckpt_every", "keep_last", "attention_images"):
+    if not 0 < t.rollback_lr_scale <= 1:
+        raise ValueError(f"train.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")
+    for name in ("ckpt_every", "keep_last", "attention_images", "max_rollbacks", "rollback_skip_updates"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
     if t.eval_every < -1:

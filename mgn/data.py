@@ -42,6 +42,10 @@ from mgn.tar import tar_samples
 
 log = logging.getLogger(__name__)
 
+
+class BadDataError(RuntimeError):
+    """The shards cannot feed the run: too many bad samples, or none readable in a worker's range."""
+
 MAX_EXAMPLES = 20  # skip reasons kept for the report
 
 
@@ -148,7 +152,7 @@ class _Loader:
     def _check(self) -> None:
         skipped, seen = sum(self._skipped.values()), sum(self._seen.values())
         if skipped > self.max_skip_fraction * max(seen, 1):
-            raise RuntimeError(f"{skipped} of {seen} samples were bad (more than max_skip_fraction="
+            raise BadDataError(f"{skipped} of {seen} samples were bad (more than max_skip_fraction="
                                f"{self.max_skip_fraction}): {self._report()}")
 
     def _report(self) -> str:
@@ -278,7 +282,8 @@ def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_bu
         if not repeat:
             return
         if produced == 0:
-            raise RuntimeError(f"no readable samples in {[p.shard for p in pieces]}: cannot fill this worker's batches "
+            raise BadDataError(f"no readable samples in {[p.shard for p in pieces]}: cannot fill this worker's "
+                               f"batches "
                                f"({stats.skipped_report()})")
         number += 1
         rng.shuffle(order)
@@ -326,7 +331,7 @@ def _decoded(decoder: Decoder, samples: Iterator[dict], stats: _Stats) -> Iterat
     for sample in samples:
         if sample["__pass__"] != current_pass:
             if decoded == 0:
-                raise RuntimeError(f"not one sample of this worker's range decodes (e.g. {sample['__url__']}): "
+                raise BadDataError(f"not one sample of this worker's range decodes (e.g. {sample['__url__']}): "
                                    f"{stats.skipped_report()}")
             current_pass, decoded = sample["__pass__"], 0
         rng = random.Random(f"aug/{decoder.seed}/{sample['__key__']}/{sample['__pass__']}") if decoder.train else None

@@ -102,6 +102,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class DeviceError(RuntimeError):
+    """No usable device as asked: CUDA broken where GPUs were allocated, or more ranks than GPUs on a node."""
+
+
 GPU_ALLOCATION_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
 
 
@@ -125,13 +129,13 @@ def pick_device(name: str, local_rank: int = 0, flag: str = "--train.device",
         if name == "cuda" or allocated:
             why = f"GPUs were allocated ({', '.join(f'{k}={v}' for k, v in allocated.items())})" if allocated \
                 else "a GPU was asked for"
-            raise RuntimeError(f"{why} but CUDA is not available to torch {torch.__version__} (no driver, or a "
-                               f"CPU-only build); fix the node or the install, or train on the CPU on purpose "
+            raise DeviceError(f"{why} but CUDA is not available to torch {torch.__version__} (no driver, or a "
+                               f"CPU-only build); fix the node or the install, or run on the CPU on purpose "
                                f"with {flag} cpu")
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this node shows {count} GPU(s) to the "
+        raise DeviceError(f"local rank {local_rank} has no GPU of its own: this node shows {count} GPU(s) to the "
                            f"process; start at most {count} task(s) per node (srun --ntasks-per-node, torchrun "
                            f"--nproc_per_node), one per GPU")
     return torch.device("cuda", local_rank)

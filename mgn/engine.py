@@ -26,9 +26,9 @@ from mgn.guard import GuardedAdamW
 log = logging.getLogger("mgn")
 
 
-def learning_rates(cfg: Config) -> dict[str, float]:
-    """The one map from parameter part to learning rate."""
-    return {"image": cfg.train.lr_image, "text": cfg.train.lr_text, "head": cfg.train.lr_head}
+def learning_rates(cfg: Config, scale: float = 1.0) -> dict[str, float]:
+    """The one map from parameter part to learning rate (times `scale`: the rollbacks' product, TrainState)."""
+    return {"image": cfg.train.lr_image * scale, "text": cfg.train.lr_text * scale, "head": cfg.train.lr_head * scale}
 
 
 def parameter_part(name: str) -> str:
@@ -50,11 +50,11 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
             for (part, decay), params in sorted(buckets.items())]
 
 
-def apply_learning_rates(engine, cfg: Config) -> list[str]:
+def apply_learning_rates(engine, cfg: Config, scale: float = 1.0) -> list[str]:
     """After a resume, the config's learning rates win over the checkpoint's (a resume with a lower rate after a
     divergence must lower it): each group's base rate is reset and its current rate recomputed from the
     schedule's position. Logs and returns the changes."""
-    rates, schedule, changes = learning_rates(cfg), engine.lr_scheduler, []
+    rates, schedule, changes = learning_rates(cfg, scale), engine.lr_scheduler, []
     for index, group in enumerate(engine.client_optimizer.param_groups):
         base = rates[group["name"].removesuffix("_no_decay")]
         if schedule.base_lrs[index] != base:
@@ -62,7 +62,8 @@ def apply_learning_rates(engine, cfg: Config) -> list[str]:
             schedule.base_lrs[index] = group["initial_lr"] = base
             group["lr"] = base * schedule.lr_lambdas[index](schedule.last_epoch)
     if changes:
-        log.info("MGN: learning rates from this run's config, not the checkpoint's: %s", ", ".join(changes))
+        log.info("MGN: learning rates from this run's config%s, not the checkpoint's: %s",
+                 f" x {scale:g} (rollbacks)" if scale != 1 else "", ", ".join(changes))
     return changes
 
 

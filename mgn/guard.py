@@ -24,7 +24,13 @@ log = logging.getLogger("mgn")
 
 
 class NonFiniteError(RuntimeError):
-    """Training cannot continue (too many non-finite updates in a row) or a model holds NaN/inf."""
+    """A model holds NaN or inf, or training cannot continue because of them."""
+
+
+class Diverged(NonFiniteError):
+    """The run cannot go on as it is: `max_skipped_steps` updates in a row were skipped, or the model itself holds
+    NaN/inf. The message names the step, what went non-finite, the last verified checkpoint and how to resume.
+    Handled by train.on_divergence (mgn/recovery.py); a stopped run exits with code 3 (mgn/cli.py)."""
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -68,10 +74,19 @@ class BatchNormSnapshot:
     def restore(self) -> None:
         torch._foreach_copy_(self.buffers, self.saved)
 
+    @torch.no_grad()
+    def non_finite(self) -> torch.Tensor:
+        """A 0-d bool tensor on the buffers' device (no host sync): whether a forward pass wrote NaN or inf into
+        any running statistic. A finite loss does not prove it: a huge update shows here first."""
+        stats = [b for b in self.buffers if b.is_floating_point()]
+        if not stats:
+            return torch.zeros((), dtype=torch.bool)
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(stats))).all()
+
 
 class UpdateGuard:
     """After each update: keep the BatchNorm statistics of an accepted one; after a skipped one put them back,
-    count it, and stop the run after `limit` in a row (`hint()` says where to go on from, for the message)."""
+    count it, and declare the run diverged after `limit` in a row (`hint()` says where to go on from)."""
 
     def __init__(self, module: nn.Module, limit: int, hint: Callable[[], str]):
         self.batchnorm, self.limit, self.hint = BatchNormSnapshot(module), limit, hint
@@ -89,13 +104,21 @@ class UpdateGuard:
         self.batchnorm.restore()
         state.skipped_steps += 1
         state.consecutive_skips += 1
-        log.warning("MGN: step %d skipped: non-finite loss or gradient on some rank (%d in a row, %d in this run); "
-                    "weights unchanged", state.step, state.consecutive_skips, state.skipped_steps)
+        log.warning("MGN: step %d skipped: non-finite loss, gradient or BatchNorm statistic on some rank (%d in a "
+                    "row, %d in this run); weights unchanged", state.step, state.consecutive_skips, state.skipped_steps)
         if state.consecutive_skips >= self.limit:
-            raise NonFiniteError(
+            raise Diverged(
                 f"{self.limit} updates in a row (steps {state.step - self.limit + 1}-{state.step}) had a non-finite "
-                f"loss or gradient (train.max_skipped_steps={self.limit}); the weights were not updated by them. "
+                f"loss, gradient or BatchNorm statistic (train.max_skipped_steps={self.limit}); the weights were not "
+                f"updated by them. "
                 f"{self.hint()}")
+
+    def check_model(self, module: nn.Module, step: int) -> None:
+        """Before a checkpoint or an evaluation: a model that holds NaN/inf means the run diverged."""
+        bad = non_finite(module)
+        if bad:
+            raise Diverged(f"the model at step {step} holds NaN or inf in {len(bad)} tensors (e.g. {bad[:3]}); "
+                           f"nothing was saved from it. {self.hint()}")
 
 
 def non_finite(module: nn.Module) -> list[str]:

@@ -194,7 +194,7 @@ def size_line(objective, world_size: int, updates_per_epoch: int, total_steps: i
 
 
 def log_balance(balance: dict, epoch: int) -> None:
-    """How evenly an epoch covers the training samples (mgn.data's plan), with a warning past BALANCE_WARNING."""
+    """How evenly an epoch covers the training samples (mgn.epoch_plan), with a warning past BALANCE_WARNING."""
     log.info("MGN: epoch %d reads every training sample once, except %.1f%% repeated and %.1f%% not seen "
              "(ranks and workers balanced by sample count)", epoch + 1, 100 * balance["repeated_fraction"],
              100 * balance["unseen_fraction"])

@@ -27,7 +27,7 @@ from mgn.data import build_loader
 from mgn.engine import apply_learning_rates, autocast, build_engine, precision
 from mgn.export import ARTIFACT_NAME, export_student
 from mgn.faults import FaultInjection
-from mgn.guard import UpdateGuard, require_finite
+from mgn.guard import Diverged, UpdateGuard
 from mgn.model import image_normalisation
 from mgn.monitor import (
     Progress,
@@ -45,6 +45,7 @@ from mgn.monitor import (
 from mgn.objectives import Objective, build_objective
 from mgn.pictures import attention_figure, samples_from_batch, save_picture
 from mgn.predictions import collect, merge
+from mgn.recovery import Recovery
 from mgn.shard_sets import class_names
 from mgn.shards import write_synthetic
 
@@ -80,6 +81,9 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
     trainer = Trainer(cfg, world, device)
     try:
         return trainer.fit()
+    except Diverged as failure:
+        log.error("MGN: stopped: %s", failure)  # one line on every rank; train.py exits with code 3
+        raise
     finally:
         trainer.tensorboard.close()
         if not keep_process_group:
@@ -140,11 +144,12 @@ class Trainer:
         self.guard = UpdateGuard(self.engine.module, cfg.train.max_skipped_steps,
                                  lambda: checkpoint.resume_hint(self.ckpt_dir, cfg.train.run_name))
         self.faults = FaultInjection.from_environment(world.rank)
+        self.recovery = Recovery(cfg, world.rank)
         self.state = checkpoint.resume(self.engine, cfg, world.rank, world.world_size)
         resumed = self.state is not None
         if resumed:
             self.guard.accept()
-            apply_learning_rates(self.engine, cfg)
+            apply_learning_rates(self.engine, cfg, self.state.lr_scale)
         self.state = self.state or TrainState()
         self.tensorboard = TensorBoard(tensorboard_dir(cfg.run_dir), world.is_main,
                                        self.state.step if resumed else None)
@@ -173,7 +178,15 @@ class Trainer:
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         stopped_by_signal = False
         while self.state.epoch < self.cfg.train.epochs and not stopped_by_signal:
-            stopped_by_signal = self._train_epoch()
+            try:
+                stopped_by_signal = self._train_epoch()
+            except Diverged as failure:  # stop (raised again), or roll back and go on
+                self.state = self.recovery.roll_back(failure, self.engine, self.state, self.world.world_size)
+                self.guard.accept()
+                self.bad_loss.zero_()
+                self.timer.reset()
+                apply_learning_rates(self.engine, self.cfg, self.state.lr_scale)
+                self.tensorboard.scalars({"train/rollbacks": len(self.state.rollbacks)}, self.state.step)
         self.progress.close()
         return self._stop_for_signal() if stopped_by_signal else self._finish()
 
@@ -193,6 +206,9 @@ class Trainer:
         for batch in batches:
             if state.batch_in_epoch >= usable:
                 continue  # read the stream to its end (its skip report), train on none of the rest
+            if self.recovery.passes_over(batch["key"]):
+                state.batch_in_epoch += 1  # after a rollback: the margin past the failure is read, not trained
+                continue
             fetched = time.perf_counter()
             update = self._micro_batch(batch)
             now = time.perf_counter()
@@ -207,7 +223,7 @@ class Trainer:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if self.cfg.train.eval_every == 0:
             self.evaluate()
-        if self.cfg.train.ckpt_every and state.step % self.cfg.train.ckpt_every == 0:
+        if self.cfg.train.ckpt_every and state.step % self.cfg.train.ckpt_every == 0 and not state.consecutive_skips:
             self.save()
         return False
 
@@ -220,11 +236,13 @@ class Trainer:
         with autocast(self.cfg, self.device):
             output = engine(**model_inputs(batch, self.device, self.cfg.uses_captions), label=labels)
         if self.faults:
-            self.faults(state.step + 1, output, batch)
+            self.faults(state.step + 1, output, batch, engine.client_optimizer)
+        self.recovery.read(batch["key"])
         self.bad_loss |= ~torch.isfinite(output.loss.detach())
         engine.backward(output.loss)
         boundary = (state.batch_in_epoch + 1) % self.cfg.train.grad_accum == 0
-        if boundary:  # one collective per update: any rank's stop signal, any rank's non-finite loss
+        if boundary:  # one collective per update: any rank's stop signal, non-finite loss or BatchNorm statistic
+            self.bad_loss |= self.guard.batchnorm.non_finite().to(self.device)
             stop, bad = distributed.any_rank_each([preemption.requested(), self.bad_loss], self.device)
             engine.client_optimizer.skip_next_step = bad
             skipped_before = engine.skipped_steps
@@ -251,7 +269,8 @@ class Trainer:
         if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
             self.evaluate()
             self.engine.train()
-        if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and not last_of_epoch:
+        if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and not last_of_epoch \
+                and not state.consecutive_skips:  # never in a run of skipped updates: a rollback must predate it
             self.save()
 
     def _record_start(self, batch: dict) -> None:
@@ -278,7 +297,7 @@ class Trainer:
         the evaluation core (mgn/predictions.py) from the model being trained; logged, and the best exported."""
         objective, picture = self.objective, []
         distributed.sync_batchnorm_buffers(objective)
-        require_finite(objective, f"the model at step {self.state.step} for evaluation")
+        self.guard.check_model(objective, self.state.step)
         objective.eval()
 
         def forward(batch: dict):
@@ -302,7 +321,8 @@ class Trainer:
             self.state.best_metric, self.state.best_step = score, self.state.step
             if self.world.is_main:
                 export_student(objective.student, self.cfg, self.cfg.run_dir / "student_best")
-                log.info("MGN: new best student accuracy %.4f, exported to %s", score, self.cfg.run_dir / "student_best")
+                log.info("MGN: new best student accuracy %.4f, exported to %s", score,
+                         self.cfg.run_dir / "student_best")
         self.last_student_accuracy = score
         self.tensorboard.flush()
         return results
@@ -327,9 +347,10 @@ class Trainer:
     def save(self) -> None:
         self.state.train_seconds, self.started = self._train_seconds(), time.perf_counter()
         distributed.sync_batchnorm_buffers(self.engine.module)
-        require_finite(self.engine.module, f"the model at step {self.state.step} for a checkpoint")
+        self.guard.check_model(self.engine.module, self.state.step)
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(),
                               self.cfg.train.keep_last, self.world.rank, self.world.world_size)
+        self.recovery.saved()
         self.tensorboard.flush()
         log.info("MGN: checkpoint %s", self.ckpt_dir / tag)
 
@@ -362,7 +383,7 @@ def run_summary(state: TrainState, cfg: Config, world_size: int, train_seconds: 
     return {"step": state.step, "epochs": state.epoch, "world_size": world_size,
             "train_seconds": round(train_seconds, 2), "run_dir": str(run_dir),
             "checkpoints": str(run_dir / "checkpoints"), "tensorboard": str(run_dir / "tb"), "preempted": False,
-            "skipped_steps": state.skipped_steps,
+            "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks,
             "student_accuracy": student_accuracy,  # of the final student, at the last evaluation
             "student_best": str(run_dir / "student_best" / ARTIFACT_NAME) if evaluated else None,
             "best_student_accuracy": state.best_metric if evaluated else None,
