@@ -116,6 +116,9 @@ class TrainConfig:
                                  "does not work), else the CPU; cuda; cpu", ("auto", "cuda", "cpu"))
     precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 = autocast over fp32 weights",
                             ("auto", "fp32", "bf16"))
+    deterministic: bool = option(False, "GPU: deterministic cuDNN algorithms, no autotuning (slower); needed for "
+                                        "bitwise-repeatable GPU runs and resumes. CPU runs are bitwise repeatable "
+                                        "either way")
     sync_batchnorm: bool = option(False, "multi-GPU: SyncBatchNorm (batch statistics over all ranks, one all-gather "
                                          "per BatchNorm layer and forward); off: per-rank statistics, running "
                                          "averages made equal across ranks before every evaluation and checkpoint")

@@ -53,26 +53,29 @@ MAX_EXAMPLES = 20  # skip reasons kept for the report
 
 def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  skip_batches: int = 0, captions: bool | None = None, batch_size: int | None = None,
-                 data: DataConfig | None = None) -> "TrainLoader | EvalLoader":
+                 data: DataConfig | None = None, on_device: bool = False,
+                 persistent: bool = False) -> "TrainLoader | EvalLoader":
     """The `train` or `test` loader of a run's config: its shards, image size, normalisation (the image
     encoder's), tokenizer and micro-batch. `captions` defaults to whether the objective reads them; `data`
-    replaces the config's data section (other shards, other workers)."""
+    replaces the config's data section (other shards, other workers). `on_device`: uint8 batches, pinned, for
+    `mgn.decode.DeviceNormaliser` on a GPU. `persistent`: a test loader read again at every evaluation keeps
+    its worker processes (the training loader's plan changes every epoch, so its workers do not persist)."""
     mean, std = image_normalisation(cfg.model.image_model)
     captions = cfg.uses_captions if captions is None else captions
     common = dict(image_size=cfg.model.image_size, mean=mean, std=std,
                   tokenizer_name=resolve_text_model(cfg.model.text_model) if captions else None,
                   seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size, on_device=on_device)
     if split == "train":
         return train_loader(data or cfg.data, **common, seed=cfg.train.seed, epoch=epoch, skip_batches=skip_batches)
     if split == "test":
-        return eval_loader(data or cfg.data, **common)
+        return eval_loader(data or cfg.data, **common, persistent=persistent)
     raise ValueError(f"split={split!r}: expected 'train' or 'test'")
 
 
 def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
                  batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 skip_batches: int = 0) -> "TrainLoader":
+                 skip_batches: int = 0, on_device: bool = False) -> "TrainLoader":
     """This rank's batches of one epoch; `skip_batches` leaves out the first ones without decoding them."""
     shards = expand_shards(data_cfg.train_shards)
     sizes = read_sizes(shards)
@@ -85,7 +88,8 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
     order = round_robin(quotas)
     skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
     decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
-                      max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes)
+                      max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes,
+                      on_device=on_device)
     dataset = _ShardStream(plan.ranks[rank], decoder, batch_size=batch_size, quotas=quotas, skips=skips,
                            shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}",
                            max_member_bytes=data_cfg.max_member_bytes)
@@ -95,7 +99,8 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
 
 
 def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
-                batch_size: int, rank: int, world_size: int) -> "EvalLoader":
+                batch_size: int, rank: int, world_size: int, on_device: bool = False,
+                persistent: bool = False) -> "EvalLoader":
     """This rank's share of the test samples, in order, each read once; the last batch may be short."""
     shards = expand_shards(data_cfg.test_shards)
     sizes = read_sizes(shards)
@@ -105,17 +110,21 @@ def eval_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_n
     preload_tokenizer(tokenizer_name, seq_len)
     dataset = _ShardStream(split_samples(mine, workers) if workers else [],
                            Decoder(image_size, mean, std, tokenizer_name, seq_len, train=False,
-                                   max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes),
+                                   max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes,
+                                   on_device=on_device),
                            batch_size=batch_size, quotas=None, skips=None, shuffle_buffer=0, seed="eval",
                            max_member_bytes=data_cfg.max_member_bytes)
-    return EvalLoader(dataset, workers if data_cfg.num_workers > 0 else 0, data_cfg.max_skip_fraction, held)
+    return EvalLoader(dataset, workers if data_cfg.num_workers > 0 else 0, data_cfg.max_skip_fraction, held,
+                      persistent=persistent)
 
 
 class _Loader:
     """Runs a DataLoader over the stream and peels the skip counts off the batches."""
 
-    def __init__(self, dataset: "_ShardStream", num_workers: int, max_skip_fraction: float):
+    def __init__(self, dataset: "_ShardStream", num_workers: int, max_skip_fraction: float, persistent: bool = False):
         self.dataset, self.num_workers, self.max_skip_fraction = dataset, num_workers, max_skip_fraction
+        self.persistent = persistent and num_workers > 0
+        self._loader: DataLoader | None = None
         self._seen: Counter = Counter()
         self._skipped: Counter = Counter()
         self._examples: list = []
@@ -131,8 +140,10 @@ class _Loader:
         self._seen, self._skipped, self._examples = Counter(), Counter(), []
         if not self.dataset.workers:
             return
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                            collate_fn=_keep)
+        loader = self._loader or DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                            persistent_workers=self.persistent, collate_fn=_keep)
+        if self.persistent:
+            self._loader = loader
         expected = sum(p.size for pieces in self.dataset.workers for p in pieces)
         for item in loader:
             stats = item.pop("_stats")
@@ -193,8 +204,8 @@ class TrainLoader(_Loader):
 class EvalLoader(_Loader):
     """This rank's share of the test set, each sample once; `num_samples` is the count sizes.json promises."""
 
-    def __init__(self, dataset, num_workers, max_skip_fraction, num_samples):
-        super().__init__(dataset, num_workers, max_skip_fraction)
+    def __init__(self, dataset, num_workers, max_skip_fraction, num_samples, persistent: bool = False):
+        super().__init__(dataset, num_workers, max_skip_fraction, persistent)
         self.num_samples = num_samples
 
     def __iter__(self) -> Iterator[dict]:

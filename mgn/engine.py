@@ -90,6 +90,18 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def configure_kernels(cfg: Config, device: torch.device) -> None:
+    """GPU kernel choice: cuDNN autotuning for the fixed input shapes (fastest), or, with train.deterministic,
+    deterministic algorithms (slower; bitwise-repeatable runs on the same GPU and software). CPU runs are
+    bitwise repeatable either way."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    torch.backends.cudnn.deterministic = cfg.train.deterministic
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def deepspeed_config(cfg: Config) -> dict:
     """Per-rank micro-batch and accumulation only, so one config serves every world size. fp32 to DeepSpeed:
     mixed precision is autocast's (module docstring)."""

@@ -24,7 +24,8 @@ from mgn.artifacts import init_student
 from mgn.checkpoint import TrainState
 from mgn.config import Config
 from mgn.data import build_loader
-from mgn.engine import apply_learning_rates, autocast, build_engine, precision
+from mgn.decode import Batch, DeviceNormaliser
+from mgn.engine import apply_learning_rates, autocast, build_engine, configure_kernels, precision
 from mgn.export import ARTIFACT_NAME, export_student
 from mgn.faults import FaultInjection
 from mgn.guard import Diverged, UpdateGuard
@@ -61,6 +62,7 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
     world = distributed.detect_world()
     device = distributed.init_distributed(world, cfg.train.dist_timeout_s, cfg.train.device)
     threads = distributed.set_threads(world)
+    configure_kernels(cfg, device)
     if not cfg.train.run_name:  # rank 0 creates a new folder named after its clock; every rank writes there
         cfg.train.run_name = distributed.gather_objects(new_run_name(cfg) if world.is_main else None)[0]
     run_dir = cfg.run_dir
@@ -155,6 +157,10 @@ class Trainer:
                                        self.state.step if resumed else None)
         self.class_names = class_names(cfg.data.test_shards)
         self.mean, self.std = image_normalisation(cfg.model.image_model)  # to draw test images in the picture
+        on_gpu = device.type == "cuda"  # uint8 batches normalised on the GPU, the test loader's workers kept
+        self.normaliser = DeviceNormaliser(self.mean, self.std, device) if on_gpu else None
+        self.eval_batches = build_loader(cfg, "test", rank=world.rank, world_size=world.world_size, on_device=on_gpu,
+                                         persistent=True)
         self.last_student_accuracy = None
         if world.is_main and not resumed:
             self.tensorboard.text("config", f"```\n{cfg.to_json()}\n```")
@@ -167,7 +173,7 @@ class Trainer:
 
     def _train_batches(self, epoch: int, skip: int = 0):
         return build_loader(self.cfg, "train", rank=self.world.rank, world_size=self.world.world_size, epoch=epoch,
-                            skip_batches=skip)
+                            skip_batches=skip, on_device=self.device.type == "cuda")
 
     # --- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -234,7 +240,7 @@ class Trainer:
             self._record_start(batch)
         labels = batch["label"].to(self.device, non_blocking=True)
         with autocast(self.cfg, self.device):
-            output = engine(**model_inputs(batch, self.device, self.cfg.uses_captions), label=labels)
+            output = engine(**model_inputs(batch, self.device, self.cfg.uses_captions, self.normaliser), label=labels)
         if self.faults:
             self.faults(state.step + 1, output, batch, engine.client_optimizer)
         self.recovery.read(batch["key"])
@@ -302,15 +308,14 @@ class Trainer:
 
         def forward(batch: dict):
             with autocast(self.cfg, self.device):
-                out = objective.predict(**model_inputs(batch, self.device, self.cfg.uses_captions))
+                out = objective.predict(**model_inputs(batch, self.device, self.cfg.uses_captions, self.normaliser))
             if not picture and out.attention is not None:
                 picture.append(samples_from_batch(batch["image"], out.attention, batch["label"], out.teacher,
                                                   out.student, batch.get("caption", []), self.mean, self.std,
                                                   self.class_names))
             return out.student, out.teacher
 
-        batches = build_loader(self.cfg, "test", rank=self.world.rank, world_size=self.world.world_size)
-        preds = merge(distributed.gather_objects(collect(batches, forward, self.cfg.model.num_classes,
+        preds = merge(distributed.gather_objects(collect(self.eval_batches, forward, self.cfg.model.num_classes,
                                                          allow_empty=True)))
         if len(preds.labels) == 0:
             raise RuntimeError(f"no test samples read from data.test_shards={self.cfg.data.test_shards!r}")
@@ -390,9 +395,13 @@ def run_summary(state: TrainState, cfg: Config, world_size: int, train_seconds: 
             "best_student_step": state.best_step if evaluated else None}
 
 
-def model_inputs(batch: dict, device: torch.device, captions: bool) -> dict:
-    """The objective's keyword arguments, on the rank's device (fp32 images: autocast casts inside)."""
-    inputs = {"image": batch["image"].to(device, torch.float32, non_blocking=True)}
+def model_inputs(batch: Batch, device: torch.device, captions: bool,
+                 normaliser: DeviceNormaliser | None = None) -> dict:
+    """The objective's keyword arguments, on the rank's device (fp32 images: autocast casts inside); uint8
+    batches (a GPU run's loader) are normalised there by `normaliser`."""
+    image = batch["image"]
+    inputs = {"image": normaliser(image) if image.dtype == torch.uint8 else image.to(device, torch.float32,
+                                                                                      non_blocking=True)}
     if captions:
         inputs["input_ids"] = batch["input_ids"].to(device, non_blocking=True)
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)

@@ -101,3 +101,25 @@ def test_bf16_is_autocast_over_fp32_weights_and_batchnorm():
 def test_fp16_is_refused_with_the_allowed_choices():
     with pytest.raises(ValueError, match=r"train.precision='fp16': expected one of \['auto', 'fp32', 'bf16'\]"):
         preset_config("tiny", {"train": {"precision": "fp16"}})
+
+
+def test_a_gpu_runs_uint8_batches_normalise_on_the_device_to_the_cpu_paths_values(tmp_path):
+    from mgn.data import build_loader
+    from mgn.decode import DeviceNormaliser
+    from mgn.model import image_normalisation
+    from mgn.shards import write_synthetic
+    from mgn.train import model_inputs
+
+    write_synthetic(tmp_path, samples=40, image_size=64, seed=0, max_samples=16)
+    cfg = preset_config("tiny", {"objective": {"name": "baseline"},
+                                 "data": {"train_shards": str(tmp_path / "train-*.tar"),
+                                          "test_shards": str(tmp_path / "test-*.tar"), "synthetic_samples": 0}})
+    on_host = next(iter(build_loader(cfg, "test")))
+    on_device = next(iter(build_loader(cfg, "test", on_device=True)))
+    assert on_device["image"].dtype == torch.uint8 and on_device["image"].shape[-1] == 3  # NHWC, a quarter the bytes
+    assert on_host["image"].dtype == torch.float32 and on_host["key"] == on_device["key"]
+    cpu = torch.device("cpu")  # the normaliser's arithmetic, run here where the GPU would run it
+    normaliser = DeviceNormaliser(*image_normalisation(cfg.model.image_model), cpu)
+    image = model_inputs(on_device, cpu, captions=False, normaliser=normaliser)["image"]
+    assert image.shape == on_host["image"].shape and image.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(image, on_host["image"], rtol=0, atol=1e-6)
