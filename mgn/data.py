@@ -140,10 +140,11 @@ class _Loader:
         self._seen, self._skipped, self._examples = Counter(), Counter(), []
         if not self.dataset.workers:
             return
-        loader = self._loader or DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                            persistent_workers=self.persistent, collate_fn=_keep)
-        if self.persistent:
-            self._loader = loader
+        loader = self._loader
+        if loader is None:
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                persistent_workers=self.persistent, collate_fn=_keep)
+            self._loader = loader if self.persistent else None
         expected = sum(p.size for pieces in self.dataset.workers for p in pieces)
         for item in loader:
             stats = item.pop("_stats")

@@ -123,3 +123,17 @@ def test_a_gpu_runs_uint8_batches_normalise_on_the_device_to_the_cpu_paths_value
     image = model_inputs(on_device, cpu, captions=False, normaliser=normaliser)["image"]
     assert image.shape == on_host["image"].shape and image.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(image, on_host["image"], rtol=0, atol=1e-6)
+
+
+def test_a_persistent_test_loader_reads_the_same_samples_at_every_evaluation(tmp_path):
+    from mgn.data import build_loader
+    from mgn.shards import write_synthetic
+
+    write_synthetic(tmp_path, samples=60, image_size=32, seed=0, max_samples=16)
+    cfg = preset_config("tiny", {"objective": {"name": "baseline"},
+                                 "data": {"train_shards": str(tmp_path / "train-*.tar"), "num_workers": 2,
+                                          "test_shards": str(tmp_path / "test-*.tar"), "synthetic_samples": 0}})
+    loader = build_loader(cfg, "test", persistent=True)
+    passes = [[key for batch in loader for key in batch["key"]] for _ in range(3)]
+    assert passes[0] and passes[0] == passes[1] == passes[2]
+    assert loader._loader is not None and loader._loader.persistent_workers  # the same workers served every pass
