@@ -37,6 +37,7 @@ from mgn.config import Config, DataConfig, resolve_text_model
 from mgn.decode import BadSample, Decoder, preload_tokenizer
 from mgn.epoch_plan import Piece, plan_epoch, round_robin, split_samples
 from mgn.model import image_normalisation
+from mgn.shard_io import ShardOpenError, open_shard
 from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_samples
 
@@ -303,12 +304,19 @@ def _read_pieces(pieces: list[Piece], stats: _Stats, *, repeat: bool, shuffle_bu
 
 def _piece_samples(piece: Piece, stats: _Stats, max_member_bytes: int) -> Iterator[dict]:
     """Samples [start, stop) of a shard; a repeated key within them is a bad sample. A shard that cannot be
-    read on (mgn.tar.ShardError, a tarfile.TarError) loses the rest of the piece, counted as skipped."""
+    read on (mgn.tar.ShardError, a tarfile.TarError, a URL stream that fails) loses the rest of the piece,
+    counted as skipped; a URL that gives no byte at all stops the run (ShardOpenError: mgn/shard_io.py says why).
+
+    A URL shard is a stream without byte ranges: a piece starting mid-shard reads the samples before it and
+    drops them. Kept rather than giving streams whole shards, so that a URL set is cut exactly as the same
+    files on disk (same batches, same balance by sizes.json); the cost is at most one partial shard read
+    twice per rank and worker per epoch (each range starts mid-shard at most once), half a shard on average,
+    and a resume re-reads what it skips (`_drop`). A piece that ends mid-shard closes the stream there."""
     keys: set[str] = set()
     count = 0  # samples of the piece met, good or bad
     error = None
     try:
-        with open(piece.shard, "rb", buffering=1 << 20) as f:
+        with open_shard(piece.shard) as f:
             for index, sample in enumerate(tar_samples(f, max_member_bytes=max_member_bytes)):
                 if index < piece.start:
                     continue
@@ -322,6 +330,8 @@ def _piece_samples(piece: Piece, stats: _Stats, max_member_bytes: int) -> Iterat
                 keys.add(sample["__key__"])
                 sample["__url__"] = piece.shard
                 yield sample
+    except ShardOpenError:
+        raise
     except (tarfile.TarError, OSError) as exc:
         reason = str(exc).removeprefix(f"{piece.shard}, ")  # mgn.tar names the shard first; the report has it
         error = f"unreadable tar after {piece.start + count} samples: {reason}"
