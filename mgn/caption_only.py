@@ -9,6 +9,7 @@ import tarfile
 
 from mgn.manifest import MAX_CAPTION_BYTES
 from mgn.safe_images import cap_caption
+from mgn.shard_io import open_shard
 from mgn.shard_sets import expand_shards
 from mgn.tar import tar_samples
 
@@ -19,7 +20,7 @@ def captions_and_labels(spec: str) -> tuple[list[str], list[int]]:
     captions, labels = [], []
     for shard in expand_shards(spec):
         try:
-            with open(shard, "rb") as f:
+            with open_shard(shard) as f:
                 for sample in tar_samples(f):
                     if "txt" in sample and "cls" in sample:
                         try:

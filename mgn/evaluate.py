@@ -30,6 +30,7 @@ from mgn.guard import require_finite
 from mgn.metrics import classification_metrics
 from mgn.monitor import TensorBoard
 from mgn.predictions import NO_SAMPLES, Predictions, collect, merge
+from mgn.shard_io import open_shard
 from mgn.shard_sets import expand_shards
 from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files
 
@@ -331,7 +332,7 @@ def require_labels(shards: list[str], members: int = 12, max_member_bytes: int =
     Read with the loader's own reader and member cap (`tarfile` would allocate what a pax header claims)."""
     for shard in shards:
         try:
-            with open(shard, "rb") as f:
+            with open_shard(shard) as f:
                 names = [name for _, (name, _) in zip(range(members), tar_files(f, max_member_bytes=max_member_bytes))]
         except (ShardError, OSError):
             continue  # a damaged shard is the reader's to report, with its skip accounting

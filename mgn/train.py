@@ -47,6 +47,7 @@ from mgn.objectives import Objective, build_objective
 from mgn.pictures import attention_figure, samples_from_batch, save_picture
 from mgn.predictions import collect, merge
 from mgn.recovery import Recovery
+from mgn.shard_io import is_url
 from mgn.shard_sets import class_names
 from mgn.shards import write_synthetic
 
@@ -108,8 +109,8 @@ def new_run_name(cfg: Config) -> str:
 
 def ensure_demo_shards(cfg: Config) -> None:
     """Create the synthetic shards the demo preset points at, if they are not there yet."""
-    if cfg.data.synthetic_samples <= 0:
-        return
+    if cfg.data.synthetic_samples <= 0 or is_url(cfg.data.train_shards):
+        return  # nothing to write where shards are read from a URL
     out_dir = Path(cfg.data.train_shards).parent
     if (out_dir / "sizes.json").exists():
         return
