@@ -37,7 +37,8 @@ from mgn.data import build_loader  # noqa: E402
 from mgn.engine import autocast, build_engine, param_groups, precision  # noqa: E402
 from mgn.model import ImageClassifier  # noqa: E402
 from mgn.objectives import build_objective  # noqa: E402
-from mgn.train import ensure_demo_shards, model_inputs  # noqa: E402
+from mgn.run_folder import ensure_demo_shards  # noqa: E402
+from mgn.train import model_inputs  # noqa: E402
 
 Step = Callable[[dict], None]
 

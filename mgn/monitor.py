@@ -84,15 +84,6 @@ def tensorboard_dir(run_dir: Path) -> Path:
     return run_dir / "tb" / run_dir.name
 
 
-def point_latest(run_dir: Path) -> None:
-    """`<output_dir>/latest` -> the newest run's folder (a relative symlink, replaced atomically)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{run_dir.name}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name, target_is_directory=True)
-    tmp.replace(link)
-
-
 def append_metrics(run_dir: Path, step: int, epoch: int, results: dict[str, dict]) -> None:
     """One line per evaluation and role in `<run>/metrics.csv`, for a spreadsheet or pandas."""
     columns = ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "samples")

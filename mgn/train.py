@@ -12,14 +12,12 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 
-from mgn import checkpoint, distributed, preemption
+from mgn import checkpoint, distributed, preemption, run_folder
 from mgn.artifacts import init_student
 from mgn.checkpoint import TrainState
 from mgn.config import Config
@@ -36,7 +34,6 @@ from mgn.monitor import (
     TensorBoard,
     done_line,
     log_balance,
-    point_latest,
     report_evaluation,
     setup_logging,
     size_line,
@@ -47,9 +44,7 @@ from mgn.objectives import Objective, build_objective
 from mgn.pictures import attention_figure, samples_from_batch, save_picture
 from mgn.predictions import collect, merge
 from mgn.recovery import Recovery
-from mgn.shard_io import is_url
 from mgn.shard_sets import class_names
-from mgn.shards import write_synthetic
 
 log = logging.getLogger("mgn")
 
@@ -65,7 +60,7 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
     threads = distributed.set_threads(world)
     configure_kernels(cfg, device)
     if not cfg.train.run_name:  # rank 0 creates a new folder named after its clock; every rank writes there
-        cfg.train.run_name = distributed.gather_objects(new_run_name(cfg) if world.is_main else None)[0]
+        cfg.train.run_name = distributed.gather_objects(run_folder.new_run_name(cfg) if world.is_main else None)[0]
     run_dir = cfg.run_dir
     checkpoint.check_resume_allowed(cfg)
     setup_logging(run_dir, world.rank)
@@ -75,9 +70,9 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
     np.random.seed(cfg.train.seed + world.rank)
     if world.is_main:
         cfg.save(run_dir / "config.json")
-        point_latest(run_dir)
+        run_folder.point_latest(run_dir)
         log.info("MGN: config\n%s", cfg.to_json())
-        ensure_demo_shards(cfg)
+        run_folder.ensure_demo_shards(cfg)
     distributed.barrier()
     preemption.install()
 
@@ -91,32 +86,6 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
         trainer.tensorboard.close()
         if not keep_process_group:
             distributed.shutdown()
-
-
-def new_run_name(cfg: Config) -> str:
-    """A name for a new run folder, created here so that two runs started in the same second never share one."""
-    base = datetime.now().strftime(f"%Y%m%d-%H%M%S-{cfg.objective.name}")
-    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, 1000):
-        name = base if attempt == 1 else f"{base}-{attempt}"
-        try:
-            (Path(cfg.train.output_dir) / name).mkdir()
-            return name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free run folder name under {cfg.train.output_dir} for {base}")
-
-
-def ensure_demo_shards(cfg: Config) -> None:
-    """Create the synthetic shards the demo preset points at, if they are not there yet."""
-    if cfg.data.synthetic_samples <= 0 or is_url(cfg.data.train_shards):
-        return  # nothing to write where shards are read from a URL
-    out_dir = Path(cfg.data.train_shards).parent
-    if (out_dir / "sizes.json").exists():
-        return
-    log.info("MGN: writing %d synthetic samples to %s", cfg.data.synthetic_samples, out_dir)
-    # The data seed is fixed: runs with different `train.seed` must see the same dataset.
-    write_synthetic(out_dir, samples=cfg.data.synthetic_samples, image_size=cfg.model.image_size, seed=0)
 
 
 def build_model(cfg: Config, world: distributed.World, device: torch.device) -> tuple[Objective, dict]:
