@@ -4,14 +4,20 @@
     python benchmark.py --ckpt runs/demo                     # a trained student, at its own image size
     python benchmark.py --tiny                               # seconds: S0 at 64 px, few iterations
     python benchmark.py --model mobileone_s4 --precision bf16 --channels-last --compile   # on a GPU
+    python benchmark.py --model mobileone_s4 --device cuda --batch-sizes 256   # ms/img at 256 vs the paper's 0.13
     python benchmark.py --ckpt runs/demo --clip models/clip-b16   # the student beside CLIP's image tower
 
 Before timing, fused and unfused outputs (and student vs plain timm) are compared; a mismatch stops the run.
-CPU: perf_counter per call with --threads torch threads; GPU: CUDA events with synchronisation.
+CPU: perf_counter per call with --threads torch threads; GPU: CUDA events with synchronisation, cuDNN
+autotuning, TF32 off ("fp32" is IEEE fp32; with fp32 a "tf32" row shows the deployed student with TF32).
+The deployed student is also timed end to end from a host batch (uint8 and float; pinned on GPU), copy
+included. Throughput batch sizes, iterations and the matmul size default by device: 8,32 / 10 / 2048 on
+CPU, 32..512 / 20 / 8192 on GPU. ms/img at the largest batch is printed beside the paper's S4 figure.
 Writes a JSON report (device, driver, versions, settings, all samples' statistics) to --out.
 """
 import argparse
 import sys
+from dataclasses import replace
 
 from mgn.benchmark import BenchmarkError, Settings, run, tiny_settings
 from mgn.checkpoint import CheckpointError
@@ -33,9 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--iters", type=int, default=d.iters, help="timed batch-1 calls per model")
     p.add_argument("--rounds", type=int, default=d.rounds, help="models take turns over this many rounds")
-    p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)), help="throughput batch sizes")
-    p.add_argument("--throughput-iters", type=int, default=d.throughput_iters)
-    p.add_argument("--matmul-size", type=int, default=d.matmul_size)
+    p.add_argument("--batch-sizes", default=None,
+                   help="throughput batch sizes, e.g. 32,256 (default: 8,32 on CPU; 32,64,128,256,512 on GPU)")
+    p.add_argument("--throughput-iters", type=int, default=None, help="default: 10 on CPU, 20 on GPU")
+    p.add_argument("--matmul-size", type=int, default=None, help="square matmul of the peak (default: 2048 on CPU, "
+                                                                 "8192 on GPU)")
+    p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=d.end_to_end,
+                   help="also time the deployed student from a host batch, copy included (default: yes)")
+    p.add_argument("--tf32-row", action=argparse.BooleanOptionalAction, default=d.tf32_row,
+                   help="GPU, fp32: also time the deployed student with TF32 allowed (default: yes)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=d.cudnn_benchmark,
+                   help="GPU: cuDNN autotuning for the fixed shapes timed (default: yes)")
     p.add_argument("--compare-unfused", action=argparse.BooleanOptionalAction, default=d.compare_unfused,
                    help="also time the unfused student as the reference (default: yes)")
     p.add_argument("--rtol", type=float, default=d.rtol, help="fused vs unfused: max |diff| / max |logit|")
@@ -48,13 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     settings = Settings(device=a.device, precision=a.precision, channels_last=a.channels_last, compile=a.compile,
                         threads=a.threads, warmup=a.warmup, iters=a.iters, rounds=a.rounds,
-                        batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",") if b),
+                        batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",") if b) if a.batch_sizes else None,
                         throughput_iters=a.throughput_iters, matmul_size=a.matmul_size,
-                        compare_unfused=a.compare_unfused, rtol=a.rtol)
+                        compare_unfused=a.compare_unfused, rtol=a.rtol, end_to_end=a.end_to_end,
+                        tf32_row=a.tf32_row, cudnn_benchmark=a.cudnn_benchmark)
     variant = a.model or "mobileone_s4"
     image_size = a.image_size
     if a.tiny:
         settings = tiny_settings(settings)
+        if a.batch_sizes:  # asked for explicitly: kept
+            settings = replace(settings, batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",") if b))
         variant = a.model or "mobileone_s0"
         image_size = image_size or (None if a.ckpt else 64)
     try:

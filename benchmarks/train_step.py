@@ -12,7 +12,15 @@ the guided engine from the real loader to measure the data-wait fraction of step
     python benchmarks/train_step.py                        # demo preset, CPU
     python benchmarks/train_step.py --preset paper --workers 8   # on a GPU node (needs paper shards)
     python benchmarks/train_step.py --preset tiny --steps 1 --rounds 2 --warmup 1 --out /tmp/step.json  # smoke
+    # the paper's shapes without its data or a download: synthetic 224 px shards, a random-init DistilBERT
+    python benchmarks/train_step.py --preset paper --device cuda --shards /tmp/paper-shards --synthetic-samples 1024 \
+        --random-text-encoder distilbert --modes baseline,bare,guided,guided_cached --workers 8
 Goals: guided/baseline step-time ratio <= 1.5; baseline/bare <= 1.05; data wait < 5% with enough workers.
+
+--random-text-encoder distilbert builds DistilBERT-base's architecture (6 layers, 768 hidden, 12 heads, 3,072
+feed-forward) with random weights and the packaged MiniLM's tokenizer (DistilBERT's uncased vocabulary, 30,522
+tokens) into a folder beside --out, and uses it as model.text_model: the cost of the paper's text encoder,
+without its weights (which come from the hub). `tiny` builds a one-layer, 32-wide one for smoke runs.
 """
 import argparse
 import itertools
@@ -32,10 +40,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn import distributed  # noqa: E402
-from mgn.config import OBJECTIVES, PRESETS, Config, preset_config  # noqa: E402
+from mgn.config import OBJECTIVES, PACKAGED_MINILM, PRESETS, Config, preset_config, resolve_text_model  # noqa: E402
 from mgn.data import build_loader  # noqa: E402
 from mgn.engine import autocast, build_engine, param_groups, precision  # noqa: E402
-from mgn.model import ImageClassifier  # noqa: E402
+from mgn.model import ImageClassifier, TextBlockEncoder  # noqa: E402
 from mgn.objectives import build_objective  # noqa: E402
 from mgn.run_folder import ensure_demo_shards  # noqa: E402
 from mgn.train import model_inputs  # noqa: E402
@@ -84,18 +92,96 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
     return step
 
 
-def parse_args() -> argparse.Namespace:
+# Random-init text encoders of a given architecture (DistilBertConfig fields), for --random-text-encoder.
+TEXT_STANDINS = {
+    "distilbert": {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072},  # distilbert-base-uncased
+    "tiny": {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
+}
+
+
+def mode_names() -> list[str]:
+    return ["baseline", "bare", "guided", "guided_cached",
+            *[name for name in OBJECTIVES if name not in ("baseline", "guided")], "caption_dropout"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before the rounds")
     parser.add_argument("--workers", type=int, default=2, help="loader workers for the data-wait pass")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: the GPU when CUDA works; cuda: fail unless it does")
+    parser.add_argument("--modes", default=",".join(mode_names()),
+                        help=f"comma-separated steps to time, baseline and guided always among them "
+                             f"(default: all of {','.join(mode_names())})")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the preset's train.micro_batch")
+    parser.add_argument("--shards", default=None, metavar="DIR",
+                        help="read (and with --synthetic-samples write) train-*.tar / test-*.tar in DIR instead "
+                             "of the preset's shards")
+    parser.add_argument("--synthetic-samples", type=int, default=None,
+                        help="write this many synthetic samples at the preset's image size where the shards are "
+                             "missing (default: the preset's data.synthetic_samples)")
+    parser.add_argument("--text-model", default=None, help="model.text_model: hub name, local folder or "
+                                                            f"{PACKAGED_MINILM} (default: the preset's)")
+    parser.add_argument("--random-text-encoder", default=None, choices=sorted(TEXT_STANDINS),
+                        help="use a random-init text encoder of this architecture with the packaged uncased "
+                             "vocabulary, built beside --out (see above); for timing only")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(mode_names()))
+    if unknown or not {"baseline", "guided"} <= set(modes):
+        parser.error(f"--modes {args.modes}: expected names among {','.join(mode_names())}, with baseline and guided")
+    if args.text_model and args.random_text_encoder:
+        parser.error("--text-model and --random-text-encoder: choose one")
+    args.modes = [m for m in mode_names() if m in modes]
+    return args
 
 
-def objective_configs(preset: str, workers: int) -> dict[str, Config]:
+def build_text_standin(kind: str, directory: Path) -> dict:
+    """A random-init DistilBERT-architecture encoder with the packaged MiniLM's tokenizer (DistilBERT's uncased
+    vocabulary) in `directory` (kept and reused when it is already there with the same architecture)."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel  # noqa: PLC0415 - heavy
+
+    dims = TEXT_STANDINS[kind]
+    config_file = directory / "config.json"
+    vocabulary = resolve_text_model(PACKAGED_MINILM)
+    if not (config_file.exists() and all(json.loads(config_file.read_text()).get(k) == v for k, v in dims.items())):
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(vocabulary)
+        tokenizer.save_pretrained(directory)
+        torch.manual_seed(0)
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **dims))
+        model.save_pretrained(directory)
+    shape = " (distilbert-base-uncased's)" if kind == "distilbert" else ""
+    return {"path": str(directory), "stand_in": True, "kind": kind,
+            "architecture": (f"DistilBERT, {dims['n_layers']} layers x {dims['dim']} hidden, {dims['n_heads']} "
+                             f"heads{shape}"),
+            **dims,
+            "weights": "random init (seed 0): timing only; the paper's distilbert-base-uncased comes from the hub",
+            "tokenizer": f"the packaged MiniLM's ({PACKAGED_MINILM}: DistilBERT's uncased vocabulary)"}
+
+
+def overrides(args: argparse.Namespace, text_model: str | None) -> dict[str, dict]:
+    """The config sections every mode shares, from the command line."""
+    out: dict[str, dict] = {"model": {}, "data": {"num_workers": args.workers}, "train": {"device": args.device}}
+    if text_model:
+        out["model"]["text_model"] = text_model
+    if args.micro_batch:
+        out["train"]["micro_batch"] = args.micro_batch
+    if args.shards:
+        out["data"].update(train_shards=str(Path(args.shards) / "train-*.tar"),
+                           test_shards=str(Path(args.shards) / "test-*.tar"))
+    if args.synthetic_samples is not None:
+        out["data"]["synthetic_samples"] = args.synthetic_samples
+    return out
+
+
+def objective_configs(preset: str, workers: int, shared: dict[str, dict] | None = None,
+                      modes: list[str] | None = None) -> dict[str, Config]:
+    shared = shared or {"data": {"num_workers": workers}}
     cached = {"freeze_text": True, "text_cache": 10**6}
     variants = {"baseline": ({"name": "baseline"}, {}),
                 "guided": ({"name": "guided"}, {"freeze_text": True, "text_cache": 0}),  # encodes every caption
@@ -103,8 +189,9 @@ def objective_configs(preset: str, workers: int) -> dict[str, Config]:
                 # every other objective, with the text cache of later epochs: the cost line of each variant
                 **{name: ({"name": name}, cached) for name in OBJECTIVES if name not in ("baseline", "guided")},
                 "caption_dropout": ({"name": "guided", "caption_dropout": 0.5}, cached)}
-    return {name: preset_config(preset, {"objective": objective, "model": model, "data": {"num_workers": workers}})
-            for name, (objective, model) in variants.items()}
+    return {name: preset_config(preset, {**shared, "objective": objective,
+                                         "model": {**shared.get("model", {}), **model}})
+            for name, (objective, model) in variants.items() if modes is None or name in modes}
 
 
 def time_rounds(steps: dict[str, Step], batches: list[dict], device: torch.device, warmup: int,
@@ -147,9 +234,13 @@ def data_wait(step: Step, batches, device: torch.device, steps: int) -> tuple[fl
 
 def main() -> None:
     args = parse_args()
-    configs = objective_configs(args.preset, args.workers)
+    text = None
+    if args.random_text_encoder:
+        text = build_text_standin(args.random_text_encoder,
+                                  Path(args.out).resolve().parent / f"text-standin-{args.random_text_encoder}")
+    configs = objective_configs(args.preset, args.workers, overrides(args, text and text["path"]), args.modes)
     world = distributed.detect_world()
-    device = distributed.init_distributed(world, timeout_s=300)
+    device = distributed.init_distributed(world, timeout_s=300, device_name=args.device)
     ensure_demo_shards(configs["guided"])
     engines = {}
     for mode, cfg in configs.items():
@@ -157,7 +248,8 @@ def main() -> None:
         engines[mode] = build_engine(build_objective(cfg), cfg, device, total_steps=10**6)
         engines[mode].train()
     steps = {mode: engine_step(engine, configs[mode], device) for mode, engine in engines.items()}
-    steps = {"baseline": steps.pop("baseline"), "bare": bare_step(configs["baseline"], device), **steps}
+    if "bare" in args.modes:
+        steps = {"baseline": steps.pop("baseline"), "bare": bare_step(configs["baseline"], device), **steps}
     batches = list(itertools.islice(loader(configs["guided"], world), args.steps))
 
     times = time_rounds(steps, batches, device, args.warmup, args.rounds)
@@ -165,19 +257,29 @@ def main() -> None:
 
     micro_batch = configs["guided"].train.micro_batch
     step_s = {mode: statistics.median(t) for mode, t in times.items()}
+    model = configs["guided"].model
+    encoder = next(m for m in engines["guided"].module.modules() if isinstance(m, TextBlockEncoder))
     result = {
         "preset": args.preset, "device": str(device), "precision": precision(configs["baseline"], device),
+        "shapes": {"image_model": model.image_model, "image_size": model.image_size, "seq_len": model.seq_len,
+                   "fusion_dim": model.fusion_dim, "attention_heads": model.attention_heads,
+                   "text_hidden": encoder.hidden_size},
+        "text_model": {**(text or {"name": model.text_model, "stand_in": False}),
+                       "parameters": sum(p.numel() for p in encoder.model.parameters())},
+        "train_shards": configs["guided"].data.train_shards,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "torch": torch.__version__, "micro_batch": micro_batch, "steps_per_round": args.steps,
         "rounds": args.rounds, "warmup_steps": args.warmup,
         "step_s": step_s, "step_s_rounds": times,
         "loader_workers": args.workers, "guided_samples_per_s_with_loader": with_loader, "data_wait_fraction": wait,
         "guided_over_baseline": step_s["guided"] / step_s["baseline"],
-        "guided_cached_over_baseline": step_s["guided_cached"] / step_s["baseline"],
-        "baseline_over_bare": step_s["baseline"] / step_s["bare"],
         "bare_step": "plain PyTorch loop: ImageClassifier, torch.optim.AdamW (same parameter groups), cross-entropy with "
                 "the same label smoothing, clip_grad_norm_, the project's autocast; no DeepSpeed, guard or schedule",
     }
+    if "guided_cached" in step_s:
+        result["guided_cached_over_baseline"] = step_s["guided_cached"] / step_s["baseline"]
+    if "bare" in step_s:
+        result["baseline_over_bare"] = step_s["baseline"] / step_s["bare"]
     for mode in steps:
         result[f"{mode}_samples_per_s"] = micro_batch / step_s[mode]
     if world.is_main:
@@ -191,12 +293,21 @@ def report(result: dict, workers: int) -> str:
     step_s = result["step_s"]
     lines = [(f"MGN benchmark ({result['preset']}, {result['device']}, {result['precision']}, "
               f"{result['torch_threads']} threads, micro-batch {result['micro_batch']})")]
+    shapes, text = result["shapes"], result["text_model"]
+    lines.append(f"  shapes: {shapes['image_model']} at {shapes['image_size']} px, {shapes['seq_len']} tokens, fusion "
+                 f"{shapes['fusion_dim']}; text encoder {text.get('architecture', text.get('name'))}"
+                 f"{' (random-init stand-in)' if text.get('stand_in') else ''}")
     for mode, label in (("bare", "bare PyTorch step"), ("baseline", "baseline step"), ("guided", "guided step"),
                         ("guided_cached", "guided, cached text")):
-        lines.append(f"  {label:<19} {step_s[mode] * 1e3:8.1f} ms  ({result[f'{mode}_samples_per_s']:.1f} samples/s)")
-    lines.append(f"  baseline / bare = {result['baseline_over_bare']:.3f}  (goal <= 1.05)")
-    lines.append(f"  guided / baseline = {result['guided_over_baseline']:.2f} cold (every caption encoded), "
-                 f"{result['guided_cached_over_baseline']:.2f} with cached text  (goal <= 1.5)")
+        if mode in step_s:
+            lines.append(f"  {label:<19} {step_s[mode] * 1e3:8.1f} ms  ({result[f'{mode}_samples_per_s']:.1f} "
+                         f"samples/s)")
+    if "baseline_over_bare" in result:
+        lines.append(f"  baseline / bare = {result['baseline_over_bare']:.3f}  (goal <= 1.05)")
+    cached = result.get("guided_cached_over_baseline")
+    cached = f", {cached:.2f} with cached text" if cached else ""
+    lines.append(f"  guided / baseline = {result['guided_over_baseline']:.2f} cold (every caption encoded){cached}"
+                 f"  (goal <= 1.5)")
     for mode in step_s:
         if mode not in ("bare", "baseline", "guided", "guided_cached"):
             lines.append(f"  {mode:<19} {step_s[mode] * 1e3:8.1f} ms  "
@@ -207,4 +318,7 @@ def report(result: dict, workers: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except distributed.DeviceError as error:  # no GPU where one was asked for: one line, not a traceback
+        sys.exit(f"train_step.py: error: {error}")

@@ -6,6 +6,10 @@
     summary_stats()  -> percentiles, trimmed mean and spread of a list of samples
     count_flops()    -> forward FLOPs from torch's FlopCounterMode
     matmul_peak()    -> measured square-matmul FLOP/s: the practical peak of the device at this thread count
+    cuda_math()      -> cuDNN autotuning on and TF32 off (strict fp32) for a timed section on CUDA, restored after
+    with_tf32()      -> a runner with TF32 allowed for its own calls (the "tf32" row beside strict fp32)
+    host_batch()     -> a batch as the loader hands it over (uint8 NHWC, or normalised float32 NCHW), pinned on CUDA
+    end_to_end()     -> a runner from that host batch: copy to the device, cast, normalise, model
     at_own_size()    -> a runner for a model timed at its own input size (CLIP beside the student)
     environment()    -> the machine, versions and load, for the report
 
@@ -17,7 +21,8 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +88,7 @@ def time_throughput(fn: Callable, inputs: torch.Tensor, timer: Timer, warmup: in
         fn(inputs)
     ms = timer(lambda: fn(inputs), iters)
     median = float(np.median(ms))
-    return {"batch": int(inputs.shape[0]), "ms_per_batch_p50": median,
+    return {"batch": int(inputs.shape[0]), "ms_per_batch_p50": median, "ms_per_img": median / inputs.shape[0],
             "images_per_s": inputs.shape[0] / (median / 1e3), "n": len(ms)}
 
 
@@ -105,6 +110,86 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, timer: Time
     best = min(ms)
     return {"size": size, "dtype": str(dtype).replace("torch.", ""), "best_ms": best,
             "gflops": 2 * size ** 3 / (best / 1e3) / 1e9, "median_gflops": 2 * size ** 3 / (np.median(ms) / 1e3) / 1e9}
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@contextmanager
+def cuda_math(device: torch.device, cudnn_benchmark: bool = True) -> Iterator[dict]:
+    """On CUDA: cuDNN autotuning (fixed shapes: each shape's fastest kernel, found in the warm-up) and TF32 off for
+    matmul and cuDNN, so that "fp32" means IEEE fp32 (torch's default lets cuDNN convolutions run in TF32). The
+    previous switches come back afterwards. Yields what the timed section ran with, for the report."""
+    if device.type != "cuda":
+        yield {"cudnn_benchmark": None, "tf32_matmul": None, "tf32_cudnn": None}
+        return
+    saved = (torch.backends.cudnn.benchmark, *_tf32_flags())
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    _set_tf32(False, False)
+    try:
+        yield {"cudnn_benchmark": cudnn_benchmark, "tf32_matmul": False, "tf32_cudnn": False}
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        _set_tf32(*saved[1:])
+
+
+def with_tf32(fn: Callable) -> Callable:
+    """`fn` with TF32 allowed for matmul and cuDNN during its own calls (the switches are read at kernel launch,
+    so runners with and without TF32 can take turns in the same rounds)."""
+    def run(*args, **kwargs):
+        saved = _tf32_flags()
+        _set_tf32(True, True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set_tf32(*saved)
+
+    return run
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def host_batch(batch: int, size: int, kind: str, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """A batch in host memory as the loader hands it over: `uint8` NHWC pixels (what the workers collate), or
+    `float` ImageNet-normalised float32 NCHW (what the main process makes of them today). Pinned (page-locked)
+    when the device is a GPU, so the copy can be asynchronous; CPU-only torch has no pinned memory."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+    if kind == "uint8":
+        out = pixels
+    elif kind == "float":
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        out = ((pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous()
+    else:
+        raise ValueError(f"host batch kind {kind!r}: expected uint8 or float")
+    return out.pin_memory() if device.type == "cuda" else out
+
+
+def end_to_end(model: Callable, device: torch.device, dtype: torch.dtype,
+               memory_format: torch.memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A runner from a host batch (see host_batch) to logits: the copy to the device (asynchronous from pinned
+    memory), the cast to the timed dtype and layout, normalisation on the device for uint8, then the model."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    scale, shift = (1 / (255 * std)).to(dtype), (-mean / std).to(dtype)
+
+    def run(host: torch.Tensor) -> torch.Tensor:
+        x = host.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # NHWC -> NCHW view (channels_last strides), cast, normalise
+            x = torch.addcmul(shift, x.permute(0, 3, 1, 2).to(dtype), scale)
+        else:
+            x = x.to(dtype)
+        return model(x.contiguous(memory_format=memory_format))
+
+    return run
 
 
 def at_own_size(model: nn.Module, own: int, timed: int):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mgn import timing
 from mgn.benchmark import (
     PLAIN_FUSED,
     STUDENT_FUSED,
@@ -17,6 +18,9 @@ from mgn.benchmark import (
     BenchmarkError,
     Settings,
     check_equivalence,
+    device_defaults,
+    has_tf32_row,
+    math_used,
     prepare,
     require_deployable,
     run,
@@ -69,6 +73,63 @@ def test_tiny_cpu_run_writes_valid_json_with_the_equivalence_check(tmp_path, cap
     assert env["torch"] == torch.__version__ and env["timm"] and env["device_type"] == "cpu"
     assert settings["torch_threads"] == env["torch_threads"] == 1 and settings["timer"].startswith("time.perf_counter")
     assert report["model"]["variant"] == "mobileone_s0" and report["model"]["image_size"] == 64
+    # end to end from a host batch, and ms/img at the largest batch beside the paper's throughput figure
+    e2e = report["end_to_end"]
+    assert e2e["model"] == STUDENT_FUSED and not e2e["pinned"] and set(e2e["inputs"]) == {"uint8", "float"}
+    for entry in e2e["inputs"].values():
+        assert entry["latency_ms_batch1"]["n"] == 12 and entry["throughput"][0]["batch"] == 4
+        assert entry["throughput"][0]["model_only_ms_per_batch_p50"] > 0 and entry["throughput"][0]["ms_per_img"] > 0
+    big = report["largest_batch"]
+    point = report["models"][STUDENT_FUSED]["throughput"][0]
+    assert big["batch"] == 4 and big["ms_per_img"] == point["ms_per_img"] == point["ms_per_batch_p50"] / 4
+    assert big["paper"]["ms_per_img"] == 0.13 and big["comparable_to_paper"] is False and "note" in big
+    assert big["end_to_end_uint8_ms_per_img"] > 0 and "tf32_ms_per_img" not in big
+    assert settings["math"] == "fp32 on CPU (no TF32)" and settings["defaults_of"] == "cpu"
+    assert "throughput at batch 4 (fp32)" in printed and "0.13 ms/img" in printed and "from uint8" in printed
+
+
+def test_gpu_defaults_and_the_fp32_tf32_switches_without_a_gpu():
+    """What a GPU run would use, checked where none is: defaults by device, TF32 off for fp32, a tf32 row."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on_cpu = device_defaults(Settings(), cpu)
+    assert on_cpu.batch_sizes == (8, 32) and on_cpu.matmul_size == 2048 and on_cpu.throughput_iters == 10
+    on_gpu = device_defaults(Settings(), cuda)
+    assert on_gpu.batch_sizes[-2:] == (256, 512) and on_gpu.matmul_size >= 8192 and on_gpu.throughput_iters == 20
+    assert device_defaults(Settings(batch_sizes=(64,)), cuda).batch_sizes == (64,)  # explicit wins
+    assert has_tf32_row(on_gpu, cuda) and not has_tf32_row(on_gpu, cpu)
+    assert not has_tf32_row(dataclasses.replace(on_gpu, precision="bf16"), cuda)
+    assert not has_tf32_row(dataclasses.replace(on_gpu, compile=True), cuda)
+    assert "TF32 off" in math_used(on_gpu, cuda, {}) and "tf32" in math_used(on_gpu, cuda, {})
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with timing.cuda_math(cpu) as used:  # nothing changes on CPU
+        assert used["tf32_matmul"] is None and torch.backends.cudnn.allow_tf32 == saved[2]
+    seen = []
+    with timing.cuda_math(cuda) as used:  # the switches are plain flags: settable without a GPU
+        assert used == {"cudnn_benchmark": True, "tf32_matmul": False, "tf32_cudnn": False}
+        assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        probe = timing.with_tf32(lambda: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                      torch.backends.cudnn.allow_tf32)))
+        probe()
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32  # restored
+    assert seen == [(True, True)]
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == saved
+
+
+def test_end_to_end_from_uint8_normalises_as_the_host_does():
+    cpu = torch.device("cpu")
+    seen = []
+    runner = timing.end_to_end(lambda x: seen.append(x) or x.sum(), cpu, torch.float32, torch.channels_last)
+    pixels = timing.host_batch(2, 8, "uint8", cpu)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 8, 8, 3)
+    runner(pixels)
+    runner(timing.host_batch(2, 8, "float", cpu))
+    from_uint8, from_float = seen
+    assert from_uint8.shape == from_float.shape == (2, 3, 8, 8) and from_uint8.is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=1e-5)  # same pixels, same normalisation
 
 
 def test_refuses_to_time_a_train_mode_or_unfused_model():
