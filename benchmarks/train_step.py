@@ -240,7 +240,7 @@ def main() -> None:
                                   Path(args.out).resolve().parent / f"text-standin-{args.random_text_encoder}")
     configs = objective_configs(args.preset, args.workers, overrides(args, text and text["path"]), args.modes)
     world = distributed.detect_world()
-    device = distributed.init_distributed(world, timeout_s=300, device_name=args.device)
+    device = distributed.init_distributed(world, timeout_s=300, device_name=args.device, flag="--device")
     ensure_demo_shards(configs["guided"])
     engines = {}
     for mode, cfg in configs.items():

@@ -141,7 +141,8 @@ def pick_device(name: str, local_rank: int = 0, flag: str = "--train.device",
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(world: World, timeout_s: int, device_name: str = "auto") -> torch.device:
+def init_distributed(world: World, timeout_s: int, device_name: str = "auto",
+                     flag: str = "--train.device") -> torch.device:
     """Export the rank variables, pick the device, and start the process group through DeepSpeed."""
     import deepspeed  # noqa: PLC0415 - heavy import
 
@@ -150,7 +151,7 @@ def init_distributed(world: World, timeout_s: int, device_name: str = "auto") ->
             else torch.device("cpu")
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank), WORLD_SIZE=str(world.world_size),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
-    device = pick_device(device_name, world.local_rank)
+    device = pick_device(device_name, world.local_rank, flag)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
