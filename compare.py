@@ -26,11 +26,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from mgn.cli import check_file, check_shards, config_from_cli, require, run_command
 from mgn.config import add_config_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0, or 2 after one line `compare.py: error: ...` for a bad flag or input, or failed runs."""
     argv = sys.argv[1:] if argv is None else argv
+    return run_command("compare.py", lambda: _main(argv), also=(RuntimeError,))
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/compare", help="where the verdict and results.jsonl go")
     p.add_argument("--work", default="runs/compare", help="runs, data, stand-in encoder and logs (large)")
@@ -66,26 +72,39 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_argument("--time", type=int, default=240, help="minutes per job")
     add_config_args(p, preset="compare")
     args = p.parse_args(argv)
+    base = config_from_cli(args).to_dict()  # every config field checked, one line naming the flag
+    check_flags(args)
 
     from mgn.compare import Options, run  # noqa: PLC0415 - after parsing: --help stays instant
-    from mgn.config import config_from_args  # noqa: PLC0415
 
     options = Options(
         out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds, scarce=args.scarce,
         plentiful=args.plentiful, test=args.test, train_shards=args.train_shards, test_shards=args.test_shards,
         pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads, clip=args.clip,
         prompts=args.prompts, settings=None if args.settings is None else args.settings.split(","),
-        dry_run=args.dry_run, base=config_from_args(args).to_dict(), command=shlex.join(["python", "compare.py", *argv]),
+        dry_run=args.dry_run, base=base, command=shlex.join(["python", "compare.py", *argv]),
         arms=None if args.arms is None else args.arms.split(","),
         slurm=args.slurm, slurm_args={"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
                                       "cpus_per_task": args.cpus_per_task, "partition": args.partition,
                                       "time": args.time})
-    try:
-        run(options)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"compare.py: error: {error}", file=sys.stderr)
-        return 2
+    run(options)
     return 0
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The runner's own numbers and files, before anything loads (the sizes of the synthetic sets and the arm and
+    setting names are checked by mgn.compare, which knows them)."""
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--threads", args.threads, 0), ("--nodes", args.nodes, 1),
+                             ("--gpus-per-node", args.gpus_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
+                             ("--time", args.time, 1)):
+        require(flag, value, value >= low, f"must be >= {low}")
+    check_file("--arms-file", args.arms_file, "a TOML file of arms, in mgn/compare/arms.toml's format")
+    check_file("--prompts", args.prompts, "a JSON file {class name: [prompts]}")
+    if args.pretrained not in ("standin", "hub", "none"):
+        check_file("--pretrained", args.pretrained, "standin, hub, none, or a weights file")
+    for flag, spec in (("--train-shards", args.train_shards), ("--test-shards", args.test_shards)):
+        if spec:
+            check_shards(flag, spec)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
     srun python evaluate.py --ckpt runs/demo                    # one task per GPU under Slurm
     python evaluate.py --clip models/clip-b16 --shards 'shards/demo/test-*.tar'   # CLIP zero-shot baseline
 
---ckpt takes a run folder, its checkpoints/ folder or `latest` file, a tag folder (its module states; with
---trust-checkpoint, ZeRO-1/2 fp32 weights consolidated from the optimizer shards), or an exported student
+--ckpt takes a run folder (or the runs folder: its `latest` run, named in a note), its checkpoints/ folder or
+`latest` file, a tag folder (its module states; with --trust-checkpoint, ZeRO-1/2 fp32 weights consolidated from
+the optimizer shards), or an exported student
 (student.safetensors; student.pt2 when it holds no pickles, or with --trust-checkpoint). The model is rebuilt
 from the config saved with the checkpoint; nothing is unpickled unless --trust-checkpoint says so. Writes eval.json and pr_curve.png to --out
 (default: <run>/eval/<tag>/, or eval/ beside the artifact) and prints a table.
@@ -16,11 +17,15 @@ from the config saved with the checkpoint; nothing is unpickled unless --trust-c
 import argparse
 import sys
 
-from mgn.checkpoint import CheckpointError
-from mgn.evaluate import run, run_clip
+from mgn.cli import check_shards, require, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0, or 2 after one line `evaluate.py: error: ...` for a bad flag, checkpoint or shard."""
+    return run_command("evaluate.py", lambda: _main(argv), also=(RuntimeError,))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="run folder, checkpoint folder/tag/latest, or student.safetensors / .pt2")
@@ -45,11 +50,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow what unpickles files (can run code): a student.pt2 with pickled parts, ZeRO-1/2 "
                              "fp32 consolidation from the optimizer shards. Only for files from sources you trust")
     args = parser.parse_args(argv)
+    if args.clip and not args.shards:
+        parser.error("--clip needs --shards (the test shards to score)")
+    require("--target-precision", args.target_precision, 0 < args.target_precision <= 1, "must be in (0, 1]")
+    require("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "must be >= 1")
+    require("--num-workers", args.num_workers, args.num_workers is None or args.num_workers >= 0, "must be >= 0")
+    require("--fusion-check-batches", args.fusion_check_batches, args.fusion_check_batches >= -1,
+            "must be >= -1 (-1: all batches; 0: none)")
     checks = None if args.fusion_check_batches < 0 else args.fusion_check_batches
+
+    from mgn.evaluate import run, run_clip  # noqa: PLC0415 - heavy: torch; after parsing, --help stays instant
+
     try:
         if args.clip:
-            if not args.shards:
-                parser.error("--clip needs --shards (the test shards to score)")
             run_clip(args.clip, shards=args.shards, prompts=args.prompts, target_precision=args.target_precision,
                      batch_size=args.batch_size or 64, num_workers=2 if args.num_workers is None else args.num_workers,
                      device=args.device, out_dir=args.out, allow_download=args.allow_download)
@@ -57,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             run(args.ckpt, shards=args.shards, teacher=args.teacher, target_precision=args.target_precision,
                 batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, out_dir=args.out,
                 tensorboard=args.tensorboard, fusion_check_batches=checks, trust=args.trust_checkpoint)
-    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as error:
+        if args.shards and repr(args.shards) in str(error):  # the pattern matched nothing, or named missing files:
+            check_shards("--shards", args.shards)  # the same error, named by its flag
+        raise
     return 0
 
 

@@ -13,18 +13,23 @@ Configuration: dataclass defaults (the paper's settings) -> --preset (default: d
 import argparse
 import sys
 
-from mgn.cli import run_command
-from mgn.config import PRESETS, add_config_args, config_from_args
+from mgn.cli import check_training_inputs, config_from_cli, run_command
+from mgn.config import PRESETS, add_config_args
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     # The preset decides the defaults --help shows; torch & co. load only after parsing (--help is instant).
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", default="demo")
-    chosen, _ = preset.parse_known_args()
+    chosen, _ = preset.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, preset=chosen.preset if chosen.preset in PRESETS else "demo")
-    cfg = config_from_args(parser.parse_args())
+    cfg = config_from_cli(parser.parse_args(argv))  # every field checked: one line and exit 2 (mgn/cli.py)
+    check_training_inputs(cfg)  # the files the flags name, on every rank, before any collective
+
+    from mgn.artifacts import check_init_from  # noqa: PLC0415 - heavy: torch
+
+    check_init_from(cfg)  # readable and fitting this run, before a run folder is made
 
     from mgn import preemption  # noqa: PLC0415
     from mgn.train import run  # noqa: PLC0415 - heavy: torch, DeepSpeed

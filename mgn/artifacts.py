@@ -1,15 +1,18 @@
 """Reading what training wrote, for evaluation, benchmarks and `train.init_from`.
 
-`load_checkpoint(path)` accepts a run folder, its checkpoints/ folder or `latest`, a tag folder (ZeRO-0 module
-states, or ZeRO-1/2 shards consolidated to fp32) or an exported student (.safetensors, .pt2), and rebuilds the
-student (and on request the whole objective) from the config saved with the weights, never from command-line
-options. Tags are found through `mgn.checkpoint.newest_intact_tag`, the same verified finder a resume uses.
-`init_student` loads those weights into a new run's student. Nothing is unpickled unless trusted.
+`load_checkpoint(path)` accepts a run folder (or a folder of runs: the run its `latest` link names), its
+checkpoints/ folder or `latest`, a tag folder (ZeRO-0 module states, or ZeRO-1/2 shards consolidated to fp32) or
+an exported student (.safetensors, .pt2), and rebuilds the student (and on request the whole objective) from the
+config saved with the weights, never from command-line options. Tags are found through
+`mgn.checkpoint.newest_intact_tag`, the same verified finder a resume uses. `init_student` loads those weights
+into a new run's student (`check_init_from` first reads and checks them, before a run starts). Nothing is
+unpickled unless trusted.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +65,22 @@ class Checkpoint:
         return f"{what}{step}; objective {self.cfg.objective.name}, {self.cfg.model.image_model}, encoder {encoder}"
 
 
-def resolve(path: str | Path) -> tuple[str, Path]:
-    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass."""
+EXPECTED = (f"expected a run folder, its checkpoints/ folder, checkpoints/latest, a checkpoints/<tag>/ folder, "
+            f"or an exported {ARTIFACT_NAME}")
+
+
+def resolve(path: str | Path, notes: list[str] | None = None, *, take_latest_run: bool = True) -> tuple[str, Path]:
+    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass.
+
+    A folder of runs (train.output_dir, e.g. `runs`) stands for the run its `latest` link names, with a line in
+    `notes` saying which; `take_latest_run=False` refuses it instead, naming that run (train.init_from: the new run
+    moves `latest` to itself). Every other path that holds no checkpoint is a CheckpointError naming the path and
+    what was expected there."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: a link to {os.readlink(path)}, which does not exist ({EXPECTED})")
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (expected a run folder, its checkpoints/ folder, "
-                              f"checkpoints/latest, a checkpoints/<tag>/ folder, or {ARTIFACT_NAME})")
+        raise CheckpointError(f"{path}: no such file or folder ({EXPECTED})")
     if path.is_file():
         if path.suffix in (".safetensors", ".pt2"):
             return "artifact", path
@@ -76,20 +89,92 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         if path.name.endswith("model_states.pt"):
             return "tag", path.parent
         raise CheckpointError(f"{path}: not a checkpoint file (expected {ARTIFACT_NAME}, a DeepSpeed `latest` file "
-                              f"or {MODEL_STATES})")
+                              f"or {MODEL_STATES}, or a folder holding one)")
+    if path.is_symlink():  # e.g. runs/latest: name the run it stands for
+        target = _link_target(path)
+        _note(notes, f"{path} is {target}")
+        path = target
     if (path / MODEL_STATES).exists():
         return "tag", path
     for folder in (path, path / "checkpoints"):
-        if (folder / "latest").exists():
+        if (folder / "latest").is_file():
             return "tag", _tag_from_latest(folder / "latest")
+        if any(p.is_dir() for p in folder.glob("step_*")):  # tags, but their `latest` pointer is gone
+            return "tag", newest_intact_tag(folder)
     for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME, path / PROGRAM_NAME,
                      path / "student" / PROGRAM_NAME):
         if artifact.exists():
             return "artifact", artifact
     if any(path.glob("*optim_states.pt")):
         raise CheckpointError(f"{path}: has optimizer shards but no {MODEL_STATES}; the checkpoint is incomplete")
+    link = path / "latest"
+    if link.is_symlink() and link.is_dir():  # train.output_dir: `latest` -> the newest run
+        return _from_runs_folder(path, _link_target(link), notes, take_latest_run)
+    runs = _runs_in(path)
+    if runs:
+        usable = [r for r in runs if _has_checkpoint(r)] or runs
+        raise CheckpointError(f"{path}: a folder of runs, not a run ({len(runs)} run folders: "
+                              f"{_names(runs)}); pass one of them, e.g. {usable[-1]}")
+    if not any(path.iterdir()):
+        raise CheckpointError(f"{path}: no checkpoint found here, the folder is empty ({EXPECTED})")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: a run folder without a checkpoint or exported student yet (no checkpoints/"
+                              f"latest, no student/{ARTIFACT_NAME}): it is still starting, or stopped before its first "
+                              f"checkpoint (its train.log says why)")
     raise CheckpointError(f"{path}: no checkpoint found here (looked for {MODEL_STATES}, latest, checkpoints/latest, "
-                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME})")
+                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME}; {EXPECTED})")
+
+
+def _from_runs_folder(path: Path, newest: Path, notes: list[str] | None, take: bool) -> tuple[str, Path]:
+    """The checkpoint of the run a runs folder's `latest` names, or why not (listing the runs that have one)."""
+    others = [r for r in _runs_in(path) if _has_checkpoint(r) and r.name != newest.name]
+    elsewhere = f"; runs here with a checkpoint: {_names(others)}" if others else ""
+    if not take:
+        raise CheckpointError(f"{path}: a folder of runs, not a run; its newest (the one {path / 'latest'} names) "
+                              f"is {newest}: pass that run folder, or another{elsewhere}")
+    try:
+        found = resolve(newest, take_latest_run=False)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: a folder of runs; its newest, {newest} (named by {path / 'latest'}), holds no "
+                              f"usable checkpoint ({_strip_path(str(error), newest)}); pass a run folder{elsewhere}") \
+            from None
+    _note(notes, f"{path} is a folder of runs: took its newest run, {newest} (named by {path / 'latest'})")
+    return found
+
+
+def _link_target(link: Path) -> Path:
+    target = Path(os.readlink(link))
+    return target if target.is_absolute() else link.parent / target
+
+
+def _runs_in(folder: Path) -> list[Path]:
+    """The run folders in `folder` (a config.json, checkpoints/ or student/ inside), oldest name first."""
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        return []
+    return [p for p in children if (p / "config.json").is_file() or (p / "checkpoints").is_dir()
+            or (p / "student").is_dir()]
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return (run / "checkpoints" / "latest").is_file() or (run / "student" / ARTIFACT_NAME).is_file()
+
+
+def _names(runs: list[Path], most: int = 8) -> str:
+    names = [r.name for r in runs]
+    return ", ".join(names[-most:]) + (f" and {len(names) - most} older" if len(names) > most else "")
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    log.info("MGN: %s", text)
+    if notes is not None:
+        notes.append(text)
+
+
+def _strip_path(message: str, path: Path) -> str:
+    """A CheckpointError's message without its leading `path: `, to be put after another name for the path."""
+    return message.removeprefix(f"{path}: ")
 
 
 def _tag_from_latest(latest: Path) -> Path:
@@ -102,7 +187,8 @@ def _tag_from_latest(latest: Path) -> Path:
     return newest_intact_tag(latest.parent)
 
 
-def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = False,
+                    take_latest_run: bool = True) -> Checkpoint:
     """Load any checkpoint kind; build the student (and with `teacher`, the whole objective) from its own config.
 
     Without `trust` nothing is unpickled: student.safetensors and the DeepSpeed model-states file are read as
@@ -110,13 +196,17 @@ def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = Fa
     their module states (fp32 masters would need DeepSpeed's unpickling consolidation of the optimizer shards,
     which `trust` allows).
     """
-    kind, where = resolve(path)
+    notes: list[str] = []
+    kind, where = resolve(path, notes, take_latest_run=take_latest_run)
     if kind == "artifact":
         if teacher:
             raise CheckpointError(f"{where}: an exported student holds no text encoder or fusion; pass the training "
                                   f"checkpoint (run folder or checkpoints/<tag>) to evaluate the guided teacher")
-        return _load_artifact(where, trust)
-    return _load_tag(where, teacher=teacher, consolidate_zero=trust)
+        loaded = _load_artifact(where, trust)
+    else:
+        loaded = _load_tag(where, teacher=teacher, consolidate_zero=trust)
+    loaded.notes[:0] = notes
+    return loaded
 
 
 def read_student(path: Path, trust: bool = False) -> tuple[nn.Module, Config, dict]:
@@ -125,10 +215,12 @@ def read_student(path: Path, trust: bool = False) -> tuple[nn.Module, Config, di
         with safe_open(str(path), framework="pt") as f:
             meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         if "config.json" not in meta or "export.json" not in meta:
-            raise CheckpointError(f"{path}: not an MGN student (no config.json/export.json in its metadata)")
+            raise CheckpointError(f"{path}: a safetensors file, but not an MGN student: no config.json/export.json in "
+                                  f"its metadata (expected the {ARTIFACT_NAME} that training exports; weights saved "
+                                  f"by another tool cannot be read)")
         cfg = Config.from_dict(json.loads(meta["config.json"]))
         student = fuse_student(ImageClassifier(cfg.model))  # timm's MobileOne, reparameterized: the deployed shape
-        student.load_state_dict(weights, strict=True)
+        _load_strict(student, weights, cfg, path, what="student")
         return student.eval(), cfg, json.loads(meta["export.json"])
     pickled = pt2_pickled_members(path)
     if pickled and not trust:
@@ -296,6 +388,39 @@ def _load_strict(model: nn.Module, weights: dict, cfg: Config, source: Path, wha
     model.load_state_dict(weights, strict=not frozen)
 
 
+# train.init_from as checked by `check_init_from` (train.py, before the run starts), for `init_student` to use
+# instead of reading it again: {(path, trust): Checkpoint}.
+_CHECKED: dict[tuple[str, bool], Checkpoint] = {}
+
+
+def check_init_from(cfg: Config) -> None:
+    """Before a run starts (train.py, every rank, before any collective): `train.init_from` is readable and fits
+    this run's student, or one CheckpointError naming the flag, the path and what was expected. The loaded
+    checkpoint is kept for `init_student`."""
+    if cfg.train.init_from:
+        source = _init_source(cfg)
+        _CHECKED[(cfg.train.init_from, cfg.train.trust_checkpoint)] = source
+
+
+def _init_source(cfg: Config) -> Checkpoint:
+    flag, path = "train.init_from", cfg.train.init_from
+    key = (path, cfg.train.trust_checkpoint)
+    if key in _CHECKED:
+        return _CHECKED.pop(key)
+    try:
+        source = load_checkpoint(path, trust=cfg.train.trust_checkpoint, take_latest_run=False)
+    except CheckpointError as error:
+        raise type(error)(f"{flag}={path!r}: {_strip_path(str(error), Path(path))}") from error
+    if source.cfg.model.image_model != cfg.model.image_model:
+        raise CheckpointError(f"{flag}={path!r} holds a {source.cfg.model.image_model}, "
+                              f"this run trains a {cfg.model.image_model} (model.image_model)")
+    if cfg.train.init_parts != "image_encoder" and source.cfg.model.num_classes != cfg.model.num_classes:
+        raise CheckpointError(f"{flag}={path!r} has {source.cfg.model.num_classes} classes, "
+                              f"this run {cfg.model.num_classes}: pass --train.init_parts image_encoder for a "
+                              f"fresh head")
+    return source
+
+
 def init_student(student: ImageClassifier, cfg: Config) -> str:
     """`train.init_from`: load another run's student (or only its image encoder) into `student`.
 
@@ -303,10 +428,7 @@ def init_student(student: ImageClassifier, cfg: Config) -> str:
     fused weights only; they are written into the unfused layout so that it computes the same function in
     eval mode (mgn.export.unfuse_into). Returns a line for the log.
     """
-    source = load_checkpoint(cfg.train.init_from, trust=cfg.train.trust_checkpoint)
-    if source.cfg.model.image_model != cfg.model.image_model:
-        raise CheckpointError(f"train.init_from={cfg.train.init_from!r} holds a {source.cfg.model.image_model}, "
-                              f"this run trains a {cfg.model.image_model} (model.image_model)")
+    source = _init_source(cfg)
     donor = ImageClassifier(source.cfg.model)
     if source.unfused_student is not None:
         donor.load_state_dict(source.unfused_student.state_dict())
@@ -315,13 +437,10 @@ def init_student(student: ImageClassifier, cfg: Config) -> str:
     weights = donor.state_dict()
     if cfg.train.init_parts == "image_encoder":
         weights = {k: v for k, v in weights.items() if k.startswith("encoder.")}
-    elif source.cfg.model.num_classes != cfg.model.num_classes:
-        raise CheckpointError(f"train.init_from={cfg.train.init_from!r} has {source.cfg.model.num_classes} classes, "
-                              f"this run {cfg.model.num_classes}: pass --train.init_parts image_encoder for a "
-                              f"fresh head")
     missing, unexpected = student.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (cfg.train.init_parts == "image_encoder" and k.startswith("head."))]
     if missing or unexpected:
         raise CheckpointError(f"train.init_from={cfg.train.init_from!r}: weights do not fit this run's student "
                               f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)")
-    return f"{cfg.train.init_parts} from {source.describe()} at {source.path}"
+    notes = "".join(f"; {note}" for note in source.notes)
+    return f"{cfg.train.init_parts} from {source.describe()} at {source.path}{notes}"

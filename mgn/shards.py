@@ -379,14 +379,47 @@ def _write(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
                         max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes)
 
 
+# The generator's float knobs, one --flag each (see _parser).
+SYNTHETIC_KNOBS = ("cue_strength", "caption_info", "label_noise", "positive_fraction", "spurious_train",
+                   "spurious_test")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0, or 2 after one line `python -m mgn.shards: error: ...` for a bad flag or input."""
+    from mgn.cli import run_command  # noqa: PLC0415
+
+    return run_command("python -m mgn.shards", lambda: _main(argv))
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every number in range before anything is read or written; one line naming the flag (mgn/cli.py)."""
+    from mgn.cli import require  # noqa: PLC0415
+
+    low_image = 32 if args.synthetic else 1  # the generator draws at >= 32 px
+    for flag, value, low in (("--image-size", args.image_size, low_image),
+                             ("--max-samples-per-shard", args.max_samples_per_shard, 1),
+                             ("--max-bytes-per-shard", args.max_bytes_per_shard, 1), ("--workers", args.workers, 1),
+                             ("--max-pixels", args.max_pixels, 1), ("--max-caption-bytes", args.max_caption_bytes, 1),
+                             ("--samples", args.samples, 1)):
+        if value is not None:
+            require(flag, value, value >= low, f"must be >= {low}")
+    require("--quality", args.quality, 1 <= args.quality <= 100, "must be in [1, 100] (JPEG quality)")
+    require("--test-fraction", args.test_fraction, 0 <= args.test_fraction <= 1, "must be in [0, 1]")
+    if args.synthetic:  # the generator's own checks, its field names given back as the flags that set them
+        try:
+            synthetic.SyntheticSpec(samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
+                                    test_fraction=args.test_fraction, decoys=args.decoys, target=args.target,
+                                    **{k: getattr(args, k) for k in SYNTHETIC_KNOBS}).validate()
+        except ValueError as error:
+            name, _, rest = str(error).partition("=")
+            raise ValueError(f"--{name.replace('_', '-')}={rest}" if rest else str(error)) from None
+
+
+def _main(argv: list[str] | None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    try:
-        card = _write(args, p)
-    except (BadRowError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _check_flags(args)
+    card = _write(args, p)
     for split, info in card["splits"].items():
         print(f"{split}: {info['samples']} samples in {info['shards']} shards {info['per_label']}")
     rejected = card["rejected"]
