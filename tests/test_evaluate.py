@@ -199,7 +199,7 @@ def test_corrupt_checkpoints(tmp_path, runs):
     states = tag_of(run_dir) / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint(run_dir)
+        load_checkpoint(tag_of(run_dir))  # the tag named: read as it is (a run folder falls back, below)
     artifact = tmp_path / "student.pt2"
     artifact.write_bytes((runs / "runs" / "baseline-z2" / "student" / "student.pt2").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
@@ -207,7 +207,22 @@ def test_corrupt_checkpoints(tmp_path, runs):
     shard_run = copy_run(runs, "baseline-z2", tmp_path / "bad-shard")
     next(tag_of(shard_run).glob("*optim_states.pt")).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be consolidated"):
-        load_checkpoint(shard_run, trust=True)  # without trust the shards are never read
+        load_checkpoint(tag_of(shard_run), trust=True)  # without trust the shards are never read
+
+
+@pytest.mark.slow
+def test_a_run_folder_whose_latest_tag_is_damaged_is_read_from_the_newest_intact_tag(tmp_path, runs, caplog):
+    # The same verified finder as a resume (mgn.checkpoint.newest_intact_tag): a warning, then the older tag.
+    run_dir = copy_run(runs, "guided-z0", tmp_path / "damaged-latest")
+    damaged = tag_of(run_dir)
+    states = damaged / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    older = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p != damaged)
+    assert older, "the fixture run keeps more than one tag"
+    with caplog.at_level("WARNING", logger="mgn"):
+        ckpt = load_checkpoint(run_dir)
+    assert ckpt.path == older[-1]
+    assert f"checkpoint {damaged} is damaged or incomplete" in caplog.text
 
 
 def _rewrite_config(states_file: Path, section: str = "model", **changes) -> None:
@@ -223,7 +238,7 @@ def test_checkpoint_from_another_model_config(tmp_path, runs):
     (run_dir / "config.json").unlink()
     _rewrite_config(tag_of(run_dir) / "mp_rank_00_model_states.pt", image_model="mobileone_s1")
     with pytest.raises(CheckpointError, match="comes from another model config") as info:
-        load_checkpoint(run_dir)
+        load_checkpoint(tag_of(run_dir))  # the tag named: its manifest no longer matches, a run folder falls back
     assert "model.image_model='mobileone_s1'" in str(info.value) and "of another shape" in str(info.value)
     # The checkpoint was copied into a run whose config.json describes another model.
     run_dir = copy_run(runs, "guided-z0", tmp_path / "other-run")
@@ -237,7 +252,7 @@ def test_checkpoint_from_another_model_config(tmp_path, runs):
     (run_dir / "config.json").unlink()
     _rewrite_config(tag_of(run_dir) / "mp_rank_00_model_states.pt", "objective", name="tram")
     with pytest.raises(CheckpointError, match="missing"):
-        load_checkpoint(run_dir, teacher=True)
+        load_checkpoint(tag_of(run_dir), teacher=True)
 
 
 def _unlabelled_shards(folder: Path, batch: list[dict]) -> str:
