@@ -46,7 +46,7 @@ class Prediction:
     attention: torch.Tensor | None = None  # [B, h, w] cross-modality map
 
 
-REGISTRY: dict[str, type["Objective"]] = {}
+REGISTRY: dict[str, type[Objective]] = {}
 
 
 def objective(name: str):

@@ -14,7 +14,6 @@ from mgn.ceiling import ceiling_of
 from mgn.decode import Decoder, box_in_crop
 from mgn.objectives import box_map
 
-
 # --- the ceiling ----------------------------------------------------------------------------------------------
 
 def test_the_bayes_posterior_matches_a_hand_worked_case():

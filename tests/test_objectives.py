@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mgn.config import OBJECTIVES, preset_config
 from mgn.export import fuse_student
-from mgn.objectives import REGISTRY, box_map, build_objective, feature_map, map_distance, objective as register
+from mgn.objectives import REGISTRY, box_map, build_objective, feature_map, map_distance
+from mgn.objectives import objective as register
 from tests.conftest import calibrate_batchnorm
 
 LABELS = torch.tensor([0, 1, 1, 0])
