@@ -458,7 +458,8 @@ def plot(summary: dict, path: Path) -> None:
                             fmt="D", color="black", capsize=5, markersize=5, zorder=4)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlim(-0.6, len(arms) - 0.4)
-        ax.set_xticks(range(len(arms)), [a for a, _ in arms], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(len(arms)), [f"{a} (control)" if entry["arms"][a].get("control") else a for a, _ in arms],
+                      rotation=35, ha="right", fontsize=8)
         ax.set_title(setting, fontsize=10)
         ax.set_ylabel("student accuracy − baseline (points)")
         ax.grid(axis="y", alpha=0.3)
