@@ -332,10 +332,11 @@ def _pilot_line(pilot: dict) -> str:
     if pilot.get("accuracy") is None:
         return f"Pilot: {pilot['reason']}."
     ceiling = f"its ceiling {pilot['ceiling']:.3f}" if pilot.get("ceiling") is not None else "1.0 (no ceiling known)"
+    spread = f" ± {100 * pilot['sd']:.1f} points" if pilot.get("sd") is not None else ""
     text = (f"Pilot (baseline alone, seeds {pilot['seeds'][0]}-{pilot['seeds'][-1]}, validation split): "
-            f"{pilot['accuracy']:.3f} ± {100 * pilot['sd']:.1f} points, {100 * pilot['headroom']:.1f} points below "
+            f"{pilot['accuracy']:.3f}{spread}, {100 * pilot['headroom']:.1f} points below "
             f"{ceiling}: {pilot['reason']}")
-    if pilot.get("seeds_to_run"):
+    if pilot.get("mde") is not None:
         text += (f". Minimum detectable effect at {pilot['seeds_to_run']} seeds: {100 * pilot['mde']:.1f} points "
                  f"(80% power, two-sided 5%, paired SD taken as √2 × the pilot's SD)")
     return text + "."

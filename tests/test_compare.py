@@ -197,23 +197,25 @@ def test_slurm_runs_a_two_by_one_table_and_a_restarted_runner_reattaches(slurm_c
 
     extra = ["--slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
     args = argv(shards, tmp_path, *extra)
-    args[args.index("--seeds") + 1] = "1"
-    # The runner submits its jobs and is killed while they run: they go on in Slurm.
+    args[args.index("--seeds") + 1] = args[args.index("--pilot-seeds") + 1] = "1"
+    # The runner submits the pilot's job and is killed while it runs: it goes on in Slurm.
     first = subprocess.Popen([sys.executable, "compare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ledger = tmp_path / "work" / "slurm" / "submitted.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and len(read_results(ledger)) < 2:
+    while time.time() < deadline and len(read_results(ledger)) < 1:
         time.sleep(1)
     first.kill()
     first.communicate(timeout=30)
-    assert len(read_results(ledger)) == 2
-    # Started again: it re-attaches to the two jobs instead of submitting new ones, and gathers their results.
+    assert len(read_results(ledger)) == 1
+    # Started again: it re-attaches to the pilot's job instead of submitting it again, then submits the arm's.
     assert compare.main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "0 Slurm jobs submitted, 2 already queued or done re-attached" in printed and "Finding:" in printed
+    assert "0 Slurm jobs submitted, 1 already queued or done re-attached" in printed and "Finding:" in printed
+    assert "1 Slurm jobs submitted, 0 already queued or done re-attached" in printed
     assert len(read_results(ledger)) == 2
     rows = read_results(tmp_path / "out" / "results.jsonl")
     assert sorted(r["arm"] for r in rows) == ["baseline", "guided"]
+    assert all("validation" in r and "per_sample" in r for r in rows)
     summary = json.loads(Path(rows[0]["run_dirs"][0], "summary.json").read_text())
     assert summary["world_size"] == 2  # an ordinary two-rank training job

@@ -72,14 +72,16 @@ def outcome(rows: list[dict], setting: Setting, ceiling: float | None, options: 
     pilot = {r["seed"]: r for r in rows if r["setting"] == setting.name and r["arm"] == "baseline"
              and r["seed"] < options.pilot_seeds and "validation" in r}
     result = PilotOutcome(setting.name, sorted(pilot), options.pilot_seeds, ceiling=ceiling)
-    if len(pilot) < max(options.pilot_seeds, 2):
+    if len(pilot) < options.pilot_seeds:
         result.reason = f"pilot incomplete: {len(pilot)} of {options.pilot_seeds} baseline seeds scored"
         return result
     values = [pilot[s]["validation"]["student"]["accuracy"] for s in sorted(pilot)]
-    result.accuracy, result.sd = float(np.mean(values)), float(np.std(values, ddof=1))
-    result.seeds_to_run = max(options.seeds or seeds_for(result.paired_sd, options.pilot_seeds, options.max_seeds),
-                              options.pilot_seeds)
-    result.mde = mde(result.paired_sd, result.seeds_to_run)
+    result.accuracy = float(np.mean(values))
+    result.sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    wanted = options.seeds or (seeds_for(result.paired_sd, options.pilot_seeds, options.max_seeds)
+                               if result.sd is not None else options.max_seeds)
+    result.seeds_to_run = max(wanted, options.pilot_seeds)
+    result.mde = mde(result.paired_sd, result.seeds_to_run) if result.sd is not None else None
     if options.pilot_seeds < MIN_PILOT_SEEDS:
         result.reason = f"no reading: a pilot needs at least {MIN_PILOT_SEEDS} seeds (--pilot-seeds {options.pilot_seeds})"
         return result
@@ -112,9 +114,10 @@ def line(o: PilotOutcome) -> str:
     if o.accuracy is None:
         return o.reason
     ceiling = f"ceiling {o.ceiling:.3f}" if o.ceiling is not None else "ceiling unknown (1.0 used)"
-    text = (f"baseline {o.accuracy:.3f} +/- {100 * o.sd:.1f} points over seeds {o.seeds[0]}-{o.seeds[-1]} "
-            f"(validation), {ceiling}, {100 * o.headroom:.1f} points below: {o.reason}")
-    if o.seeds_to_run:
+    spread = f" +/- {100 * o.sd:.1f} points" if o.sd is not None else ""
+    text = (f"baseline {o.accuracy:.3f}{spread} over seeds {o.seeds[0]}-{o.seeds[-1]} (validation), {ceiling}, "
+            f"{100 * o.headroom:.1f} points below: {o.reason}")
+    if o.seeds_to_run and o.mde is not None:
         text += (f"; minimum detectable effect at {o.seeds_to_run} seeds {100 * o.mde:.1f} points (80% power, "
                  f"paired SD taken as sqrt(2) x {100 * o.sd:.1f})")
     return text
