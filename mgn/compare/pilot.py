@@ -85,6 +85,10 @@ def outcome(rows: list[dict], setting: Setting, ceiling: float | None, options: 
     if options.pilot_seeds < MIN_PILOT_SEEDS:
         result.reason = f"no reading: a pilot needs at least {MIN_PILOT_SEEDS} seeds (--pilot-seeds {options.pilot_seeds})"
         return result
+    if setting.synthetic and ceiling is None:
+        result.seeds_to_run = None  # nothing runs on it: the ceiling comes with the data, which a run writes first
+        result.reason = "no reading yet: the data and its ceiling are not written (a run without --dry-run writes them)"
+        return result
     room, spread = result.headroom >= HEADROOM - 1e-12, result.sd <= MAX_SD + 1e-12
     result.passed = room and spread
     failures = [] if room else [f"only {100 * result.headroom:.1f} points below the ceiling (needs {100 * HEADROOM:.0f})"]

@@ -17,6 +17,9 @@ from mgn.compare.report import write_verdict
 
 def run(options: Options) -> dict:
     """Plan, estimate, run the missing cells (the pilot first), write the verdict. Returns the summary."""
+    if options.base["train"]["eval_every"] != -1:
+        raise ValueError("the comparison scores the test set once per run, after training: --train.eval_every must "
+                         "stay -1 (evaluations during training would look at the test set)")
     arms = load_arms(options.arms_file)
     settings = choose_settings(settings_for(options), options.settings)
     for setting in settings.values():
