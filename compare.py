@@ -2,6 +2,7 @@
 
     python compare.py --dry-run                        # the plan, the pilot rule and the estimate; nothing run
     python compare.py --pilot                          # the pilot only: the baseline alone, and which settings pass
+    python compare.py --choose train.lr_image=1e-3,3e-3,1e-2 --settings clean/standin   # a knob, on validation
     python compare.py                                  # the pilot, then the arms where it passes; the verdict
     python compare.py --arms all --settings clean/standin,noisy/standin      # every arm and both controls
     python compare.py --train-shards 'mine/train-*.tar' --test-shards 'mine/test-*.tar' --pretrained hub
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="paired seeds 0..N-1 of the arms (default: from the pilot's spread, enough to detect +1.5 "
                         "points with 80%% power, at most --max-seeds)")
     p.add_argument("--max-seeds", type=int, default=10, help="the most seeds the power rule asks for (default 10)")
+    p.add_argument("--choose", action="append", default=None, metavar="SECTION.FIELD=V1,V2,...",
+                   help="choose a knob on the validation split: the baseline trains with each value (each combination, "
+                        "when repeated) at the pilot's seeds; the validation accuracies and the best are printed and "
+                        "written to <out>/choices.json; nothing else runs. E.g. --choose train.lr_image=1e-3,3e-3,1e-2")
     p.add_argument("--ignore-pilot", default=None, metavar="REASON",
                    help="run the arms in every setting whose pilot is complete, passed or not; the reason is printed "
                         "and goes into the table")
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds,
         pilot_seeds=args.pilot_seeds, max_seeds=args.max_seeds, pilot_only=args.pilot, ignore_pilot=args.ignore_pilot,
+        choose=args.choose,
         train_shards=args.train_shards, test_shards=args.test_shards, validation_shards=args.validation_shards,
         pretrained=args.pretrained, threads=args.threads, clip=args.clip,
         prompts=args.prompts, settings=None if args.settings is None else args.settings.split(","),

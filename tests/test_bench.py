@@ -238,3 +238,28 @@ def test_the_validation_split_is_disjoint_from_train_and_test(tmp_path):
     written = json.loads((tmp_path / "ceiling.json").read_text())
     assert written["test"] == ceiling(synthetic_shards(tmp_path, data)["test"]) and written["test"]["samples"] == 200
     assert 0.5 < written["validation"]["true"] <= 1 and written["validation"]["label_noise"] == 0.1
+
+
+def test_a_knob_is_chosen_on_the_validation_split_only():
+    from mgn.compare.arms import load_arms
+    from mgn.compare.choose import candidate_arms, report
+    from mgn.compare.plan import Setting
+
+    arms = candidate_arms(load_arms()["baseline"], ["train.lr_image=1e-3,3e-3", "train.epochs=10,15"])
+    assert list(arms) == ["train.lr_image=0.001,train.epochs=10", "train.lr_image=0.001,train.epochs=15",
+                          "train.lr_image=0.003,train.epochs=10", "train.lr_image=0.003,train.epochs=15"]
+    first = arms["train.lr_image=0.001,train.epochs=10"]
+    assert first.name == "choose-train.lr_image-0.001-train.epochs-10"
+    assert first.stages[0].overrides == {"objective": {"name": "baseline"}, "train": {"lr_image": 0.001, "epochs": 10}}
+    with pytest.raises(ValueError, match="no config field 'train.lr'"):
+        candidate_arms(load_arms()["baseline"], ["train.lr=1"])
+    settings = {"clean/standin": Setting("clean", "standin", "t", "x", 1)}
+    rows = [{"setting": "clean/standin", "arm": arms[label].name, "seed": seed,
+             "validation": {"student": {"accuracy": accuracy}}, "student": {"accuracy": 0.99}}  # the test: never read
+            for label, values in (("train.lr_image=0.001,train.epochs=10", (0.80, 0.82)),
+                                  ("train.lr_image=0.003,train.epochs=15", (0.84, 0.84)))
+            for seed, accuracy in enumerate(values)]
+    text, result = report(rows, arms, settings)
+    assert result["clean/standin"]["best"] == "train.lr_image=0.003,train.epochs=15"
+    assert result["clean/standin"]["candidates"]["train.lr_image=0.001,train.epochs=10"]["mean"] == pytest.approx(0.81)
+    assert "0.990" not in text and "<- best" in text

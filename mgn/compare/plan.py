@@ -147,6 +147,7 @@ class Options:
     pilot_seeds: int = 5
     max_seeds: int = 10
     pilot_only: bool = False  # run the pilot, print its outcome, stop
+    choose: list[str] | None = None  # section.field=V1,V2,...: train the baseline with each, compare on validation
     ignore_pilot: str | None = None  # the reason for running the arms in settings that fail the pilot
     train_shards: str | None = None  # the user's own data, instead of the synthetic sets
     test_shards: str | None = None

@@ -3,9 +3,10 @@ which settings run the arms (mgn/compare/pilot.py), run them, write the verdict.
 are never run again."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from mgn.compare import pilot
+from mgn.compare import choose, pilot
 from mgn.compare.arms import load_arms
 from mgn.compare.estimate import describe_plan, estimate
 from mgn.compare.executors import run_locally, run_on_slurm
@@ -22,6 +23,8 @@ def run(options: Options) -> dict:
                          "stay -1 (evaluations during training would look at the test set)")
     arms = load_arms(options.arms_file)
     settings = choose_settings(settings_for(options), options.settings)
+    if options.choose:
+        return run_choice(options, arms, settings)
     for setting in settings.values():
         chosen_arms(options, arms, setting)  # unknown arms, or controls on a user's data, fail before anything runs
     results_file = options.out / "results.jsonl"
@@ -44,6 +47,27 @@ def run(options: Options) -> dict:
     wanted = {(c.key, c.fingerprint(options.work)) for c in cells}
     rows = [r for r in read_results(results_file) if (r["key"], r["fingerprint"]) in wanted]
     return write_verdict(options, arms, settings, rows, bench(options, settings, outcomes))
+
+
+def run_choice(options: Options, arms: dict, settings: dict[str, Setting]) -> dict:
+    """--choose: the baseline with each candidate value at the pilot's seeds, compared on the validation split
+    (mgn/compare/choose.py); written to <out>/choices.json."""
+    candidates = choose.candidate_arms(arms["baseline"], options.choose)
+    cells = choose.choice_cells(options, candidates, settings)
+    pending = missing(cells, options, options.out / "results.jsonl")
+    print(f"MGN compare --choose: {len(candidates)} candidate(s) x {len(settings)} setting(s) x {options.pilot_seeds} "
+          f"seeds = {len(cells)} runs of the baseline ({len(cells) - len(pending)} already in "
+          f"{options.out / 'results.jsonl'}); about {estimate(pending, options) / 60:.0f} min", flush=True)
+    if options.dry_run:
+        return {}
+    prepare([], settings, options)
+    execute(pending, settings, options, options.out / "results.jsonl")
+    wanted = {(c.key, c.fingerprint(options.work)) for c in cells}
+    rows = [r for r in read_results(options.out / "results.jsonl") if (r["key"], r["fingerprint"]) in wanted]
+    text, result = choose.report(rows, candidates, settings)
+    print(text, flush=True)
+    (options.out / "choices.json").write_text(json.dumps({"command": options.command, **result}, indent=2) + "\n")
+    return result
 
 
 def missing(cells: list[Cell], options: Options, results_file: Path) -> list[Cell]:
