@@ -313,6 +313,8 @@ def finding(summary: dict) -> str:
             relation = {"better": "better than", "worse": "worse than"}.get(guided["reading"], "no different from")
             text += (f"the guided student (paper's MGN + image-only term) is {relation} the plain fine-tune "
                      f"({_interval(guided)} accuracy points, 95% CI, {len(guided['seeds'])} paired seeds)")
+        elif len(arms) <= 1 and (entry.get("pilot") or {}).get("reason"):
+            text += f"the baseline alone (pilot: {entry['pilot']['reason']})"
         else:
             text += "no guided arm"
         readings = {a: (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading")
