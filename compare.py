@@ -1,25 +1,38 @@
 """Does caption guidance give a better image-only student than the plain fine-tune? Paired, repeated, honest.
 
-    python compare.py                                  # the default table: synthetic data, CPU, about 90 min
-    python compare.py --dry-run                        # the plan and its estimate, nothing run
+    python compare.py --dry-run                        # the plan, the pilot rule and the estimate; nothing run
+    python compare.py --pilot                          # the pilot only: the baseline alone, and which settings pass
+    python compare.py --choose train.lr_image=1e-3,3e-3,1e-2 --settings clean/standin   # a knob, on validation
+    python compare.py                                  # the pilot, then the arms where it passes; the verdict
+    python compare.py --arms all --settings clean/standin,noisy/standin      # every arm and both controls
     python compare.py --train-shards 'mine/train-*.tar' --test-shards 'mine/test-*.tar' --pretrained hub
-    python compare.py --arms baseline,guided,tram --seeds 10 --train.epochs 20
     python compare.py --slurm --gpus-per-node 8 --partition gpu --time 600   # each run a Slurm job (submitit)
 
 Each arm (mgn/compare/arms.toml, or --arms-file) is a set of config overrides trained through the normal training
-path (train.py's loop, data pipeline, DeepSpeed engine and export); each run's final student is then
-evaluated on the test shards. For a seed, every arm starts from the same image encoder and head and reads
-the same samples in the same order, so arms are compared with the baseline seed by seed.
+path (train.py's loop, data pipeline, DeepSpeed engine and export); each run's final student is then scored once
+on the test set and on a validation set. For a seed, every arm starts from the same image encoder and head and
+reads the same samples in the same order, so arms are compared with the baseline seed by seed, and sample by
+sample on the same test set.
 
-The default plan, on the synthetic moderation data (shards/README.md) whose test split decorrelates the
-spurious badge from the label:
-  scarce/scratch      all default arms x 5 seeds, 600 training samples, random init
-  plentiful/scratch   baseline and guided x 5 seeds, 1,500 training samples
-  scarce/standin      baseline and guided x 5 seeds from a stand-in pretrained encoder (see --pretrained)
-Every finished run is appended to <out>/results.jsonl at once; the same command again skips those runs,
-so an interrupted table resumes. The verdict goes to <out>/table.md, summary.json and paired.png; runs,
-data and the stand-in to --work. The base config is --preset compare (MobileOne-S0, 64 px, 10 epochs;
-mgn/config.py); --preset, --config and --section.field flags change it for every arm alike.
+The bench (issue 26), on synthetic data written with the generator's ground truth (shards/README.md):
+- settings are a data set x an initialisation: clean (1,500 training samples, no label noise), noisy (20% of stored
+  labels flipped, captions following the true label), decoys (600 samples, 3 decoy splats, cue strength 0.6); each
+  with 1,000 validation and 4,000 test samples, the spurious badge agreeing with the label on 95% of training frames
+  and uncorrelated in validation and test; from scratch, or a stand-in encoder pretrained here (standin: scene x
+  splat quadrant; standin-scene: scene only). Default: clean/standin, noisy/standin, decoys/standin.
+- every table shows the image-only ceiling (the Bayes rule on the generator's ground truth) and each arm's distance
+  to it, accuracy on true labels beside stored labels, and two positive controls (oracle-attention, oracle-teacher:
+  perfect transfers of what the caption knows); a setting can judge the other arms only where a control wins.
+- the pilot: the baseline alone at --pilot-seeds seeds, scored on the validation split, must sit 3 points below the
+  ceiling with an SD of at most 1.5 points; only settings that pass run the other arms (--ignore-pilot REASON runs
+  them anyway and the table prints the reason), at the seeds their spread needs to detect +1.5 points (at most
+  --max-seeds), unless --seeds is given.
+Every finished run is appended to <out>/results.jsonl at once; the same command again skips those runs, so an
+interrupted study resumes (and a fresh checkout re-renders the committed one without training). The verdict goes
+to <out>/table.md, summary.json and paired.png; runs, data and the stand-ins to --work. The base config is
+--preset compare (MobileOne-S0, 64 px, 10 epochs; mgn/config.py); --preset, --config and --section.field flags
+change it for every arm alike. Results of the earlier bench (captions cut at 16 tokens, no ceiling, no controls)
+stay in benchmarks/results/compare*/ as they were.
 """
 import argparse
 import shlex
@@ -38,26 +51,35 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/compare", help="where the verdict and results.jsonl go")
-    p.add_argument("--work", default="runs/compare", help="runs, data, stand-in encoder and logs (large)")
-    p.add_argument("--arms", default=None, help="comma-separated arms (default: baseline, guided, guided-unfrozen, "
-                                                "attend-fusion, no-student-term); 'all': every arm of the arms files")
+    p.add_argument("--out", default="benchmarks/results/verdict", help="where the verdict and results.jsonl go")
+    p.add_argument("--work", default="runs/compare", help="runs, data, stand-in encoders and logs (large)")
+    p.add_argument("--arms", default=None, help="comma-separated arms (default: baseline, guided; the positive "
+                                                "controls join on synthetic data); 'all': every arm of the arms files")
     p.add_argument("--arms-file", default=None, help="a TOML file of extra arms, in mgn/compare/arms.toml's format")
-    p.add_argument("--all-settings", action="store_true",
-                   help="run every chosen arm in every setting (default: baseline and guided outside the first)")
     p.add_argument("--settings", default=None,
-                   help="comma-separated settings to run, in this order, e.g. scarce/standin,scarce/scratch; "
-                        "plentiful/standin (the pretrained start on the plentiful set) runs only when named "
-                        "(default: every size from scratch and scarce/standin; --dry-run lists them)")
-    p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
-    p.add_argument("--scarce", type=int, default=600, help="training samples of the scarce synthetic set")
-    p.add_argument("--plentiful", type=int, default=1500, help="training samples of the plentiful synthetic set")
-    p.add_argument("--test", type=int, default=1000, help="test samples of the synthetic set")
+                   help="comma-separated settings, in this order: data (clean, noisy, decoys) / init (scratch, "
+                        "standin, standin-scene), e.g. clean/standin,clean/standin-scene (default: clean/standin, "
+                        "noisy/standin, decoys/standin; --dry-run lists them)")
+    p.add_argument("--pilot", action="store_true", help="run the pilot only (the baseline alone) and print its outcome")
+    p.add_argument("--pilot-seeds", type=int, default=5, help="the pilot's seeds 0..N-1 (at least 5 for a reading)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="paired seeds 0..N-1 of the arms (default: from the pilot's spread, enough to detect +1.5 "
+                        "points with 80%% power, at most --max-seeds)")
+    p.add_argument("--max-seeds", type=int, default=10, help="the most seeds the power rule asks for (default 10)")
+    p.add_argument("--choose", action="append", default=None, metavar="SECTION.FIELD=V1,V2,...",
+                   help="choose a knob on the validation split: the baseline trains with each value (each combination, "
+                        "when repeated) at the pilot's seeds; the validation accuracies and the best are printed and "
+                        "written to <out>/choices.json; nothing else runs. E.g. --choose train.lr_image=1e-3,3e-3,1e-2")
+    p.add_argument("--ignore-pilot", default=None, metavar="REASON",
+                   help="run the arms in every setting whose pilot is complete, passed or not; the reason is printed "
+                        "and goes into the table")
     p.add_argument("--train-shards", default=None, help="your own training shards instead of the synthetic sets")
     p.add_argument("--test-shards", default=None, help="your own test shards (with --train-shards)")
+    p.add_argument("--validation-shards", default=None,
+                   help="your own validation shards (default: the last tenth of --train-shards, at least one shard)")
     p.add_argument("--pretrained", default="standin",
-                   help="the pretrained setting's image encoder: standin (built here, offline; the default), "
-                        "hub (timm's ImageNet weights, downloads), a weights file, or none (no such setting)")
+                   help="with your own shards, the pretrained setting's image encoder: standin or standin-scene (built "
+                        "here, offline), hub (timm's ImageNet weights, downloads), a weights file, or none")
     p.add_argument("--threads", type=int, default=0, help="torch threads per local run (default: all CPUs)")
     p.add_argument("--clip", default=None, metavar="MODEL",
                    help="add the CLIP zero-shot reference row: a local transformers CLIP folder (no training)")
@@ -78,9 +100,11 @@ def _main(argv: list[str]) -> int:
     from mgn.compare import Options, run  # noqa: PLC0415 - after parsing: --help stays instant
 
     options = Options(
-        out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds, scarce=args.scarce,
-        plentiful=args.plentiful, test=args.test, train_shards=args.train_shards, test_shards=args.test_shards,
-        pretrained=args.pretrained, all_settings_all_arms=args.all_settings, threads=args.threads, clip=args.clip,
+        out=Path(args.out), work=Path(args.work), arms_file=args.arms_file, seeds=args.seeds,
+        pilot_seeds=args.pilot_seeds, max_seeds=args.max_seeds, pilot_only=args.pilot, ignore_pilot=args.ignore_pilot,
+        choose=args.choose,
+        train_shards=args.train_shards, test_shards=args.test_shards, validation_shards=args.validation_shards,
+        pretrained=args.pretrained, threads=args.threads, clip=args.clip,
         prompts=args.prompts, settings=None if args.settings is None else args.settings.split(","),
         dry_run=args.dry_run, base=base, command=shlex.join(["python", "compare.py", *argv]),
         arms=None if args.arms is None else args.arms.split(","),

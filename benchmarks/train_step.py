@@ -186,8 +186,10 @@ def objective_configs(preset: str, workers: int, shared: dict[str, dict] | None 
     variants = {"baseline": ({"name": "baseline"}, {}),
                 "guided": ({"name": "guided"}, {"freeze_text": True, "text_cache": 0}),  # encodes every caption
                 "guided_cached": ({"name": "guided"}, cached),
-                # every other objective, with the text cache of later epochs: the cost line of each variant
-                **{name: ({"name": name}, cached) for name in OBJECTIVES if name not in ("baseline", "guided")},
+                # every other objective, with the text cache of later epochs: the cost line of each variant (not the
+                # positive controls: they need synthetic ground truth in the batches, and cost what the baseline does)
+                **{name: ({"name": name}, cached) for name, info in OBJECTIVES.items()
+                   if name not in ("baseline", "guided") and not info.control},
                 "caption_dropout": ({"name": "guided", "caption_dropout": 0.5}, cached)}
     return {name: preset_config(preset, {**shared, "objective": objective,
                                          "model": {**shared.get("model", {}), **model}})

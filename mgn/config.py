@@ -49,25 +49,48 @@ class ModelConfig:
     drop_rate: float = option(0.0, "dropout before the classifier head")
 
 
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """An objective as the config knows it: the one place its name is written (mgn/objectives.py registers a
+    class under it, and refuses a name declared nowhere here), its help line and what its batches must carry."""
+    help: str
+    reads: tuple[str, ...] = ()  # batch fields beyond image and label: "captions", or GROUND_TRUTH_FIELDS
+    control: bool = False  # a positive control: reads the synthetic generator's ground truth, never a user's data
+
+
+# Per-sample ground truth the loader carries for the positive controls (synthetic shards written with the
+# generator's ground_truth option): the deciding splat's box in the crop ([0, 1] coordinates) and the Bayes posterior.
+GROUND_TRUTH_FIELDS = ("cue_box", "posterior")
+
 # The training objectives of mgn/objectives.py, with the one-line reading of each.
 OBJECTIVES = {
-    "baseline": "image-only fine-tune (the paper's 'fine-tuned MobileOne')",
-    "guided": "the paper's MGN: classifier trained on caption-re-weighted image features (+ student term)",
-    "distill": "generalized distillation: the student learns labels + the guided teacher's softened logits",
-    "tram": "TRAM: encoder trained through the guided head only; deployed head on stop-gradient features",
-    "attention_transfer": "the text-derived map is a target for the student's own feature-norm map",
+    "baseline": ObjectiveInfo("image-only fine-tune (the paper's 'fine-tuned MobileOne')"),
+    "guided": ObjectiveInfo("the paper's MGN: classifier trained on caption-re-weighted image features "
+                            "(+ student term)", ("captions",)),
+    "distill": ObjectiveInfo("generalized distillation: the student learns labels + the guided teacher's softened "
+                             "logits", ("captions",)),
+    "tram": ObjectiveInfo("TRAM: encoder trained through the guided head only; deployed head on stop-gradient "
+                          "features", ("captions",)),
+    "attention_transfer": ObjectiveInfo("the text-derived map is a target for the student's own feature-norm map",
+                                        ("captions",)),
+    "oracle_attention": ObjectiveInfo("positive control, synthetic data only: the student's feature-norm map is "
+                                      "pulled towards the true deciding region (each sample's cue_box)",
+                                      ("cue_box",), control=True),
+    "oracle_teacher": ObjectiveInfo("positive control, synthetic data only: labels + the generator's own Bayes "
+                                    "posterior as soft targets (weight distill_weight)", ("posterior",), control=True),
 }
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = option("guided", "training objective (mgn/objectives.py): "
-                                 + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), tuple(OBJECTIVES))
+                                 + "; ".join(f"{k}: {v.help}" for k, v in OBJECTIVES.items()), tuple(OBJECTIVES))
     student_weight: float = option(0.5, "guided: weight of the image-only loss on the shared head "
                                         "(0 = the paper's loss exactly)")
-    distill_weight: float = option(0.5, "distill: share of the student loss taken from the teacher's soft targets")
+    distill_weight: float = option(0.5, "distill, oracle_teacher: share of the student loss taken from the teacher's "
+                                        "soft targets")
     temperature: float = option(2.0, "distill: softmax temperature of teacher and student logits")
-    attention_weight: float = option(1.0, "attention_transfer: weight of the map-matching loss")
+    attention_weight: float = option(1.0, "attention_transfer, oracle_attention: weight of the map-matching loss")
     caption_dropout: float = option(0.0, "guided objectives: chance that a training caption is replaced by an "
                                          "empty one (a guard against reading the label from the text)")
 
@@ -151,8 +174,18 @@ class Config:
 
     @property
     def uses_captions(self) -> bool:
-        """Whether training reads captions: every objective but the image-only baseline."""
-        return self.objective.name != "baseline"
+        """Whether training reads captions (the guided objectives; not the baseline nor the controls)."""
+        return "captions" in self._objective_reads
+
+    @property
+    def ground_truth_fields(self) -> tuple[str, ...]:
+        """The per-sample ground truth the objective's training batches carry (the positive controls)."""
+        return tuple(f for f in self._objective_reads if f in GROUND_TRUTH_FIELDS)
+
+    @property
+    def _objective_reads(self) -> tuple[str, ...]:
+        info = OBJECTIVES.get(self.objective.name)
+        return info.reads if info else ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

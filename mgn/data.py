@@ -67,8 +67,9 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
                   tokenizer_name=resolve_text_model(cfg.model.text_model) if captions else None,
                   seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
                   world_size=world_size, on_device=on_device)
-    if split == "train":
-        return train_loader(data or cfg.data, **common, seed=cfg.train.seed, epoch=epoch, skip_batches=skip_batches)
+    if split == "train":  # the positive controls' ground truth rides on training batches only
+        return train_loader(data or cfg.data, **common, seed=cfg.train.seed, epoch=epoch, skip_batches=skip_batches,
+                            ground_truth=cfg.ground_truth_fields)
     if split == "test":
         return eval_loader(data or cfg.data, **common, persistent=persistent)
     raise ValueError(f"split={split!r}: expected 'train' or 'test'")
@@ -76,7 +77,7 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
 
 def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
                  batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 skip_batches: int = 0, on_device: bool = False) -> "TrainLoader":
+                 skip_batches: int = 0, on_device: bool = False, ground_truth: tuple[str, ...] = ()) -> "TrainLoader":
     """This rank's batches of one epoch; `skip_batches` leaves out the first ones without decoding them."""
     shards = expand_shards(data_cfg.train_shards)
     sizes = read_sizes(shards)
@@ -90,7 +91,7 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
     skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
     decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
                       max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes,
-                      on_device=on_device)
+                      on_device=on_device, ground_truth=ground_truth)
     dataset = _ShardStream(plan.ranks[rank], decoder, batch_size=batch_size, quotas=quotas, skips=skips,
                            shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}",
                            max_member_bytes=data_cfg.max_member_bytes)

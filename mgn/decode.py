@@ -11,6 +11,7 @@ can be read, tested and timed on their own (benchmarks/loader_throughput.py).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -38,6 +39,8 @@ class Batch(TypedDict, total=False):
     caption: list[str]  # the raw captions (objectives that read them): for the attention picture
     input_ids: torch.Tensor  # [B, seq_len] int64 tokens, padded and cut to model.seq_len
     attention_mask: torch.Tensor  # [B, seq_len] int64, 1 on real tokens
+    cue_box: np.ndarray  # [B, 4] the deciding splat's box in the crop (positive controls, synthetic data only)
+    posterior: np.ndarray  # [B] the generator's P(violent | image) (positive controls, synthetic data only)
 
 
 class DeviceNormaliser:
@@ -65,15 +68,17 @@ class Decoder:
 
     def __init__(self, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int, *, train: bool,
                  seed: str = "", max_pixels: int = DEFAULT_MAX_PIXELS, max_caption_bytes: int = 4096,
-                 on_device: bool = False):
+                 on_device: bool = False, ground_truth: tuple[str, ...] = ()):
         self.size, self.train, self.seed, self.on_device = image_size, train, seed, on_device
+        self.ground_truth = ground_truth  # per-sample fields from a synthetic sample's json (mgn.config)
         self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
         self.tokenizer_name, self.seq_len = tokenizer_name, seq_len
         std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
-    def decode(self, sample: dict, rng: random.Random | None = None) -> tuple[str, np.ndarray, str, int]:
+    def decode(self, sample: dict, rng: random.Random | None = None) -> tuple:
+        """(key, crop, caption, label), and the ground-truth fields (a dict) when the decoder was asked for any."""
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         for name, value in (("image (jpg/png/webp)", field), ("txt", "txt" in sample), ("cls", "cls" in sample)):
             if not value:
@@ -87,7 +92,9 @@ class Decoder:
             image = self.load_rgb(sample[field])
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken data
             raise BadSample(f"undecodable image: {exc}") from None
-        return sample["__key__"], self.transform(image, rng), caption, label
+        geometry = self.geometry(*image.size, rng)
+        item = (sample["__key__"], self.transform(image, rng, geometry), caption, label)
+        return item + (self.read_ground_truth(sample, geometry, image.size[0]),) if self.ground_truth else item
 
     def load_rgb(self, data: bytes) -> Image.Image:
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop. Past the pixel cap
@@ -96,13 +103,33 @@ class Decoder:
         # RGB always: the normalisation constants are RGB
         return to_rgb(open_capped(data, self.max_pixels, need, reduce=True), upright=False)
 
-    def transform(self, image: Image.Image, rng: random.Random | None) -> np.ndarray:
+    def transform(self, image: Image.Image, rng: random.Random | None, geometry: tuple | None = None) -> np.ndarray:
         """Crop and resize in one PIL call; train: random resized crop + flip, eval: centre crop."""
-        w, h = image.size
-        box = _random_crop(w, h, rng) if self.train else _centre_crop(w, h)
+        box, flip = geometry or self.geometry(*image.size, rng)
         out = np.asarray(image.resize((self.size, self.size), Image.BILINEAR, box=box))
-        if self.train and rng.random() < 0.5:
-            out = out[:, ::-1]
+        return out[:, ::-1] if flip else out
+
+    def geometry(self, w: int, h: int, rng: random.Random | None) -> tuple[tuple[float, ...], bool]:
+        """The crop box and whether to flip: train draws the box, then the flip, from the sample's generator."""
+        if not self.train:
+            return _centre_crop(w, h), False
+        box = _random_crop(w, h, rng)
+        return box, rng.random() < 0.5
+
+    def read_ground_truth(self, sample: dict, geometry: tuple, width: int) -> dict:
+        """The fields of `ground_truth` from the sample's json: `cue_box` as seen in this crop (box_in_crop),
+        `posterior` as written. Only synthetic shards written with the generator's ground_truth option have them."""
+        try:
+            meta = json.loads(sample["json"])
+            out = {}
+            if "cue_box" in self.ground_truth:
+                scale = width / meta["frame_size"]  # a JPEG may decode at a reduced scale
+                out["cue_box"] = box_in_crop([v * scale for v in meta["cue_box"]], *geometry)
+            if "posterior" in self.ground_truth:
+                out["posterior"] = float(meta["posterior"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BadSample(f"no ground truth ({exc!r}): {', '.join(self.ground_truth)} come from synthetic shards "
+                            f"written with the generator's ground_truth option") from None
         return out
 
     def collate(self, items: list, stats: dict, index: tuple[int, int]) -> dict:
@@ -118,6 +145,8 @@ class Decoder:
         np.stack([item[1] for item in items], out=pixels.numpy())
         batch = {"image": pixels, "_stats": stats, "_index": index,
                  "label": np.array([item[3] for item in items], dtype=np.int64), "key": [item[0] for item in items]}
+        for name in self.ground_truth:  # numpy, like the labels; the trainer moves them (mgn.train.model_inputs)
+            batch[name] = np.array([item[4][name] for item in items], dtype=np.float32)
         if self.tokenizer_name is not None:
             batch["caption"] = [item[2] for item in items]  # for the attention picture
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,
@@ -212,6 +241,15 @@ def _random_crop(w: int, h: int, rng: random.Random) -> tuple[float, float, floa
             x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
             return x, y, x + cw, y + ch
     return _centre_crop(w, h, 1.0)
+
+
+def box_in_crop(box, crop, flip: bool) -> list[float]:
+    """A box (x0, y0, x1, y1, image pixels) as the crop shows it: shares of the crop's side, clipped to [0, 1],
+    mirrored when the crop is flipped. A box the crop cut away has zero width or height."""
+    cx0, cy0, cx1, cy1 = crop
+    x0, x1 = (min(max((v - cx0) / (cx1 - cx0), 0.0), 1.0) for v in (box[0], box[2]))
+    y0, y1 = (min(max((v - cy0) / (cy1 - cy0), 0.0), 1.0) for v in (box[1], box[3]))
+    return [1 - x1, y0, 1 - x0, y1] if flip else [x0, y0, x1, y1]
 
 
 def _centre_crop(w: int, h: int, crop_pct: float = EVAL_CROP_PCT) -> tuple[float, float, float, float]:

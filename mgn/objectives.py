@@ -12,6 +12,13 @@ so the train loop, evaluation and the step benchmark hold no branches on the var
 builds the student first, from the same random state: with the same seed, all of them start from the
 same image encoder and head (the comparison runner pairs its arms on this; tests/test_objectives.py).
 The variants and their sources are described in mgn/DESIGN.md.
+
+Names are written once, in mgn/config.py OBJECTIVES (with the help line and the batch fields each reads), which
+must stay importable without torch (`train.py --help`). Each class here registers under one of those names with
+`@objective(name)`; a name declared nowhere, registered twice, or declared without a class fails at import.
+The two positive controls (oracle_attention, oracle_teacher) read the synthetic generator's per-sample ground
+truth, which the loader carries in training batches (mgn/decode.py); they exist to show that the comparison can
+detect a transfer of privileged information when one surely happens.
 """
 from __future__ import annotations
 
@@ -39,11 +46,28 @@ class Prediction:
     attention: torch.Tensor | None = None  # [B, h, w] cross-modality map
 
 
+REGISTRY: dict[str, type[Objective]] = {}
+
+
+def objective(name: str):
+    """Class decorator: the class trains the objective `name` declared in mgn/config.py OBJECTIVES."""
+    def register(cls: type[Objective]) -> type[Objective]:
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective {name!r} ({cls.__name__}) is not declared in mgn/config.py OBJECTIVES")
+        if name in REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+        cls.name, cls.uses_captions = name, "captions" in OBJECTIVES[name].reads
+        REGISTRY[name] = cls
+        return cls
+    return register
+
+
+@objective("baseline")
 class Objective(nn.Module):
     """Image-only fine-tuning: cross-entropy on the student's logits. The base of every objective."""
 
-    name = "baseline"
-    uses_captions = False
+    name: str
+    uses_captions: bool
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -64,6 +88,7 @@ class Objective(nn.Module):
         return Prediction(student=self.student(image))
 
 
+@objective("guided")
 class Guided(Objective):
     """The paper's MGN (section II): the classifier learns from the caption-re-weighted image embedding.
 
@@ -73,8 +98,6 @@ class Guided(Objective):
     captions, so the guided path cannot always lean on the text.
     """
 
-    name = "guided"
-    uses_captions = True
     separate_teacher_head = False
 
     def __init__(self, cfg: Config):
@@ -107,6 +130,7 @@ class Guided(Objective):
         return Prediction(student=self.student.head(embedding), teacher=out.logits, attention=out.attention)
 
 
+@objective("distill")
 class Distill(Guided):
     """Generalized distillation (Lopez-Paz, Bottou, Schoelkopf, Vapnik, ICLR 2016), trained online.
 
@@ -115,7 +139,6 @@ class Distill(Guided):
     softened predictions: student loss = (1 - w) CE(labels) + w T^2 KL(teacher_T || student_T).
     """
 
-    name = "distill"
     separate_teacher_head = True
 
     def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
@@ -133,6 +156,7 @@ class Distill(Guided):
                           terms={"teacher_ce": teacher_ce, "student_ce": student_ce, "distill_kl": soft})
 
 
+@objective("tram")
 class Tram(Guided):
     """TRAM, "Transfer and Marginalize" (Collier et al., arXiv 2202.09244).
 
@@ -141,7 +165,6 @@ class Tram(Guided):
     guided training put into the encoder, at the baseline's cost.
     """
 
-    name = "tram"
     separate_teacher_head = True
 
     def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
@@ -154,6 +177,7 @@ class Tram(Guided):
                           terms={"teacher_ce": teacher_ce, "student_ce": student_ce})
 
 
+@objective("attention_transfer")
 class AttentionTransfer(Guided):
     """Attention transfer (after Zagoruyko & Komodakis, ICLR 2017) from the text-derived map to the student.
 
@@ -163,7 +187,6 @@ class AttentionTransfer(Guided):
     cross-modality map: the encoder learns where to look; nothing is added at inference.
     """
 
-    name = "attention_transfer"
     separate_teacher_head = True
 
     def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
@@ -178,20 +201,84 @@ class AttentionTransfer(Guided):
                           terms={"teacher_ce": teacher_ce, "student_ce": student_ce, "attention_mse": transfer})
 
 
+@objective("oracle_attention")
+class OracleAttention(Objective):
+    """Positive control: attention transfer from the true deciding region instead of the text-derived map.
+
+    What a perfect reading of the caption's `focus` field could transfer. The term is attention_transfer's (the
+    student's parameter-free map pulled towards a target map, both at unit L2 norm; weight attention_weight); the
+    target is the share of each feature-map cell covered by the deciding splat's box (`cue_box`, which the loader
+    carries through the sample's own crop and flip). A sample whose box the crop cut away adds no term.
+    """
+
+    def forward(self, image, label, cue_box) -> StepOutput:
+        embedding = self.student.encoder(image)
+        logits = self.student.head(embedding)
+        student_ce = self.cross_entropy(logits, label)
+        target = box_map(cue_box, *embedding.shape[-2:])
+        covered = (target.flatten(1).sum(dim=1) > 0).float()
+        transfer = (map_distances(feature_map(embedding), target) * covered).sum() / covered.sum().clamp(min=1)
+        loss = student_ce + self.cfg.objective.attention_weight * transfer
+        return StepOutput(loss=loss, logits=logits, terms={"student_ce": student_ce, "attention_mse": transfer})
+
+
+@objective("oracle_teacher")
+class OracleTeacher(Objective):
+    """Positive control: generalized distillation from the generator's own posterior instead of a learned teacher.
+
+    loss = (1 - w) CE(student, stored label) + w CE(student, [1 - p, p]), w = distill_weight, with p the Bayes
+    posterior of the true label given the frame's splats (mgn/synthetic.py `posterior`; the spurious badge left
+    out): the teacher every distillation arm would be if its teacher were perfect. Binary tasks only.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        if cfg.model.num_classes != 2:
+            raise ValueError("objective oracle_teacher: the generator's posterior is binary; model.num_classes must be 2")
+
+    def forward(self, image, label, posterior) -> StepOutput:
+        logits = self.student(image)
+        student_ce = self.cross_entropy(logits, label)
+        p = posterior.float().clamp(0, 1)
+        oracle_ce = F.cross_entropy(logits.float(), torch.stack([1 - p, p], dim=1))
+        w = self.cfg.objective.distill_weight
+        return StepOutput(loss=(1 - w) * student_ce + w * oracle_ce, logits=logits,
+                          terms={"student_ce": student_ce, "oracle_ce": oracle_ce})
+
+
 def feature_map(embedding: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> [B, h, w]: where the features are strong (mean of squares over channels)."""
     return embedding.float().pow(2).mean(dim=1)
 
 
-def map_distance(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared distance of the two maps after each is scaled to unit L2 norm (Zagoruyko & Komodakis)."""
+def map_distances(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B]: squared distance of the two maps after each is scaled to unit L2 norm (Zagoruyko & Komodakis)."""
     s = F.normalize(student.flatten(1), dim=1)
     t = F.normalize(target.float().flatten(1), dim=1)
-    return (s - t).pow(2).sum(dim=1).mean()
+    return (s - t).pow(2).sum(dim=1)
 
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (Objective, Guided, Distill, Tram, AttentionTransfer)}
-assert set(REGISTRY) == set(OBJECTIVES), "mgn.config.OBJECTIVES and the objective classes disagree"
+def map_distance(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The batch mean of map_distances."""
+    return map_distances(student, target).mean()
+
+
+def box_map(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, 4] boxes (x0, y0, x1, y1 as shares of the image side, [0, 1]) -> [B, h, w]: the share of each cell of an
+    h x w grid over the image that the box covers (0 outside it, 1 for a cell wholly inside)."""
+    boxes = boxes.float()
+
+    def cover(low: torch.Tensor, high: torch.Tensor, n: int) -> torch.Tensor:  # [B, n]
+        edges = torch.arange(n + 1, dtype=torch.float32, device=boxes.device) / n
+        overlap = torch.minimum(high[:, None], edges[None, 1:]) - torch.maximum(low[:, None], edges[None, :-1])
+        return overlap.clamp(min=0) * n
+
+    return cover(boxes[:, 1], boxes[:, 3], h)[:, :, None] * cover(boxes[:, 0], boxes[:, 2], w)[:, None, :]
+
+
+_missing = sorted(set(OBJECTIVES) - set(REGISTRY))
+if _missing:
+    raise ImportError(f"mgn/config.py OBJECTIVES declares {_missing}, but no class in mgn/objectives.py registers them")
 
 
 def build_objective(cfg: Config) -> Objective:

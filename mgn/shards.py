@@ -348,7 +348,10 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     g.add_argument("--decoys", type=int, default=defaults.decoys)
     g.add_argument("--target", choices=sorted(synthetic.TARGETS), default=defaults.target,
-                   help="stored label: violence (the moderation task) or scene_quadrant (8 classes, for pretraining)")
+                   help="stored label: violence (the moderation task), or scene_quadrant (8 classes) or scene "
+                        "(2 classes) for pretraining")
+    g.add_argument("--ground-truth", action="store_true",
+                   help="also write every splat's cue and the Bayes posterior into each sample's json")
     return p
 
 
@@ -356,7 +359,7 @@ def _write(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
     """Write the shards the parsed command line asks for; returns the dataset card."""
     if args.synthetic:
         knobs = {k: getattr(args, k) for k in ("cue_strength", "caption_info", "label_noise", "positive_fraction",
-                                                "spurious_train", "spurious_test", "decoys", "target")}
+                                                "spurious_train", "spurious_test", "decoys", "target", "ground_truth")}
         return write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
                                max_samples=args.max_samples_per_shard or 256, workers=args.workers,
                                overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)

@@ -19,6 +19,11 @@ matters stays inside the area the train crops (scale >= 0.6) and the eval centre
 
 Everything is a function of (seed, sample index): any size, any number of worker processes,
 the same bytes. Nothing is downloaded; images are drawn with PIL and numpy.
+
+`posterior` is the generator's own answer, derived from this code: the probability that a frame is
+`violent` given what it shows, whose Bayes rule is the best accuracy any image-only model can reach on a
+set (mgn/ceiling.py). With `ground_truth` each sample's json also carries every splat's cue and that
+posterior, for the comparison runner's positive controls; nothing else about the sample changes.
 """
 from __future__ import annotations
 
@@ -35,7 +40,10 @@ QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 # A second task on the same kind of frames, for pretraining a stand-in image encoder: which kind of scene
 # and where the (first) splat is. It shares no label with the moderation task.
 SCENE_QUADRANT_LABELS = tuple(f"{scene}_{q}" for scene in ("game", "camera") for q in QUADRANTS)
-TARGETS = {"violence": LABELS, "scene_quadrant": SCENE_QUADRANT_LABELS}
+# ... or which kind of scene alone: a pretraining task that teaches nothing about where the splat is.
+SCENE_LABELS = ("game", "camera")
+TARGETS = {"violence": LABELS, "scene_quadrant": SCENE_QUADRANT_LABELS, "scene": SCENE_LABELS}
+CUE_SPREAD, CUE_SD = 0.4, 0.16  # a splat's cue ~ N(0.5 -/+ CUE_SPREAD * cue_strength, CUE_SD), clipped to [0, 1]
 
 # Caption pools. "neutral" fields carry no label information.
 CATEGORY = {0: ["Shooter", "Battle Royale", "Horror Games", "Fighting Games", "Tactical FPS"],
@@ -68,7 +76,10 @@ class SyntheticSpec:
     spurious_test: float = 0.0  # ... and in test
     decoys: int = 1  # extra game-like splats per frame (0..3)
     test_fraction: float = 0.15  # the paper's 85/15 split
-    target: str = "violence"  # the stored label: violence (the task), or scene_quadrant (a pretraining task)
+    target: str = "violence"  # the stored label: violence (the task); scene_quadrant or scene (pretraining tasks)
+    # Off by default (the json stays as it was): also write each sample's ground truth for the comparison runner's
+    # ceiling and positive controls: every splat's cue (deciding first), the frame size and the Bayes posterior.
+    ground_truth: bool = False
 
     def validate(self) -> None:
         if self.samples < 1 or self.image_size < 32:
@@ -89,7 +100,10 @@ class SyntheticSpec:
         return TARGETS[self.target]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        raw = asdict(self)
+        if not self.ground_truth:  # a default set's dataset_card.json stays as it always was
+            del raw["ground_truth"]
+        return raw
 
 
 @dataclass
@@ -135,14 +149,77 @@ def render(spec: SyntheticSpec, item: tuple[int, str]) -> SyntheticSample:
     meta = {"true_label": label, "label_flipped": flipped, "scene": scene, "badge": badge,
             "caption_informative": informative, "cue": target, "cue_quadrant": QUADRANTS[splats[0][0]],
             "cue_box": boxes[0], "decoy_boxes": boxes[1:]}
-    stored = label ^ flipped if spec.target == "violence" else 4 * (scene == "camera") + int(splats[0][0])
+    if spec.ground_truth:  # computed from what was drawn: no random draw added, the sample is otherwise unchanged
+        cues = [cue for _, cue in splats]
+        meta.update(cues=cues, frame_size=spec.image_size, posterior=splat_posterior(spec, cues))
+    stored = {"violence": label ^ flipped, "scene_quadrant": 4 * (scene == "camera") + int(splats[0][0]),
+              "scene": int(scene == "camera")}[spec.target]
     return SyntheticSample(f"syn{index:07d}", split, stored, caption, buf.getvalue(), meta)
+
+
+def _cue_centre(label: int, strength: float) -> float:
+    return 0.5 + (CUE_SPREAD * strength if label else -CUE_SPREAD * strength)
 
 
 def _cue_value(rng: np.random.Generator, label: int, strength: float) -> float:
     """How "real" a splat looks, in [0, 1]; the classes' distributions overlap unless strength ~ 1."""
-    centre = 0.5 + (0.4 * strength if label else -0.4 * strength)
-    return float(np.clip(rng.normal(centre, 0.16), 0.0, 1.0))
+    return float(np.clip(rng.normal(_cue_centre(label, strength), CUE_SD), 0.0, 1.0))
+
+
+# --- the generator's own answer: the best any image-only classifier can do ------------------------------------
+
+def cue_likelihood_ratio(cue: float, strength: float) -> float:
+    """r(c) = f_1(c) / f_0(c): how much likelier a splat of cue c is as a real splat than as a game splat.
+
+    f_y is the density of clip(N(mu_y, CUE_SD^2), 0, 1) with mu_y = _cue_centre(y, strength): the normal density
+    inside (0, 1), and point masses at the ends, P(N <= 0) at 0 and P(N >= 1) at 1 (np.clip puts them there).
+    """
+    mu0, mu1 = _cue_centre(0, strength), _cue_centre(1, strength)
+    if cue <= 0.0:
+        return math.erfc(mu1 / (CUE_SD * math.sqrt(2))) / math.erfc(mu0 / (CUE_SD * math.sqrt(2)))
+    if cue >= 1.0:
+        return (math.erfc((1 - mu1) / (CUE_SD * math.sqrt(2)))
+                / math.erfc((1 - mu0) / (CUE_SD * math.sqrt(2))))
+    return math.exp(((cue - mu0) ** 2 - (cue - mu1) ** 2) / (2 * CUE_SD ** 2))
+
+
+def posterior(spec: SyntheticSpec, cues: list[float], *, badge: bool | None = None, correlation: float = 0.0,
+              deciding_known: bool = False) -> float:
+    """P(true label = violent | what the frame shows): the Bayes posterior of the generator itself.
+
+    Derivation, from render():
+      y ~ Bernoulli(pi), pi = positive_fraction. The k = 1 + decoys splats sit in k distinct quadrants drawn by a
+      uniform permutation, independent of everything else; the first (deciding) splat's cue is c* ~ f_y, every
+      decoy's cue ~ f_0 (cue_likelihood_ratio). The badge is drawn with P(badge | y) = 1/2 + rho (y - 1/2),
+      rho = the split's correlation (`correlation`). Scene, background, clutter and the splats' shapes and
+      droplets are drawn from the cues and from randomness independent of y. So the frame depends on y only
+      through (cues at their quadrants, badge), and no image-only classifier can beat the Bayes rule on these
+      (data processing): its accuracy is the ceiling.
+      Which occupied quadrant decides is uniform and independent of the cues, so
+        P(c_1..c_k | y) = (1/k) sum_i f_y(c_i) prod_{j != i} f_0(c_j),
+      and dividing by prod_j f_0(c_j) (the same under y = 0, where every splat is a game splat) the likelihood
+      ratio is the mean of the splats' own ratios:
+        LR = P(cues | 1) / P(cues | 0) = (1/k) sum_i r(c_i).
+      With the deciding splat known (`deciding_known`: a perfect reading of the caption's focus; cues[0] is the
+      deciding one) it is r(c*). The badge multiplies it by (1 + rho) / (1 - rho), or its inverse without a badge.
+      Posterior odds = pi / (1 - pi) * LR * badge ratio.
+    Label noise flips the stored label with probability eta independent of everything, so
+      P(stored = violent | frame) = eta + (1 - 2 eta) p:
+    for eta < 1/2 the same decision (p > 1/2) is best for stored and true labels alike.
+    """
+    ratios = [cue_likelihood_ratio(c, spec.cue_strength) for c in (cues[:1] if deciding_known else cues)]
+    odds = spec.positive_fraction / (1 - spec.positive_fraction) if spec.positive_fraction < 1 else math.inf
+    odds *= sum(ratios) / len(ratios)
+    if badge is not None and correlation:
+        if abs(correlation) >= 1:
+            return float(badge == (correlation > 0))
+        odds *= ((1 + correlation) / (1 - correlation)) ** (1 if badge else -1)
+    return 1.0 if math.isinf(odds) else odds / (1 + odds)
+
+
+def splat_posterior(spec: SyntheticSpec, cues: list[float]) -> float:
+    """The posterior from the splats alone (the badge left out: it is the spurious cue, uncorrelated at test)."""
+    return posterior(spec, cues)
 
 
 def _caption(rng: np.random.Generator, label: int, informative: bool, quadrant: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from mgn import checkpoint, distributed, preemption, run_folder
 from mgn.artifacts import init_student
 from mgn.checkpoint import TrainState
-from mgn.config import Config
+from mgn.config import GROUND_TRUTH_FIELDS, Config
 from mgn.data import build_loader
 from mgn.decode import Batch, DeviceNormaliser
 from mgn.engine import apply_learning_rates, autocast, build_engine, configure_kernels, precision
@@ -375,6 +375,9 @@ def model_inputs(batch: Batch, device: torch.device, captions: bool,
     if captions:
         inputs["input_ids"] = batch["input_ids"].to(device, non_blocking=True)
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    for name in GROUND_TRUTH_FIELDS:  # the positive controls' per-sample ground truth (training batches only)
+        if name in batch:
+            inputs[name] = torch.as_tensor(batch[name]).to(device, non_blocking=True)
     return inputs
 
 

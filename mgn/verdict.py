@@ -6,10 +6,26 @@ order. The interval is the t interval of the mean of the d_s (n - 1 degrees of f
 it is wide, on purpose, because the seed-to-seed spread of a from-scratch fine-tune is wide. An arm is
 "better" or "worse" only when its whole 95% interval lies on one side of zero; otherwise "no different",
 and the interval says how large a difference the data cannot rule out. All arms share one test set, so
-the intervals cover the spread over seeds, not the sampling of that test set.
+these intervals cover the spread over seeds, not the sampling of that test set.
+
+The test over samples as well as seeds: each run records which test samples its student got right
+(sample_record: a bit per sample, in key order). For an arm and the baseline, a paired bootstrap resamples the
+seeds and, within a replicate, one shared draw of the test samples (the same samples for every seed and both
+arms: the design is seeds crossed with samples), and takes the 2.5 and 97.5 percentiles of the mean difference
+(sample_level); per seed pair an exact McNemar test on the samples only one of the two got right says where the
+difference on this very test set is beyond chance. The table says how many comparisons it makes: with a 95%
+interval each, about one in twenty comparisons of arms that do not differ reads "better" or "worse" by chance;
+readings that hold at the Bonferroni level (0.05 / comparisons) are marked.
+
+Positive controls (arms that train on the synthetic generator's ground truth) show whether a setting can detect a
+transfer of privileged information at all: a setting "can judge" the other arms only where a control is better than
+the baseline (its whole interval above zero); elsewhere a null result says nothing about the method. Each arm's
+gain is also given as a share of the best control's.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,6 +38,7 @@ BASELINE = "baseline"
 
 
 MIN_SEEDS = 3  # fewer paired seeds give no reading: two equal differences would make a zero-width interval
+BOOTSTRAP = 2000  # replicates of the sample-level bootstrap
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -36,10 +53,42 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] 
     return mean - half, mean + half
 
 
+def t_test_p(values: list[float]) -> float | None:
+    """Two-sided p of the one-sample t test of mean 0 (None with fewer than MIN_SEEDS values)."""
+    from scipy import stats  # noqa: PLC0415
+
+    if len(values) < MIN_SEEDS:
+        return None
+    sd = float(np.std(values, ddof=1))
+    if sd == 0:
+        return 1.0 if float(np.mean(values)) == 0 else 0.0
+    t = float(np.mean(values)) / (sd / math.sqrt(len(values)))
+    return float(2 * stats.t.sf(abs(t), len(values) - 1))
+
+
+def mde(paired_sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect: the smallest mean paired difference a two-sided paired t test at level `alpha`
+    detects with `power` over n seeds whose differences have SD `paired_sd` (noncentral t)."""
+    from scipy import optimize, stats  # noqa: PLC0415
+
+    if n < 2:
+        return math.inf
+    if paired_sd <= 0:
+        return 0.0
+    df, crit = n - 1, float(stats.t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(nc: float) -> float:
+        achieved = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+        return (1.0 if math.isnan(achieved) else achieved) - power  # NaN only far out in the tail, where power ~ 1
+
+    return float(optimize.brentq(shortfall, 0.0, 60.0)) * paired_sd / math.sqrt(n)
+
+
 def paired(rows: list[dict], setting: str, arm: str, metric: str, role: str = "student") -> dict | None:
     """Per-seed differences arm - baseline in one setting, over the seeds both have; None if none."""
     def by_seed(name):
-        return {r["seed"]: r[role][metric] for r in rows if r["setting"] == setting and r["arm"] == name}
+        return {r["seed"]: r[role][metric] for r in rows
+                if r["setting"] == setting and r["arm"] == name and metric in r.get(role, {})}
 
     ours, base = by_seed(arm), by_seed(BASELINE)
     seeds = sorted(set(ours) & set(base))
@@ -47,9 +96,91 @@ def paired(rows: list[dict], setting: str, arm: str, metric: str, role: str = "s
         return None
     diffs = [ours[s] - base[s] for s in seeds]
     interval = t_interval(diffs)
+    sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
     return {"seeds": seeds, "diffs": diffs, "mean": float(np.mean(diffs)), "ci95": interval,
             "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-            "reading": reading(interval)}
+            "reading": reading(interval), "p": t_test_p(diffs), "sd": sd,
+            "mde": mde(sd, len(diffs)) if sd is not None and len(diffs) >= MIN_SEEDS else None}
+
+
+# --- the test over samples and seeds ------------------------------------------------------------------------
+
+def sample_record(keys: list[str], labels: np.ndarray, probabilities: np.ndarray, true: np.ndarray | None) -> dict:
+    """What results.jsonl keeps of a run's predictions on a split: which samples it got right, one bit per sample in
+    key order (base64 of packed bits), on the stored labels and, when known, the true ones; and a digest of the keys,
+    so that two runs are compared only on the same samples."""
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    predicted = np.asarray(probabilities).argmax(1)
+    record = {"n": len(keys), "keys_sha256": keys_digest(sorted(keys)),
+              "correct": pack_bits((predicted == np.asarray(labels))[order])}
+    if true is not None:
+        record["correct_true"] = pack_bits((predicted == np.asarray(true))[order])
+    return record
+
+
+def keys_digest(sorted_keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted_keys).encode()).hexdigest()[:16]
+
+
+def pack_bits(bits: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(np.asarray(bits, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p: of the b + c samples only one of two models got right, b went to the first;
+    under no difference b ~ Binomial(b + c, 1/2)."""
+    from scipy import stats  # noqa: PLC0415
+
+    if b + c == 0:
+        return 1.0
+    return float(min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5)))
+
+
+def sample_level(rows: list[dict], setting: str, arm: str, split: str = "test", field: str = "correct",
+                 replicates: int = BOOTSTRAP, seed: int = 0) -> dict | None:
+    """Arm - baseline accuracy over test samples and seeds: the paired bootstrap's 95% interval, and per seed pair the
+    McNemar counts and p. None where the runs kept no per-sample record (or on different samples)."""
+    def bits(name):
+        out = {}
+        for r in rows:
+            record = r.get("per_sample", {}).get(split)
+            if r["setting"] == setting and r["arm"] == name and record and field in record:
+                out[r["seed"]] = (record["keys_sha256"], unpack_bits(record[field], record["n"]))
+        return out
+
+    ours, base = bits(arm), bits(BASELINE)
+    seeds = sorted(s for s in set(ours) & set(base) if ours[s][0] == base[s][0])
+    if not seeds:
+        return None
+    diffs = np.stack([ours[s][1].astype(np.int8) - base[s][1].astype(np.int8) for s in seeds])  # [seeds, samples]
+    per_seed = []
+    for s, row in zip(seeds, diffs):
+        b, c = int((row == 1).sum()), int((row == -1).sum())
+        per_seed.append({"seed": s, "arm_only": b, "baseline_only": c, "p": mcnemar(b, c)})
+    estimates = bootstrap_means(diffs, replicates, seed)
+    low, high = (float(v) for v in np.percentile(estimates, [2.5, 97.5]))
+    return {"seeds": seeds, "samples": diffs.shape[1], "mean": float(diffs.mean()), "ci95": (low, high),
+            "reading": reading((low, high)), "mcnemar": per_seed,
+            "mcnemar_for": sum(p["p"] < 0.05 and p["arm_only"] > p["baseline_only"] for p in per_seed),
+            "mcnemar_against": sum(p["p"] < 0.05 and p["arm_only"] < p["baseline_only"] for p in per_seed)}
+
+
+def bootstrap_means(diffs: np.ndarray, replicates: int, seed: int = 0) -> np.ndarray:
+    """[replicates] means of `diffs` [seeds, samples] under resampling of its seeds and, shared by all seeds of a
+    replicate, of its samples (multinomial counts: each replicate is w^T D v / (seeds x samples))."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_samples = diffs.shape
+    out = np.empty(replicates)
+    for start in range(0, replicates, 250):  # bounded memory: 250 x samples counts at a time
+        count = min(250, replicates - start)
+        w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=count).astype(np.float32)
+        v = rng.multinomial(n_samples, np.full(n_samples, 1 / n_samples), size=count).astype(np.float32)
+        out[start:start + count] = ((w @ diffs.astype(np.float32)) * v).sum(axis=1) / (n_seeds * n_samples)
+    return out
 
 
 def reading(interval: tuple[float, float] | None) -> str:
@@ -64,17 +195,31 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def summarize(rows: list[dict], arms: dict, settings: list[str], references: dict, costs: dict) -> dict:
-    """Everything the table, the JSON file and the picture show, per setting and arm."""
+def summarize(rows: list[dict], arms: dict, settings: list[str], references: dict, costs: dict,
+              bench: dict | None = None) -> dict:
+    """Everything the table, the JSON file and the picture show, per setting and arm. `bench`, per setting:
+    "ceiling" ({"test": ..., "validation": ...}, mgn/ceiling.py), "pilot" (its outcome) and "ignored_pilot" (the
+    reason the arms ran although the pilot failed)."""
+    bench = bench or {}
     out = {"settings": {}}
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         base_time = [r["train_seconds"] for r in mine if r["arm"] == BASELINE]
-        entry = {"references": references.get(setting, {}), "arms": {}}
+        info = bench.get(setting, {})
+        entry = {"references": references.get(setting, {}), "arms": {}, "ceiling": info.get("ceiling"),
+                 "pilot": info.get("pilot"), "ignored_pilot": info.get("ignored_pilot")}
+        test_ceiling = (entry["ceiling"] or {}).get("test")
         for arm in [a for a in arms if any(r["arm"] == a for r in mine)]:
             runs = [r for r in mine if r["arm"] == arm]
-            item = {"about": arms[arm].about, "seeds": sorted(r["seed"] for r in runs),
+            item = {"about": arms[arm].about, "control": getattr(arms[arm], "control", False),
+                    "seeds": sorted(r["seed"] for r in runs),
                     "student": {m: mean_std([r["student"][m] for r in runs]) for m in METRICS}}
+            if all("student_true" in r for r in runs):
+                item["student_true"] = {"accuracy": mean_std([r["student_true"]["accuracy"] for r in runs])}
+            if test_ceiling:
+                item["headroom"] = test_ceiling["stored"] - item["student"]["accuracy"]["mean"]
+                if "student_true" in item:
+                    item["headroom_true"] = test_ceiling["true"] - item["student_true"]["accuracy"]["mean"]
             if all("teacher" in r for r in runs):
                 item["teacher"] = {m: mean_std([r["teacher"][m] for r in runs]) for m in ("accuracy", "auroc")}
                 item["reliance"] = {k: mean_std([r["reliance"][k] for r in runs])
@@ -85,11 +230,45 @@ def summarize(rows: list[dict], arms: dict, settings: list[str], references: dic
             item.update(costs.get(arm, {}))
             if arm != BASELINE:
                 item["vs_baseline"] = {m: paired(rows, setting, arm, m) for m in ("accuracy", "auroc")}
+                item["vs_baseline"]["accuracy_true"] = paired(rows, setting, arm, "accuracy", role="student_true")
+                item["vs_baseline"]["samples"] = sample_level(rows, setting, arm)
             entry["arms"][arm] = item
+        judge(entry)
         entry["pairing"] = pairing(mine)
         out["settings"][setting] = entry
+    count_comparisons(out)
     out["finding"] = finding(out)
     return out
+
+
+def judge(entry: dict) -> None:
+    """Whether the setting can judge the other arms: a positive control better than the baseline (its whole 95%
+    interval over seeds above zero); and each other arm's mean gain as a share of the best such control's."""
+    controls = {a: (i.get("vs_baseline", {}).get("accuracy") or {}) for a, i in entry["arms"].items() if i["control"]}
+    winners = {a: p["mean"] for a, p in controls.items() if p.get("reading") == "better"}
+    entry["controls"] = sorted(controls)
+    entry["can_judge"] = bool(winners) if controls else None
+    entry["best_control"] = max(winners, key=winners.get) if winners else None
+    if winners:
+        best = winners[entry["best_control"]]
+        for item in entry["arms"].values():
+            acc = (item.get("vs_baseline") or {}).get("accuracy")
+            if acc and not item["control"]:
+                item["share_of_control"] = acc["mean"] / best
+
+
+def count_comparisons(summary: dict) -> None:
+    """How many arm-vs-baseline accuracy comparisons the table makes (controls included), and which readings hold at
+    the Bonferroni level 0.05 / that count (the seeds' paired t test)."""
+    tested = [item["vs_baseline"]["accuracy"] for entry in summary["settings"].values()
+              for item in entry["arms"].values() if (item.get("vs_baseline") or {}).get("accuracy")]
+    count = len(tested)
+    summary["comparisons"] = {"count": count, "controls": sum(
+        1 for entry in summary["settings"].values() for a, item in entry["arms"].items()
+        if item["control"] and (item.get("vs_baseline") or {}).get("accuracy")),
+        "bonferroni_level": 0.05 / count if count else None}
+    for p in tested:
+        p["bonferroni"] = p.get("p") is not None and p["p"] <= 0.05 / count and p["reading"] != "no different"
 
 
 def pairing(rows: list[dict]) -> dict:
@@ -119,20 +298,27 @@ def _interval(p: dict | None) -> str:
 
 
 def finding(summary: dict) -> str:
-    """The result in words: the paper's guided arm against the baseline in each setting, and any arm that wins."""
+    """The result in words: per setting whether it can judge (a control wins), the paper's guided arm against the
+    baseline, and any other arm that wins or loses."""
     parts = []
     for setting, entry in summary["settings"].items():
         arms = entry["arms"]
         guided = arms.get("guided", {}).get("vs_baseline", {}).get("accuracy")
-        text = f"{setting}: "
+        text = f"{setting}"
+        if entry.get("can_judge") is not None:
+            text += (f" (can judge: {entry['best_control']} beats the baseline)" if entry["can_judge"] else
+                     " (CANNOT judge: no positive control beats the baseline, so a null result here says nothing)")
+        text += ": "
         if guided:
             relation = {"better": "better than", "worse": "worse than"}.get(guided["reading"], "no different from")
             text += (f"the guided student (paper's MGN + image-only term) is {relation} the plain fine-tune "
                      f"({_interval(guided)} accuracy points, 95% CI, {len(guided['seeds'])} paired seeds)")
+        elif len(arms) <= 1 and (entry.get("pilot") or {}).get("reason"):
+            text += f"the baseline alone (pilot: {entry['pilot']['reason']})"
         else:
             text += "no guided arm"
         readings = {a: (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading")
-                    for a, item in arms.items() if a not in (BASELINE, "guided")}
+                    for a, item in arms.items() if a not in (BASELINE, "guided") and not item["control"]}
         if readings:
             named = {kind: ", ".join(a for a, r in readings.items() if r == kind) or "none" for kind in ("better", "worse")}
             text += f"; of {len(readings)} other arm(s), better: {named['better']}, worse: {named['worse']}"
@@ -140,11 +326,45 @@ def finding(summary: dict) -> str:
     return "Finding: " + "; ".join(parts) + "."
 
 
+def _accuracy(stats: dict | None) -> str:
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats else "-"
+
+
+def _pilot_line(pilot: dict) -> str:
+    if pilot.get("accuracy") is None:
+        return f"Pilot: {pilot['reason']}."
+    ceiling = f"its ceiling {pilot['ceiling']:.3f}" if pilot.get("ceiling") is not None else "1.0 (no ceiling known)"
+    spread = f" ± {100 * pilot['sd']:.1f} points" if pilot.get("sd") is not None else ""
+    text = (f"Pilot (baseline alone, seeds {pilot['seeds'][0]}-{pilot['seeds'][-1]}, validation split): "
+            f"{pilot['accuracy']:.3f}{spread}, {100 * pilot['headroom']:.1f} points below "
+            f"{ceiling}: {pilot['reason']}")
+    if pilot.get("mde") is not None:
+        text += (f". Minimum detectable effect at {pilot['seeds_to_run']} seeds: {100 * pilot['mde']:.1f} points "
+                 f"(80% power, two-sided 5%, paired SD taken as √2 × the pilot's SD)")
+    return text + "."
+
+
 def markdown(summary: dict, header: str) -> str:
     lines = [header, ""]
     for setting, entry in summary["settings"].items():
         refs = entry["references"]
         lines.append(f"### {setting}")
+        ceiling = entry.get("ceiling") or {}
+        if ceiling.get("test"):
+            c, v = ceiling["test"], ceiling.get("validation") or {}
+            lines.append(f"Image-only ceiling (the Bayes rule on the generator's ground truth, {c['samples']} test "
+                         f"samples): {c['stored']:.3f} on stored labels, {c['true']:.3f} on true labels; "
+                         f"{c['deciding_known']['stored']:.3f} with the deciding splat known (what a perfect reading "
+                         f"of the caption's focus would add)" + (f"; validation {v['stored']:.3f}" if v else "") + ".")
+        if entry.get("pilot"):
+            lines.append(_pilot_line(entry["pilot"]))
+        if entry.get("ignored_pilot"):
+            lines.append(f"The arms ran although the pilot did not pass: {entry['ignored_pilot']}.")
+        if entry.get("can_judge") is not None:
+            lines.append(f"**This setting can judge the other arms**: the positive control {entry['best_control']} beats "
+                         f"the baseline (95% interval above zero)." if entry["can_judge"] else
+                         "**This setting cannot judge the other arms**: no positive control beats the baseline with its "
+                         "95% interval above zero, so a null result for an arm here says nothing about it.")
         if refs.get("caption_only"):
             c = refs["caption_only"]
             lines.append(f"Reference: caption-only bag-of-words classifier, accuracy {c['accuracy']:.3f}"
@@ -160,16 +380,28 @@ def markdown(summary: dict, header: str) -> str:
         lines.append(f"Pairing: {'verified' if pair['verified'] else 'NOT verified'} over seeds {pair['seeds']} "
                      f"(per seed, every arm started from the same student weights, SHA-256, and read the same first "
                      f"batch){'; mismatches: ' + ', '.join(pair['mismatches']) if pair['mismatches'] else ''}.")
-        lines += ["", "| arm | seeds | " + " | ".join(NAMES[m] for m in METRICS)
-                  + " | Δacc vs baseline [95% CI] | ΔAUROC [95% CI] | W/T/L | reading |",
-                  "|---|---|" + "---|" * len(METRICS) + "---|---|---|---|"]
+        lines += ["", ("| arm | seeds | acc | acc, true labels | below ceiling | Δacc vs baseline [95% CI, seeds] "
+                       "| Δacc [95% CI, seeds × test samples] | Δacc, true labels | W/T/L | McNemar p < 0.05 for/against "
+                       "| MDE | reading | share of best control's gain |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, item in entry["arms"].items():
+            versus = item.get("vs_baseline", {})
+            acc, samples, true = versus.get("accuracy"), versus.get("samples"), versus.get("accuracy_true")
+            wtl = f"{acc['wins']}/{acc['ties']}/{acc['losses']}" if acc else "-"
+            mcn = f"{samples['mcnemar_for']}/{samples['mcnemar_against']} of {len(samples['seeds'])}" if samples else "-"
+            below = f"{100 * item['headroom']:.1f}" if "headroom" in item else "-"
+            mde_text = f"{100 * acc['mde']:.1f}" if acc and acc.get("mde") is not None else "-"
+            share = f"{100 * item['share_of_control']:.0f}%" if "share_of_control" in item else "-"
+            read = (acc["reading"] + (" †" if acc.get("bonferroni") else "")) if acc else "reference"
+            name = f"{arm} (control)" if item["control"] else arm
+            lines.append(f"| {name} | {len(item['seeds'])} | {_accuracy(item['student']['accuracy'])} | "
+                         f"{_accuracy((item.get('student_true') or {}).get('accuracy'))} | {below} | {_interval(acc)} | "
+                         f"{_interval(samples)} | {_interval(true)} | {wtl} | {mcn} | {mde_text} | {read} | {share} |")
+        lines += ["", "| arm | " + " | ".join(NAMES[m] for m in METRICS) + " | ΔAUROC [95% CI] |",
+                  "|---|" + "---|" * len(METRICS) + "---|"]
         for arm, item in entry["arms"].items():
             cells = [f"{item['student'][m]['mean']:.3f} ± {item['student'][m]['std']:.3f}" for m in METRICS]
-            versus = item.get("vs_baseline", {})
-            acc, auroc = versus.get("accuracy"), versus.get("auroc")
-            wtl = f"{acc['wins']}/{acc['ties']}/{acc['losses']}" if acc else "-"
-            lines.append(f"| {arm} | {len(item['seeds'])} | " + " | ".join(cells)
-                         + f" | {_interval(acc)} | {_interval(auroc)} | {wtl} | {acc['reading'] if acc else 'reference'} |")
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_interval(item.get('vs_baseline', {}).get('auroc'))} |")
         lines += ["", "| arm | teacher acc | teacher acc, swapped captions | empty captions | predictions changed by swap"
                   " | train time / baseline | deployed latency / baseline | same FLOPs |", "|---|---|---|---|---|---|---|---|"]
         for arm, item in entry["arms"].items():
@@ -182,8 +414,29 @@ def markdown(summary: dict, header: str) -> str:
             flops = {True: "yes", False: "NO"}.get(item.get("flops_equal"), "-")
             lines.append(f"| {arm} | " + " | ".join(teacher) + f" | {changed} | {time_ratio} | {latency} | {flops} |")
         lines.append("")
-    lines.append(summary["finding"])
+    lines += [LEGEND, "", comparisons_line(summary["comparisons"]), "", summary["finding"]]
     return "\n".join(lines) + "\n"
+
+
+LEGEND = ("Columns: acc = student accuracy on the stored test labels, mean ± SD over seeds; true labels = against the "
+          "generator's true labels (label noise removed); below ceiling = the image-only ceiling minus acc, in points; "
+          "Δ = arm − baseline of the same seed, in points, mean [95% t interval over seeds]; seeds × test samples = "
+          "the paired bootstrap over both (the test set's own sampling included); McNemar = seeds whose pair differs "
+          "beyond chance on this test set (exact test, p < 0.05), in the arm's favour / against it; MDE = the "
+          "smallest difference these seeds detect with 80% power from the arm's own paired SD; reading = the side of "
+          "zero the whole seed interval is on (†: also at the Bonferroni level); share of best control's gain = the "
+          "arm's mean Δ over the best winning control's. (control) = a positive control: it trains on the "
+          "generator's ground truth, which no deployed model has.")
+
+
+def comparisons_line(comparisons: dict) -> str:
+    count = comparisons["count"]
+    if not count:
+        return "This table makes no comparison with a baseline."
+    return (f"This table makes {count} comparison(s) of an arm with its baseline ({comparisons['controls']} of them "
+            f"positive controls). With a 95% interval each, about {0.05 * count:.1f} of them would read 'better' or "
+            f"'worse' by chance alone if no arm differed; † marks readings that hold at the Bonferroni level "
+            f"{comparisons['bonferroni_level']:.4f}.")
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -208,7 +461,8 @@ def plot(summary: dict, path: Path) -> None:
                             fmt="D", color="black", capsize=5, markersize=5, zorder=4)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlim(-0.6, len(arms) - 0.4)
-        ax.set_xticks(range(len(arms)), [a for a, _ in arms], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(len(arms)), [f"{a} (control)" if entry["arms"][a].get("control") else a for a, _ in arms],
+                      rotation=35, ha="right", fontsize=8)
         ax.set_title(setting, fontsize=10)
         ax.set_ylabel("student accuracy − baseline (points)")
         ax.grid(axis="y", alpha=0.3)

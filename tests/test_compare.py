@@ -22,7 +22,8 @@ def shards(tmp_path_factory) -> Path:
 
 def argv(shards: Path, tmp: Path, *extra: str) -> list[str]:
     return ["--train-shards", str(shards / "train-*.tar"), "--test-shards", str(shards / "test-*.tar"),
-            "--pretrained", "none", "--arms", "baseline,guided", "--seeds", "2", "--preset", "tiny",
+            "--pretrained", "none", "--arms", "baseline,guided", "--seeds", "2", "--pilot-seeds", "2",
+            "--ignore-pilot", "a tiny test: two seeds give no pilot reading", "--preset", "tiny",
             "--train.epochs", "1", "--train.eval_every", "-1", "--train.ckpt_every", "0",
             "--train.attention_images", "0", "--threads", "1", "--out", str(tmp / "out"), "--work", str(tmp / "work"),
             *extra]
@@ -72,18 +73,31 @@ def test_a_stage_folder_from_another_config_is_set_aside_not_resumed(tmp_path):
 
 
 def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path):
-    from mgn.compare.plan import Options, choose_settings, plan, settings_for
+    from mgn.compare.plan import Options, choose_settings, pilot_cells, plan, settings_for
 
-    options = Options(work=tmp_path, arms=["baseline", "tram"], all_settings_all_arms=True)
-    chosen = choose_settings(settings_for(options), ["scarce/standin", "scarce/scratch"])
-    cells = plan(options, load_arms(), chosen)
-    assert [c.setting.name for c in cells] == ["scarce/standin"] * 10 + ["scarce/scratch"] * 10
+    options = Options(work=tmp_path, arms=["baseline", "tram"])
+    chosen = choose_settings(settings_for(options), ["decoys/standin-scene", "clean/scratch"])
+    cells = plan(options, load_arms(), chosen, {"decoys/standin-scene": 6, "clean/scratch": 5})
+    assert [c.setting.name for c in cells[:10]] == ["decoys/standin-scene"] * 5 + ["clean/scratch"] * 5  # pilots
+    assert {c.arm.name for c in cells} == {"baseline", "tram", "oracle-attention", "oracle-teacher"}  # + controls
+    assert sum(c.setting.name == "decoys/standin-scene" for c in cells) == 6 * 4
+    assert pilot_cells(options, load_arms(), chosen) == cells[:10]
     assert not list(tmp_path.iterdir())  # choosing writes nothing
-    assert list(choose_settings(settings_for(options), None)) == ["scarce/scratch", "plentiful/scratch",
-                                                                   "scarce/standin"]  # the default table's
-    assert list(choose_settings(settings_for(options), ["plentiful/standin"])) == ["plentiful/standin"]
+    assert list(choose_settings(settings_for(options), None)) == ["clean/standin", "noisy/standin", "decoys/standin"]
     with pytest.raises(ValueError, match=r"--settings: unknown \['plentiful/pretrained'\]; this plan has"):
         choose_settings(settings_for(options), ["plentiful/pretrained"])
+
+
+def test_controls_never_run_on_your_own_data(tmp_path):
+    from mgn.compare.plan import Options, Setting, chosen_arms
+
+    yours = Setting("yours", "scratch", "train-*.tar", "test-*.tar", 100)
+    assert chosen_arms(Options(arms=["all"]), load_arms(), yours) == [
+        "baseline", "guided", "guided-unfrozen", "attend-fusion", "no-student-term", "two-stage", "distill", "tram",
+        "attention-transfer", "caption-dropout"]
+    with pytest.raises(ValueError, match="positive controls read the synthetic generator's ground truth"):
+        chosen_arms(Options(arms=["guided", "oracle-teacher"]), load_arms(), yours)
+    assert load_arms()["oracle-attention"].control and not load_arms()["distill"].control
 
 
 def test_the_executors_one_loop_saves_each_row_at_once_and_reports_a_failure_without_stopping(tmp_path, capsys):
@@ -140,7 +154,14 @@ def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, cap
     assert entry["pairing"]["verified"] and entry["arms"]["guided"]["flops_equal"]
     assert set(entry["arms"]["guided"]["reliance"]) >= {"swapped_caption_accuracy", "empty_caption_accuracy"}
     assert (tmp_path / "out" / "paired.png").stat().st_size > 1000
-    assert "4 runs (0 already in" in printed and printed.strip().splitlines()[-1].startswith("Finding:")
+    assert "2 runs planned so far (0 already in" in printed and printed.strip().splitlines()[-1].startswith("Finding:")
+    assert "runs its arms anyway: --ignore-pilot 'a tiny test" in printed
+    row = rows[0]  # scored once on the test set and on the validation split carved from the training shards
+    assert row["test_samples"] == 24 and row["validation"]["samples"] == 34
+    assert set(row["per_sample"]) == {"test", "validation"} and row["per_sample"]["test"]["n"] == 24
+    predictions = Path(row["run_dirs"][-1], "predictions-test.jsonl").read_text().splitlines()
+    assert len(predictions) == 24 and set(json.loads(predictions[0])) == {"key", "label", "log_probs"}
+    assert entry["arms"]["guided"]["vs_baseline"]["samples"]["samples"] == 24
 
     # The same command again: nothing to train. Drop one result: only that run is evaluated again, and its
     # finished training is not repeated (the stage's folder holds it with the same config).
@@ -150,7 +171,7 @@ def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, cap
     before = log.read_text()
     assert compare.main(argv(shards, tmp_path)) == 0
     printed = capsys.readouterr().out
-    assert "4 runs (3 already in" in printed and "[1/1] yours/scratch/guided/seed1" in printed
+    assert "4 runs planned so far (3 already in" in printed and "[1/1] yours/scratch/guided/seed1" in printed
     assert "MGN: done step=" in before and "MGN: done step=" not in log.read_text()
     assert len(read_results(tmp_path / "out" / "results.jsonl")) == 4
 
@@ -160,7 +181,7 @@ def test_two_arms_two_seeds_are_paired_written_and_resumed(shards, tmp_path, cap
     (tmp_path / "work").rename(tmp_path / "elsewhere")
     assert compare.main(argv(shards, tmp_path)) == 0
     printed = capsys.readouterr().out
-    assert "4 runs (4 already in" in printed and "not measured again" in printed and "[1/" not in printed
+    assert "4 runs planned so far (4 already in" in printed and "not measured again" in printed and "[1/" not in printed
     again = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["yours/scratch"]["arms"]
     assert again["guided"]["latency_ratio"] == measured["guided"]["latency_ratio"]
     assert again["guided"]["flops_equal"] is True
@@ -176,23 +197,25 @@ def test_slurm_runs_a_two_by_one_table_and_a_restarted_runner_reattaches(slurm_c
 
     extra = ["--slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
     args = argv(shards, tmp_path, *extra)
-    args[args.index("--seeds") + 1] = "1"
-    # The runner submits its jobs and is killed while they run: they go on in Slurm.
+    args[args.index("--seeds") + 1] = args[args.index("--pilot-seeds") + 1] = "1"
+    # The runner submits the pilot's job and is killed while it runs: it goes on in Slurm.
     first = subprocess.Popen([sys.executable, "compare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ledger = tmp_path / "work" / "slurm" / "submitted.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and len(read_results(ledger)) < 2:
+    while time.time() < deadline and len(read_results(ledger)) < 1:
         time.sleep(1)
     first.kill()
     first.communicate(timeout=30)
-    assert len(read_results(ledger)) == 2
-    # Started again: it re-attaches to the two jobs instead of submitting new ones, and gathers their results.
+    assert len(read_results(ledger)) == 1
+    # Started again: it re-attaches to the pilot's job instead of submitting it again, then submits the arm's.
     assert compare.main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "0 Slurm jobs submitted, 2 already queued or done re-attached" in printed and "Finding:" in printed
+    assert "0 Slurm jobs submitted, 1 already queued or done re-attached" in printed and "Finding:" in printed
+    assert "1 Slurm jobs submitted, 0 already queued or done re-attached" in printed
     assert len(read_results(ledger)) == 2
     rows = read_results(tmp_path / "out" / "results.jsonl")
     assert sorted(r["arm"] for r in rows) == ["baseline", "guided"]
+    assert all("validation" in r and "per_sample" in r for r in rows)
     summary = json.loads(Path(rows[0]["run_dirs"][0], "summary.json").read_text())
     assert summary["world_size"] == 2  # an ordinary two-rank training job

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mgn.config import OBJECTIVES, preset_config
 from mgn.export import fuse_student
-from mgn.objectives import REGISTRY, build_objective, feature_map, map_distance
+from mgn.objectives import REGISTRY, box_map, build_objective, feature_map, map_distance
+from mgn.objectives import objective as register
 from tests.conftest import calibrate_batchnorm
 
 LABELS = torch.tensor([0, 1, 1, 0])
@@ -28,11 +29,19 @@ def batch(seed: int = 0) -> dict:
             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
 
 
+# the controls' ground truth: the deciding splat's box in the crop, the Bayes posterior
+GROUND_TRUTH = {"cue_box": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9],
+                                         [0.6, 0.0, 0.9, 0.3]]),
+                "posterior": torch.tensor([0.1, 0.9, 0.7, 0.4])}
+
+
 def step_inputs(model) -> dict:
+    """The batch fields this objective reads (mgn/config.py OBJECTIVES), as the trainer passes them."""
+    reads = OBJECTIVES[model.name].reads
     inputs = batch()
-    if not model.uses_captions:
+    if "captions" not in reads:
         del inputs["input_ids"], inputs["attention_mask"]
-    return inputs
+    return {**inputs, **{k: v for k, v in GROUND_TRUTH.items() if k in reads}}
 
 
 def grads_of(module: torch.nn.Module) -> bool:
@@ -46,8 +55,14 @@ def backward_term(model, term: str) -> None:
     model(**step_inputs(model)).terms[term].backward()
 
 
-def test_the_registry_is_the_configs_list_of_objectives():
+def test_the_registry_is_the_configs_list_of_objectives_and_refuses_a_name_declared_nowhere_or_twice():
     assert set(REGISTRY) == set(OBJECTIVES)
+    with pytest.raises(ValueError, match="'typo'.*not declared in mgn/config.py OBJECTIVES"):
+        register("typo")(type("Typo", (), {}))
+    with pytest.raises(ValueError, match="'tram' is registered twice"):
+        register("tram")(type("Tram2", (), {}))
+    assert [n for n, info in OBJECTIVES.items() if info.control] == ["oracle_attention", "oracle_teacher"]
+    assert not any(REGISTRY[n].uses_captions for n in ("baseline", "oracle_attention", "oracle_teacher"))
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -63,7 +78,8 @@ def test_each_objective_trains_a_step_and_moves_the_student(name):
     after = model.student.state_dict()
     assert not torch.equal(before["head.fc.weight"], after["head.fc.weight"])
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
-    prediction = model.eval().predict(**{k: v for k, v in step_inputs(model).items() if k != "label"})
+    prediction = model.eval().predict(**{k: v for k, v in step_inputs(model).items()
+                                         if k != "label" and k not in GROUND_TRUTH})
     assert prediction.student.shape == (4, 2)
     assert (prediction.teacher is not None) == model.uses_captions
 
@@ -122,6 +138,41 @@ def test_map_distance_is_zero_for_proportional_maps_and_largest_for_disjoint_one
     embedding = torch.zeros(1, 4, 2, 2)
     embedding[0, :, 1, 0] = 2.0
     assert feature_map(embedding)[0].flatten().argmax().item() == 2
+
+
+def test_oracle_attention_targets_are_the_share_of_each_cell_the_true_box_covers():
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5],  # the top-left quadrant exactly
+                          [0.25, 0.5, 0.75, 1.0],  # straddles the two bottom cells, half of each
+                          [0.0, 0.0, 0.0, 1.0]])  # cut away by the crop: zero width
+    maps = box_map(boxes, 2, 2)
+    torch.testing.assert_close(maps[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(maps[1], torch.tensor([[0.0, 0.0], [0.5, 0.5]]))
+    assert maps[2].sum() == 0
+    torch.testing.assert_close(box_map(boxes[:1], 4, 4)[0, :2, :2], torch.ones(2, 2))  # any grid
+
+
+def test_oracle_attention_pulls_the_encoder_towards_the_box_and_skips_a_box_the_crop_cut_away():
+    model = objective("oracle_attention")
+    backward_term(model, "attention_mse")
+    assert grads_of(model.student.encoder) and not grads_of(model.student.head)
+    inputs = step_inputs(model)
+    inputs["cue_box"] = torch.zeros(4, 4)  # every box cut away: no term, no gradient from it
+    model.zero_grad(set_to_none=True)
+    term = model(**inputs).terms["attention_mse"]
+    assert term.item() == 0.0
+
+
+def test_oracle_teacher_is_labels_and_the_generators_posterior_as_soft_targets():
+    model = objective("oracle_teacher", distill_weight=0.25).eval()
+    inputs = step_inputs(model)
+    out = model(**inputs)
+    logits = model.student(inputs["image"])
+    p = inputs["posterior"]
+    soft = -(torch.stack([1 - p, p], 1) * logits.log_softmax(-1)).sum(1).mean()
+    expected = 0.75 * F.cross_entropy(logits, LABELS, label_smoothing=model.smoothing) + 0.25 * soft
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="num_classes must be 2"):
+        build_objective(preset_config("tiny", {"objective": {"name": "oracle_teacher"}, "model": {"num_classes": 3}}))
 
 
 def test_caption_dropout_one_means_the_guided_path_sees_empty_captions_in_training():

@@ -1,7 +1,9 @@
 """The arms: named sets of config overrides, read from data (arms.toml beside this file, plus --arms-file).
 
 Arms are data, not code, so that a user adds an arm without touching the runner, and every override is
-checked against the config schema (preset_config) when the file is read, before anything runs.
+checked against the config schema (preset_config) when the file is read, before anything runs. An arm whose
+objective is a positive control (mgn/config.py OBJECTIVES, `control`) is one: it runs on synthetic data only and
+is marked as a control in every table.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mgn.config import preset_config
+from mgn.config import OBJECTIVES, ObjectiveConfig, preset_config
 
 ARMS_FILE = Path(__file__).with_name("arms.toml")
 
@@ -25,6 +27,7 @@ class Arm:
     name: str
     about: str
     stages: tuple[Stage, ...]
+    control: bool = False  # a positive control: trains on the synthetic generator's ground truth
 
 
 def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
@@ -48,7 +51,8 @@ def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
             stages.append(Stage(overrides=raw, epochs_share=share))
         if abs(sum(s.epochs_share for s in stages) - 1.0) > 1e-6:
             raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole budget)")
-        arms[name] = Arm(name, about, tuple(stages))
+        control = any(OBJECTIVES[s.overrides.get("objective", {}).get("name", ObjectiveConfig().name)].control for s in stages)
+        arms[name] = Arm(name, about, tuple(stages), control)
     if "baseline" not in arms:
         raise ValueError("the arms must include 'baseline': every other arm is compared with it")
     return arms

@@ -8,6 +8,7 @@ This file holds both sides of that process boundary: what the runner starts and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,14 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import submitit
 import torch
 
 from mgn import distributed, preemption, train, verdict
 from mgn.artifacts import load_checkpoint
+from mgn.ceiling import ground_truth
 from mgn.compare.plan import Cell
 from mgn.config import Config
 from mgn.evaluate import caption_reliance, predict, summarize, test_batches
+from mgn.predictions import Predictions
 
 log = logging.getLogger("mgn")
 
@@ -32,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout: child processes and 
 
 def cell_spec(cell: Cell, work: Path) -> dict:
     return {"key": cell.key, "setting": cell.setting.name, "arm": cell.arm.name, "seed": cell.seed,
-            "fingerprint": cell.fingerprint(work), "configs": [c.to_dict() for c in cell.stage_configs(work)]}
+            "fingerprint": cell.fingerprint(work), "configs": [c.to_dict() for c in cell.stage_configs(work)],
+            "validation_shards": cell.setting.validation_shards}
 
 
 def run_cell(spec: dict) -> dict | None:
@@ -62,7 +67,8 @@ def run_cell(spec: dict) -> dict | None:
     guided = [c for c in configs if c.uses_captions]
     row = {"key": spec["key"], "setting": spec["setting"], "arm": spec["arm"], "seed": spec["seed"],
            "fingerprint": spec["fingerprint"], "train_seconds": round(train_seconds, 2),
-           **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None),
+           **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
+                          spec.get("validation_shards") or None, keep_predictions=True),
            "start": json.loads((configs[0].run_dir / "start.json").read_text()),
            "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -99,15 +105,36 @@ def _finished(cfg: Config) -> bool:
     return not done.get("preempted") and _saved_config_matches(cfg) is True
 
 
-def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
-    """The final checkpoint's student (fused, as deployed) on the test shards; the guided teacher and its
-    caption reliance from `teacher_run` (the last stage that read captions), if any."""
+def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards: str | None = None, *,
+                 keep_predictions: bool = False) -> dict:
+    """The final checkpoint's student (fused, as deployed) on the test shards, once, and on the validation shards;
+    the guided teacher and its caption reliance from `teacher_run` (the last stage that read captions), if any.
+
+    Per split: the metrics on the stored labels, the accuracy on the true labels where the generator's ground
+    truth knows them, and each sample's correctness (verdict.sample_record, for the sample-level test); with
+    `keep_predictions` every sample's key, labels and log-probabilities go to predictions-<split>.jsonl in the
+    run folder."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = verdict.METRICS
     ckpt = load_checkpoint(student_run)
-    report = summarize(predict(ckpt, test_batches(ckpt.cfg, ckpt.cfg.data, False, batch_size=256), device=device),
-                       target_precision=None)
-    row = {"test_samples": report["samples"], "student": {k: report["student"][k] for k in metrics}}
+    row: dict = {"per_sample": {}}
+    splits = {"test": ckpt.cfg.data.test_shards, **({"validation": validation_shards} if validation_shards else {})}
+    for split, shards in splits.items():
+        data = dataclasses.replace(ckpt.cfg.data, test_shards=shards)
+        preds = predict(ckpt, test_batches(ckpt.cfg, data, False, batch_size=256), device=device)
+        report = summarize(preds, target_precision=None)
+        truth = ground_truth(shards)
+        true = np.array([truth[k]["true_label"] for k in preds.keys]) if truth else None
+        scores = {"samples": report["samples"], "student": {k: report["student"][k] for k in metrics}}
+        if true is not None:
+            scores["student_true"] = {"accuracy": float(np.mean(preds.student.argmax(1) == true))}
+        if split == "test":
+            row.update(test_samples=scores.pop("samples"), **scores)
+        else:
+            row[split] = scores
+        row["per_sample"][split] = verdict.sample_record(preds.keys, preds.labels, preds.student, true)
+        if keep_predictions:
+            write_predictions(student_run / f"predictions-{split}.jsonl", preds, true)
     if teacher_run is not None:
         guided = load_checkpoint(teacher_run, teacher=True)
         batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256)
@@ -115,6 +142,18 @@ def evaluate_run(student_run: Path, teacher_run: Path | None) -> dict:
         row["teacher"] = {k: report["teacher"][k] for k in metrics}
         row["reliance"] = caption_reliance(guided.objective, batches, device=device)
     return row
+
+
+def write_predictions(path: Path, preds: Predictions, true: np.ndarray | None) -> None:
+    """One JSON line per sample: key, stored label, true label (when known), the student's log-probabilities (its
+    logits, up to a constant per sample)."""
+    logs = np.log(np.clip(preds.student, 1e-12, 1.0))
+    with path.open("w") as f:
+        for i, key in enumerate(preds.keys):
+            line = {"key": key, "label": int(preds.labels[i]), "log_probs": [round(float(v), 6) for v in logs[i]]}
+            if true is not None:
+                line["true_label"] = int(true[i])
+            f.write(json.dumps(line) + "\n")
 
 
 def code_version() -> str:

@@ -110,8 +110,11 @@ def collect(outcomes: Iterable[tuple[Cell, dict | None, str]], total: int, work:
 def progress_line(number: int, total: int, row: dict, elapsed: float) -> str:
     teacher = f", teacher {row['teacher']['accuracy']:.3f}" if "teacher" in row else ""
     left = elapsed / number * (total - number)
-    return (f"MGN compare: [{number}/{total}] {row['key']}: student acc {row['student']['accuracy']:.3f} "
-            f"AUROC {row['student']['auroc']:.3f}{teacher} | train {row['train_seconds']:.0f} s | "
+    # what a run is judged on as it finishes is its validation score; the test set's waits for the table
+    scored = row["validation"]["student"] if "validation" in row else row["student"]
+    which = "validation acc" if "validation" in row else "student acc"
+    return (f"MGN compare: [{number}/{total}] {row['key']}: {which} {scored['accuracy']:.3f} "
+            f"AUROC {scored['auroc']:.3f}{teacher} | train {row['train_seconds']:.0f} s | "
             f"elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left")
 
 

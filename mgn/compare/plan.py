@@ -1,9 +1,21 @@
-"""The plan: settings (data size x initialisation of the image encoder), and cells (setting x arm x seed).
+"""The plan: settings (a data set x an initialisation of the image encoder), and cells (setting x arm x seed).
 
 Nothing here trains or writes: a plan is computed, printed and estimated before anything runs, so that
 `--dry-run` shows exactly what a run would do. A cell's configs are derived from the comparison's base
 config, the arm's overrides and the cell's seed alone; their fingerprint is what results.jsonl records,
 so a re-run recognises the cells it already has.
+
+The plan comes in two steps (mgn/compare/pilot.py): first the pilot, the baseline alone at `pilot_seeds` seeds in
+every setting; then, only in the settings whose pilot passes the rule (or with --ignore-pilot and its reason),
+every chosen arm and the positive controls at the seeds the pilot's spread calls for.
+
+The synthetic data sets (DATASETS) are written with the generator's ground truth, so that each has an image-only
+ceiling (mgn/ceiling.py) and the positive controls can train. Each is one generator run split three ways: training
+samples (the generator's train split, its badge correlated with the label), and, from its held-out split (badge
+uncorrelated, as at deployment), a validation set for every choice the runner makes and the test set, scored once
+per run. Validation is rendered like the test set, not like the training set: with the badge agreeing with the
+label on 95% of training frames, a validation set drawn like them would reward the shortcut the test set is there
+to expose, and no setting could pass the pilot's headroom rule on it.
 """
 from __future__ import annotations
 
@@ -18,21 +30,54 @@ from mgn.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
 STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained by this "
-                "runner, image-only, on a separate synthetic corpus (another seed, 8-class scene x splat-quadrant "
-                "target, no moderation label). It plays the role of the paper's ImageNet initialisation.")
-DEFAULT_ARMS = ("baseline", "guided", "guided-unfrozen", "attend-fusion", "no-student-term")
-REDUCED_ARMS = ("baseline", "guided")  # what the plentiful and pretrained settings run by default
+                "runner, image-only, on a separate synthetic corpus (another seed, no decoys, no moderation label) with "
+                "an 8-class scene x splat-quadrant target; 'standin-scene' the same with the 2-class scene target "
+                "alone, which teaches nothing about where the splat is. It plays the role of the paper's ImageNet "
+                "initialisation.")
+DEFAULT_ARMS = ("baseline", "guided")  # and the positive controls, which every synthetic setting runs
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A synthetic data set of the plan: sizes and the generator's knobs (mgn/synthetic.py SyntheticSpec)."""
+    name: str
+    train: int
+    validation: int
+    test: int
+    knobs: tuple = ()  # ((knob, value), ...): hashable, so the data's folder name follows its content
+    about: str = ""
+
+    @property
+    def folder(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.train, self.validation, self.test, sorted(self.knobs)]).encode())
+        return f"{self.name}-{digest.hexdigest()[:8]}"
+
+
+_SHIFTED = (("spurious_train", 0.9), ("spurious_test", 0.0))  # the badge: a shortcut in training, none at test
+DATASETS = {d.name: d for d in (
+    DataSet("clean", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.0), *_SHIFTED),
+            "1,500 training samples, no label noise"),
+    DataSet("noisy", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.2), *_SHIFTED),
+            "as clean, 20% of stored labels flipped (the captions follow the true label)"),
+    DataSet("decoys", 600, 1000, 4000, (("cue_strength", 0.6), ("decoys", 3), ("label_noise", 0.0), *_SHIFTED),
+            "600 training samples, 3 decoy splats a frame, cue strength 0.6"),
+)}
+INITS = ("scratch", "standin", "standin-scene")
+STANDINS = {"standin": "scene_quadrant", "standin-scene": "scene"}  # init -> the stand-in's pretraining target
+CANDIDATES = ("clean/standin", "noisy/standin", "decoys/standin")  # the default plan's settings
 
 
 @dataclass(frozen=True)
 class Setting:
     """Where the arms are compared: a training set and an initialisation of the image encoder."""
-    data: str  # scarce | plentiful | yours
-    init: str  # scratch | standin | pretrained
+    data: str  # a DATASETS name, or yours
+    init: str  # scratch | standin | standin-scene | pretrained
     train_shards: str
     test_shards: str
     train_samples: int  # for the estimate
     image_pretrained: str = ""  # model.image_pretrained for every arm of this setting
+    validation_shards: str = ""  # every choice is made here, never on the test shards
+    synthetic: bool = False  # the generator's ground truth is there: a ceiling, and the positive controls can run
 
     @property
     def name(self) -> str:
@@ -87,25 +132,28 @@ class Cell:
             for name in ("output_dir", "run_name", "init_from", "resume"):
                 raw["train"].pop(name)
             configs.append(raw)
-        return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([configs, self.setting.validation_shards], sort_keys=True).encode()
+                              ).hexdigest()[:16]
 
 
 @dataclass
 class Options:
     """Everything `python compare.py` takes (compare.py documents each flag)."""
-    out: Path = Path("benchmarks/results/compare")  # verdict: results.jsonl, summary.json, table.md, paired.png
-    work: Path = Path("runs/compare")  # runs, data, stand-in, logs: large, not for version control
-    arms: list[str] | None = None  # None: the default plan's arms
+    out: Path = Path("benchmarks/results/verdict")  # verdict: results.jsonl, summary.json, table.md, paired.png
+    work: Path = Path("runs/compare")  # runs, data, stand-ins, logs: large, not for version control
+    arms: list[str] | None = None  # None: DEFAULT_ARMS
     arms_file: str | None = None
-    seeds: int = 5
-    scarce: int = 600  # training samples of the scarce setting
-    plentiful: int = 1500
-    test: int = 1000
+    seeds: int | None = None  # None: from the pilot's spread (pilot.seeds_for), at most max_seeds
+    pilot_seeds: int = 5
+    max_seeds: int = 10
+    pilot_only: bool = False  # run the pilot, print its outcome, stop
+    choose: list[str] | None = None  # section.field=V1,V2,...: train the baseline with each, compare on validation
+    ignore_pilot: str | None = None  # the reason for running the arms in settings that fail the pilot
     train_shards: str | None = None  # the user's own data, instead of the synthetic sets
     test_shards: str | None = None
-    pretrained: str = "standin"  # standin | none | hub | a weights file
-    all_settings_all_arms: bool = False  # every arm in every setting (the variants' full table)
-    settings: list[str] | None = None  # run only these settings, in this order (None: all of the plan)
+    validation_shards: str | None = None  # default: carved from the end of train_shards
+    pretrained: str = "standin"  # with the user's data: standin | standin-scene | none | hub | a weights file
+    settings: list[str] | None = None  # run only these settings, in this order (None: CANDIDATES)
     threads: int = 0  # torch threads per local cell (0: all visible CPUs)
     slurm: bool = False
     slurm_args: dict = field(default_factory=dict)  # nodes, gpus_per_node, partition, time, cpus_per_task
@@ -116,20 +164,40 @@ class Options:
     command: str = "python compare.py"  # as typed, for the verdict's header
 
 
-def plan(options: Options, arms: dict[str, Arm], data: dict[str, Setting]) -> list[Cell]:
-    """The cells: all chosen arms in the first setting, the reduced set elsewhere (unless asked for all)."""
-    chosen = list(arms) if options.arms == ["all"] else options.arms or [a for a in DEFAULT_ARMS if a in arms]
+def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> list[str]:
+    """The arms of a setting: baseline first, the chosen ones, and on synthetic data the positive controls (never on
+    a user's own data: they read the generator's ground truth)."""
+    chosen = list(arms) if options.arms == ["all"] else list(options.arms or DEFAULT_ARMS)
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {sorted(arms)} (mgn/compare/arms.toml, --arms-file)")
-    if "baseline" not in chosen:
-        chosen = ["baseline", *chosen]
-    base = options.base
-    cells = []
-    for index, setting in enumerate(data.values()):
-        names = chosen if index == 0 or options.all_settings_all_arms else [a for a in chosen if a in REDUCED_ARMS]
-        for seed in range(options.seeds):
-            cells += [Cell(setting, arms[name], seed, base) for name in names]
+    controls = [a for a in arms if arms[a].control]
+    if not setting.synthetic:
+        named = [a for a in chosen if a in controls and options.arms != ["all"]]
+        if named:
+            raise ValueError(f"{named}: positive controls read the synthetic generator's ground truth; they cannot run "
+                             f"on your own data")
+        chosen = [a for a in chosen if a not in controls]
+    else:
+        chosen += [a for a in controls if a not in chosen]
+    return ["baseline", *[a for a in chosen if a != "baseline"]]
+
+
+def pilot_cells(options: Options, arms: dict[str, Arm], settings: dict[str, Setting]) -> list[Cell]:
+    """The pilot: the baseline alone at seeds 0 .. pilot_seeds - 1 in every setting."""
+    return [Cell(s, arms["baseline"], seed, options.base) for s in settings.values() for seed in range(options.pilot_seeds)]
+
+
+def plan(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], go: dict[str, int]) -> list[Cell]:
+    """Every cell: the pilot everywhere; in each setting of `go` (setting -> seeds, the pilot's verdict,
+    pilot.decide), the chosen arms and the controls at that many seeds, the baseline extended to match."""
+    cells = pilot_cells(options, arms, settings)
+    for name, setting in settings.items():
+        if name not in go:
+            continue
+        names = chosen_arms(options, arms, setting)
+        cells += [Cell(setting, arms["baseline"], seed, options.base) for seed in range(options.pilot_seeds, go[name])]
+        cells += [Cell(setting, arms[a], seed, options.base) for a in names[1:] for seed in range(go[name])]
     return cells
 
 
@@ -138,40 +206,60 @@ def samples_seen(cell: Cell, work: Path) -> int:
 
 
 def settings_for(options: Options) -> dict[str, Setting]:
-    """The settings of the plan, keyed by name; nothing is written (prepare() writes what they need)."""
+    """Every setting the runner knows, keyed by name; nothing is written (prepare() writes what they need)."""
     if options.train_shards or options.test_shards:
-        if not (options.train_shards and options.test_shards):
-            raise ValueError("--train-shards and --test-shards go together")
-        sets = {"yours": (options.train_shards, options.test_shards,
-                          sum(read_sizes(expand_shards(options.train_shards)).values()))}
-    else:
-        for name in ("scarce", "plentiful"):
-            if getattr(options, name) % SHARD_SIZE or getattr(options, name) <= 0:
-                raise ValueError(f"--{name} {getattr(options, name)}: use a positive multiple of {SHARD_SIZE} "
-                                 f"(whole shards)")
-        if options.scarce > options.plentiful:
-            raise ValueError(f"--scarce {options.scarce} is more than --plentiful {options.plentiful}")
-        out = synthetic_dir(options)
-        test = str(out / "test-*.tar")
-        sets = {"scarce": (str(out / f"train-{{000000..{options.scarce // SHARD_SIZE - 1:06d}}}.tar"), test,
-                           options.scarce),
-                "plentiful": (str(out / "train-*.tar"), test, options.plentiful)}
-    settings = [Setting(name, "scratch", *paths) for name, paths in sets.items()]
-    if options.pretrained != "none":
-        init, weights = (("standin", str(standin_weights(options))) if options.pretrained == "standin"
-                         else ("pretrained", options.pretrained))
-        settings += [Setting(name, init, *paths, image_pretrained=weights) for name, paths in sets.items()]
+        return _your_settings(options)
+    settings = []
+    for data in DATASETS.values():
+        folder = synthetic_dir(options, data)
+        shards = synthetic_shards(folder, data)
+        for init in INITS:
+            weights = str(standin_weights(options, init)) if init in STANDINS else ""
+            settings.append(Setting(data.name, init, shards["train"], shards["test"], data.train,
+                                    image_pretrained=weights, validation_shards=shards["validation"], synthetic=True))
+    return {s.name: s for s in settings}
+
+
+def synthetic_shards(folder: Path, data: DataSet) -> dict[str, str]:
+    """The data set's shard patterns: its training split; the first `validation` samples of its held-out split as
+    validation, the rest as the test set (prepare.prepare_data writes them so)."""
+    def span(start: int, count: int) -> str:
+        return f"{{{start // SHARD_SIZE:06d}..{(start + count) // SHARD_SIZE - 1:06d}}}"
+
+    return {"train": str(folder / f"train-{span(0, data.train)}.tar"),
+            "validation": str(folder / f"test-{span(0, data.validation)}.tar"),
+            "test": str(folder / f"test-{span(data.validation, data.test)}.tar")}
+
+
+def _your_settings(options: Options) -> dict[str, Setting]:
+    """The user's data: validation from --validation-shards, or carved from the end of the training shards."""
+    if not (options.train_shards and options.test_shards):
+        raise ValueError("--train-shards and --test-shards go together")
+    train, validation = options.train_shards, options.validation_shards
+    if not validation:
+        shards = expand_shards(train)
+        if len(shards) < 2:
+            raise ValueError(f"--train-shards {train!r} is one shard: the validation split is carved from the training "
+                             f"shards (its last tenth, at least one shard); pass --validation-shards, or more shards")
+        carved = max(1, round(len(shards) / 10))
+        train, validation = "::".join(shards[:-carved]), "::".join(shards[-carved:])
+    samples = sum(read_sizes(expand_shards(train)).values())
+    common = {"validation_shards": validation}
+    settings = [Setting("yours", "scratch", train, options.test_shards, samples, **common)]
+    if options.pretrained in STANDINS:
+        settings.append(Setting("yours", options.pretrained, train, options.test_shards, samples,
+                                image_pretrained=str(standin_weights(options, options.pretrained)), **common))
+    elif options.pretrained != "none":
+        settings.append(Setting("yours", "pretrained", train, options.test_shards, samples,
+                                image_pretrained=options.pretrained, **common))
     return {s.name: s for s in settings}
 
 
 def choose_settings(settings: dict[str, Setting], names: list[str] | None) -> dict[str, Setting]:
-    """The settings named by --settings, in that order: the most telling setting can run first, and a long
-    table can be finished one setting per session. Without names, the default plan: every data size from
-    scratch, and the pretrained start on the first (scarce) data only, where a pretrained encoder matters
-    most; the pretrained start on the other sizes (e.g. plentiful/standin) runs when named."""
+    """The settings named by --settings, in that order (the most telling can run first); without names the default
+    plan: CANDIDATES on synthetic data, every setting of the user's own."""
     if names is None:
-        first_data = next(iter(settings.values())).data
-        return {n: s for n, s in settings.items() if s.init == "scratch" or s.data == first_data}
+        names = [n for n in CANDIDATES if n in settings] or list(settings)
     unknown = [n for n in names if n not in settings]
     if unknown:
         raise ValueError(f"--settings: unknown {unknown}; this plan has {list(settings)}")
@@ -180,19 +268,20 @@ def choose_settings(settings: dict[str, Setting], names: list[str] | None) -> di
 
 # --- where the prepared inputs live (mgn/compare/prepare.py writes them) ---------------------------------
 
-def synthetic_dir(options: Options) -> Path:
-    return options.work / "data" / f"synthetic-{options.scarce}-{options.plentiful}-{options.test}"
+def synthetic_dir(options: Options, data: DataSet) -> Path:
+    return options.work / "data" / data.folder
 
 
-def standin_config(options: Options) -> Config:
-    """Image-only pretraining on a separate corpus: seed 1, no decoys, the 8-class scene x quadrant target."""
-    folder = options.work / "standin"
+def standin_config(options: Options, init: str = "standin") -> Config:
+    """Image-only pretraining on a separate corpus: seed 1, no decoys, the stand-in's target (STANDINS)."""
+    folder = options.work / init
+    target = STANDINS[init]
     return preset_config("compare", {
-        "objective": {"name": "baseline"}, "model": {"num_classes": 8},
+        "objective": {"name": "baseline"}, "model": {"num_classes": 8 if target == "scene_quadrant" else 2},
         "data": {"train_shards": str(folder / "data" / "train-*.tar"),
                  "test_shards": str(folder / "data" / "test-*.tar"), "synthetic_samples": 0},
         "train": {"output_dir": str(folder), "run_name": "pretrain", "resume": "auto", "seed": 0}})
 
 
-def standin_weights(options: Options) -> Path:
-    return options.work / "standin" / "encoder.safetensors"
+def standin_weights(options: Options, init: str = "standin") -> Path:
+    return options.work / init / "encoder.safetensors"

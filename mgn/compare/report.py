@@ -21,13 +21,15 @@ from mgn.artifacts import load_checkpoint
 from mgn.caption_only import caption_only_metrics
 from mgn.clip import clip_batches, load_clip, read_prompts
 from mgn.compare.arms import Arm
-from mgn.compare.plan import STANDIN_NOTE, Options, Setting, standin_weights
+from mgn.compare.plan import STANDIN_NOTE, STANDINS, Options, Setting, standin_weights
 from mgn.evaluate import predict_clip, summarize
 from mgn.timing import Timer, at_own_size, count_flops, time_latency
 
 
-def write_verdict(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], rows: list[dict]) -> dict:
-    """Summarize `rows` (the plan's results) with the references and costs, write the verdict; returns it."""
+def write_verdict(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], rows: list[dict],
+                  bench: dict | None = None) -> dict:
+    """Summarize `rows` (the plan's results) with the references, costs and the bench (per setting: ceilings, pilot),
+    write the verdict; returns it."""
     references = {name: {"caption_only": caption_only_metrics(s.train_shards, s.test_shards)}
                   for name, s in settings.items()}
     previous = read_json(options.out / "summary.json") or {}
@@ -36,20 +38,24 @@ def write_verdict(options: Options, arms: dict[str, Arm], settings: dict[str, Se
     if options.clip:
         for name, metrics in clip_metrics(options.clip, settings, options.prompts).items():
             references[name]["clip"] = {"model": options.clip, **metrics, "student_latency_over_clip": clip_latency}
-    summary = verdict.summarize(rows, arms, list(settings), references, costs)
-    standin_settings = [name for name, s in settings.items() if s.init == "standin"]
-    summary["plan"] = {"command": options.command, "seeds": options.seeds, "base_config": options.base,
+    summary = verdict.summarize(rows, arms, list(settings), references, costs, bench)
+    standin_settings = [name for name, s in settings.items() if s.init in STANDINS]
+    summary["plan"] = {"command": options.command, "pilot_seeds": options.pilot_seeds, "seeds": options.seeds,
+                       "max_seeds": options.max_seeds, "ignore_pilot": options.ignore_pilot,
+                       "base_config": options.base,
                        "settings": {n: dataclasses.asdict(s) for n, s in settings.items()},
                        "standin": STANDIN_NOTE if standin_settings else None,
                        "machine": machine(), "runs": len(rows),
-                       "standin_quality": read_json(standin_weights(options).parent / "quality.json")
-                       or previous.get("plan", {}).get("standin_quality")}
+                       "standin_quality": {init: read_json(standin_weights(options, init).parent / "quality.json")
+                                           or (previous.get("plan", {}).get("standin_quality") or {}).get(init)
+                                           for init in sorted({settings[n].init for n in standin_settings})}}
     return verdict.write(summary, options.out, _header(options, summary, rows, standin_settings))
 
 
 def _costs(options: Options, settings: dict[str, Setting], rows: list[dict], previous: dict) -> dict:
     """Measured on the first setting's students when their run folders are here, else the previous verdict's."""
-    first_setting = next(iter(settings))  # deployment costs are timed on its students
+    # deployment costs are timed on the students of the setting with the most arms (the first of those)
+    first_setting = max(settings, key=lambda n: len({r["arm"] for r in rows if r["setting"] == n}))
     timed = [r for r in rows if r["setting"] == first_setting]
     if all(Path(r["run_dirs"][-1]).exists() for r in timed):
         return deployment_costs(timed, options.threads, options.clip, options.prompts)
@@ -62,11 +68,13 @@ def _costs(options: Options, settings: dict[str, Setting], rows: list[dict], pre
 def _header(options: Options, summary: dict, rows: list[dict], standin_settings: list[str]) -> str:
     header = (f"Command: `{options.command}`  \nMachine: {summary['plan']['machine']['description']}; "
               f"train time of all runs: {sum(r['train_seconds'] for r in rows) / 60:.0f} min")
-    quality = summary["plan"]["standin_quality"]
-    if quality and standin_settings:
-        header += (f"  \nStand-in encoder ({', '.join(standin_settings)} rows): {STANDIN_NOTE.split(': ', 1)[1]} "
-                   f"On that corpus's held-out split its 8-class accuracy is "
-                   f"{quality['student']['accuracy']:.3f} (chance 0.125).")
+    if standin_settings:
+        header += f"  \nStand-in encoders ({', '.join(standin_settings)} rows): {STANDIN_NOTE.split(': ', 1)[1]}"
+        for init, quality in summary["plan"]["standin_quality"].items():
+            if quality:
+                classes = quality.get("classes", 8)
+                header += (f" {init}: {quality['student']['accuracy']:.3f} accuracy on its corpus's held-out split "
+                           f"({classes} classes, chance {1 / classes:.3f}).")
     return header
 
 
