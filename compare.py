@@ -121,7 +121,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, value, low in (("--seeds", args.seeds, 1), ("--threads", args.threads, 0), ("--nodes", args.nodes, 1),
                              ("--gpus-per-node", args.gpus_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
                              ("--time", args.time, 1)):
-        require(flag, value, value >= low, f"must be >= {low}")
+        if value is not None:  # --seeds None: chosen from the pilot's power
+            require(flag, value, value >= low, f"must be >= {low}")
     check_file("--arms-file", args.arms_file, "a TOML file of arms, in mgn/compare/arms.toml's format")
     check_file("--prompts", args.prompts, "a JSON file {class name: [prompts]}")
     if args.pretrained not in ("standin", "hub", "none"):

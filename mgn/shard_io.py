@@ -68,6 +68,7 @@ def local_path(name: str) -> str:
 
 def shard_name(shard: str) -> str:
     """The file name a shard has in `sizes.json`: the last part of its path, URL path or the command's `*.tar`."""
+    shard = str(shard)
     if shard.startswith("pipe:"):
         found = _TAR_IN_COMMAND.findall(shard)
         return found[-1].rsplit("/", 1)[-1] if found else shard
@@ -77,6 +78,7 @@ def shard_name(shard: str) -> str:
 def beside(shard: str, name: str) -> str:
     """Where a file `name` next to a shard lies: a path, the same URL with its last part replaced (query dropped:
     a presigned URL signs one object), or the pipe command with its `*.tar` path's last part replaced."""
+    shard = str(shard)  # a local Path too
     if shard.startswith("pipe:"):
         found = list(_TAR_IN_COMMAND.finditer(shard))
         if not found:

@@ -93,6 +93,7 @@ BAD_VALUES = {
     "train.device": ("tpu", "train.device='tpu': expected one of ['auto', 'cuda', 'cpu']"),
     "train.precision": ("fp16", "train.precision='fp16': expected one of"),
     "train.sync_batchnorm": (1, "train.sync_batchnorm=1: expected true or false"),
+    "train.deterministic": ("on", "train.deterministic='on': expected true or false"),
     "train.dist_timeout_s": (0, "train.dist_timeout_s=0 must be >= 1"),
     "train.log_every": (0, "train.log_every=0 must be >= 1"),
     "train.eval_every": (-2, "train.eval_every=-2 must be >= -1"),
