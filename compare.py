@@ -85,6 +85,9 @@ def _main(argv: list[str]) -> int:
                    help="add the CLIP zero-shot reference row: a local transformers CLIP folder (no training)")
     p.add_argument("--prompts", default=None, help="with --clip: JSON {class name: [prompts]} in class-index order")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
+    p.add_argument("--allow-truncated-captions", action="store_true",
+                   help="compare guided arms even when more than 2%% of a split's captions are cut at model.seq_len "
+                        "(refused by default: the text encoder would never see their ends)")
     slurm = p.add_argument_group("slurm (with --slurm: one submitit job per run)")
     slurm.add_argument("--slurm", action="store_true")
     slurm.add_argument("--nodes", type=int, default=1)
@@ -107,6 +110,7 @@ def _main(argv: list[str]) -> int:
         pretrained=args.pretrained, threads=args.threads, clip=args.clip,
         prompts=args.prompts, settings=None if args.settings is None else args.settings.split(","),
         dry_run=args.dry_run, base=base, command=shlex.join(["python", "compare.py", *argv]),
+        allow_truncated_captions=args.allow_truncated_captions,
         arms=None if args.arms is None else args.arms.split(","),
         slurm=args.slurm, slurm_args={"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
                                       "cpus_per_task": args.cpus_per_task, "partition": args.partition,

@@ -19,6 +19,7 @@ import torch
 
 from mgn import checkpoint, distributed, preemption, run_folder
 from mgn.artifacts import init_student
+from mgn.captions import read_report, report_run
 from mgn.checkpoint import TrainState
 from mgn.config import GROUND_TRUTH_FIELDS, Config
 from mgn.data import build_loader
@@ -78,6 +79,8 @@ def run(cfg: Config, *, keep_process_group: bool = False) -> dict:
 
     trainer = Trainer(cfg, world, device)
     try:
+        if world.is_main:  # before training: do the captions reach the model whole? (log, TensorBoard, summary)
+            report_run(cfg, trainer.tensorboard, trainer.state.step)
         return trainer.fit()
     except Diverged as failure:
         log.error("MGN: stopped: %s", failure)  # one line on every rank; train.py exits with code 3
@@ -362,7 +365,8 @@ def run_summary(state: TrainState, cfg: Config, world_size: int, train_seconds: 
             "student_accuracy": student_accuracy,  # of the final student, at the last evaluation
             "student_best": str(run_dir / "student_best" / ARTIFACT_NAME) if evaluated else None,
             "best_student_accuracy": state.best_metric if evaluated else None,
-            "best_student_step": state.best_step if evaluated else None}
+            "best_student_step": state.best_step if evaluated else None,
+            "captions": read_report(run_dir)}  # truncated captions per split (mgn/captions.py)
 
 
 def model_inputs(batch: Batch, device: torch.device, captions: bool,

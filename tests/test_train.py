@@ -99,8 +99,14 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     picture = Image.open(next((run / "attention").glob("step_*.png")))
     assert picture.mode == "RGB" and picture.width > 500 and picture.height > 200
     assert (tmp_path / "latest").resolve() == run.resolve()
-    for tag in ("train/accuracy", "train/guided_ce", "train/student_ce", "train/seconds_per_step"):
+    for tag in ("train/accuracy", "train/guided_ce", "train/student_ce", "train/seconds_per_step",
+                "captions/train_truncated_share"):
         assert tag in steps, tag
+    # The tiny preset's seq_len 16 cuts every synthetic caption (25-33 tokens): counted, said, kept (mgn/captions.py).
+    train = summary["captions"]["train"]
+    assert (train["captions"], train["truncated"], train["seq_len_to_fit"]) == (272, 272, 36)
+    assert "MGN: captions: train 272 of 272 cut at seq_len 16" in result.stdout
+    assert "100.0% of the train captions are cut at model.seq_len 16" in result.stdout
 
 
 def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_step(shards, tmp_path):

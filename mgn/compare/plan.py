@@ -159,6 +159,7 @@ class Options:
     slurm_args: dict = field(default_factory=dict)  # nodes, gpus_per_node, partition, time, cpus_per_task
     base: dict = field(default_factory=lambda: preset_config("compare").to_dict())  # every arm's starting config
     dry_run: bool = False
+    allow_truncated_captions: bool = False  # compare guided arms even when their captions are cut (mgn/captions.py)
     clip: str | None = None  # a CLIP model folder: adds the zero-shot reference row
     prompts: str | None = None  # its prompt file (mgn/clip.py)
     command: str = "python compare.py"  # as typed, for the verdict's header

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mgn.captions import check_comparison
 from mgn.compare import choose, pilot
 from mgn.compare.arms import load_arms
 from mgn.compare.estimate import describe_plan, estimate
@@ -31,6 +32,7 @@ def run(options: Options) -> dict:
     outcomes = pilot_outcomes(options, settings, results_file)
     cells = plan(options, arms, settings, {} if options.pilot_only else pilot.decide(outcomes, options))
     print(describe_plan(options, cells, missing(cells, options, results_file), settings, outcomes, arms), flush=True)
+    check_captions(arms, settings, options)
     if options.dry_run:
         return {}
     prepare([], settings, options)  # the data and its ceilings: the pilot rule needs them
@@ -109,3 +111,24 @@ def bench(options: Options, settings: dict[str, Setting], outcomes: dict[str, pi
                    and outcomes[name].seeds_to_run else None}
             for name in settings}
 
+
+def check_captions(arms: dict, settings: dict[str, Setting], options: Options) -> None:
+    """Before anything trains: count the captions every arm that reads them would read, in every setting (the
+    synthetic shards are written first; a dry run counts them only once they exist), and refuse if too many are
+    cut (mgn/captions.py)."""
+    guided = {}
+    for setting in settings.values():
+        for name in chosen_arms(options, arms, setting):
+            for cfg in Cell(setting, arms[name], 0, options.base).stage_configs(options.work):
+                if cfg.uses_captions:
+                    key = (cfg.data.train_shards, cfg.data.test_shards, cfg.model.text_model, cfg.model.seq_len)
+                    guided.setdefault(key, (setting.name, cfg))
+    if guided and not options.dry_run:
+        prepare([], settings, options)
+    try:
+        lines = check_comparison(dict(guided.values()), options.allow_truncated_captions)
+    except FileNotFoundError:
+        if not options.dry_run:
+            raise
+        lines = ["MGN compare: captions: counted once the synthetic shards are written (the run does it first)"]
+    print("\n".join(lines), flush=True)
