@@ -22,7 +22,7 @@ import sys
 from dataclasses import replace
 
 from mgn.cli import require, run_command
-from mgn.config import IMAGE_MODELS, MIN_IMAGE_SIZE
+from mgn.config_checks import IMAGE_MODELS, MIN_IMAGE_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:

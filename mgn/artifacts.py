@@ -3,16 +3,14 @@
 `load_checkpoint(path)` accepts a run folder (or a folder of runs: the run its `latest` link names), its
 checkpoints/ folder or `latest`, a tag folder (ZeRO-0 module states, or ZeRO-1/2 shards consolidated to fp32) or
 an exported student (.safetensors, .pt2), and rebuilds the student (and on request the whole objective) from the
-config saved with the weights, never from command-line options. Tags are found through
-`mgn.checkpoint.newest_intact_tag`, the same verified finder a resume uses. `init_student` loads those weights
-into a new run's student (`check_init_from` first reads and checks them, before a run starts). Nothing is
-unpickled unless trusted.
+config saved with the weights, never from command-line options. Which file or tag a path stands for is
+mgn/checkpoint_paths.py's `resolve` (tags through `mgn.checkpoint.newest_intact_tag`, the same verified finder a
+resume uses). `init_student` loads those weights into a new run's student (`check_init_from` first reads and
+checks them, before a run starts). Nothing is unpickled unless trusted.
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +19,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mgn.checkpoint import (
-    MODEL_STATES,
-    TRUST_HINT,
-    CheckpointError,
-    UntrustedCheckpointError,
-    config_differences,
-    latest_tag_name,
-    newest_intact_tag,
-)
+from mgn.checkpoint import MODEL_STATES, TRUST_HINT, CheckpointError, UntrustedCheckpointError, config_differences
+from mgn.checkpoint_paths import resolve, strip_path
 from mgn.config import Config
-from mgn.export import ARTIFACT_NAME, PROGRAM_NAME, fuse_student, unfuse_into
+from mgn.export import ARTIFACT_NAME, fuse_student, unfuse_into
 from mgn.model import ImageClassifier
 from mgn.objectives import build_objective
-
-log = logging.getLogger("mgn")
 
 STUDENT_PREFIX = "student."  # every objective holds the deployed model as `self.student`
 
@@ -63,128 +52,6 @@ class Checkpoint:
         encoder = "stored fused" if self.stored_fused else "stored unfused, fused here for evaluation"
         step = f", step {self.step}" if self.step is not None else ""
         return f"{what}{step}; objective {self.cfg.objective.name}, {self.cfg.model.image_model}, encoder {encoder}"
-
-
-EXPECTED = (f"expected a run folder, its checkpoints/ folder, checkpoints/latest, a checkpoints/<tag>/ folder, "
-            f"or an exported {ARTIFACT_NAME}")
-
-
-def resolve(path: str | Path, notes: list[str] | None = None, *, take_latest_run: bool = True) -> tuple[str, Path]:
-    """('artifact', file) or ('tag', tag folder) for any path a user may reasonably pass.
-
-    A folder of runs (train.output_dir, e.g. `runs`) stands for the run its `latest` link names, with a line in
-    `notes` saying which; `take_latest_run=False` refuses it instead, naming that run (train.init_from: the new run
-    moves `latest` to itself). Every other path that holds no checkpoint is a CheckpointError naming the path and
-    what was expected there."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise CheckpointError(f"{path}: a link to {os.readlink(path)}, which does not exist ({EXPECTED})")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder ({EXPECTED})")
-    if path.is_file():
-        if path.suffix in (".safetensors", ".pt2"):
-            return "artifact", path
-        if path.name == "latest":
-            return "tag", _tag_from_latest(path)
-        if path.name.endswith("model_states.pt"):
-            return "tag", path.parent
-        raise CheckpointError(f"{path}: not a checkpoint file (expected {ARTIFACT_NAME}, a DeepSpeed `latest` file "
-                              f"or {MODEL_STATES}, or a folder holding one)")
-    if path.is_symlink():  # e.g. runs/latest: name the run it stands for
-        target = _link_target(path)
-        _note(notes, f"{path} is {target}")
-        path = target
-    if (path / MODEL_STATES).exists():
-        return "tag", path
-    for folder in (path, path / "checkpoints"):
-        if (folder / "latest").is_file():
-            return "tag", _tag_from_latest(folder / "latest")
-        if any(p.is_dir() for p in folder.glob("step_*")):  # tags, but their `latest` pointer is gone
-            return "tag", newest_intact_tag(folder)
-    for artifact in (path / ARTIFACT_NAME, path / "student" / ARTIFACT_NAME, path / PROGRAM_NAME,
-                     path / "student" / PROGRAM_NAME):
-        if artifact.exists():
-            return "artifact", artifact
-    if any(path.glob("*optim_states.pt")):
-        raise CheckpointError(f"{path}: has optimizer shards but no {MODEL_STATES}; the checkpoint is incomplete")
-    link = path / "latest"
-    if link.is_symlink() and link.is_dir():  # train.output_dir: `latest` -> the newest run
-        return _from_runs_folder(path, _link_target(link), notes, take_latest_run)
-    runs = _runs_in(path)
-    if runs:
-        usable = [r for r in runs if _has_checkpoint(r)] or runs
-        raise CheckpointError(f"{path}: a folder of runs, not a run ({len(runs)} run folders: "
-                              f"{_names(runs)}); pass one of them, e.g. {usable[-1]}")
-    if not any(path.iterdir()):
-        raise CheckpointError(f"{path}: no checkpoint found here, the folder is empty ({EXPECTED})")
-    if (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: a run folder without a checkpoint or exported student yet (no checkpoints/"
-                              f"latest, no student/{ARTIFACT_NAME}): it is still starting, or stopped before its first "
-                              f"checkpoint (its train.log says why)")
-    raise CheckpointError(f"{path}: no checkpoint found here (looked for {MODEL_STATES}, latest, checkpoints/latest, "
-                          f"{ARTIFACT_NAME}, student/{ARTIFACT_NAME}; {EXPECTED})")
-
-
-def _from_runs_folder(path: Path, newest: Path, notes: list[str] | None, take: bool) -> tuple[str, Path]:
-    """The checkpoint of the run a runs folder's `latest` names, or why not (listing the runs that have one)."""
-    others = [r for r in _runs_in(path) if _has_checkpoint(r) and r.name != newest.name]
-    elsewhere = f"; runs here with a checkpoint: {_names(others)}" if others else ""
-    if not take:
-        raise CheckpointError(f"{path}: a folder of runs, not a run; its newest (the one {path / 'latest'} names) "
-                              f"is {newest}: pass that run folder, or another{elsewhere}")
-    try:
-        found = resolve(newest, take_latest_run=False)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: a folder of runs; its newest, {newest} (named by {path / 'latest'}), holds no "
-                              f"usable checkpoint ({_strip_path(str(error), newest)}); pass a run folder{elsewhere}") \
-            from None
-    _note(notes, f"{path} is a folder of runs: took its newest run, {newest} (named by {path / 'latest'})")
-    return found
-
-
-def _link_target(link: Path) -> Path:
-    target = Path(os.readlink(link))
-    return target if target.is_absolute() else link.parent / target
-
-
-def _runs_in(folder: Path) -> list[Path]:
-    """The run folders in `folder` (a config.json, checkpoints/ or student/ inside), oldest name first."""
-    try:
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
-    except OSError:
-        return []
-    return [p for p in children if (p / "config.json").is_file() or (p / "checkpoints").is_dir()
-            or (p / "student").is_dir()]
-
-
-def _has_checkpoint(run: Path) -> bool:
-    return (run / "checkpoints" / "latest").is_file() or (run / "student" / ARTIFACT_NAME).is_file()
-
-
-def _names(runs: list[Path], most: int = 8) -> str:
-    names = [r.name for r in runs]
-    return ", ".join(names[-most:]) + (f" and {len(names) - most} older" if len(names) > most else "")
-
-
-def _note(notes: list[str] | None, text: str) -> None:
-    log.info("MGN: %s", text)
-    if notes is not None:
-        notes.append(text)
-
-
-def _strip_path(message: str, path: Path) -> str:
-    """A CheckpointError's message without its leading `path: `, to be put after another name for the path."""
-    return message.removeprefix(f"{path}: ")
-
-
-def _tag_from_latest(latest: Path) -> Path:
-    """The tag `latest` names if it is intact, else (with a warning) the newest intact one; a `latest` that names
-    no tag at all is an error: the folder is not what its pointer says."""
-    tag = latest_tag_name(latest.parent)
-    if not tag or not (latest.parent / tag / MODEL_STATES).exists():
-        raise CheckpointError(f"{latest} points at tag {tag!r}, but {latest.parent / tag / MODEL_STATES} does not "
-                              f"exist (tags present: {sorted(p.name for p in latest.parent.glob('*/') if p.is_dir())})")
-    return newest_intact_tag(latest.parent)
 
 
 def load_checkpoint(path: str | Path, *, teacher: bool = False, trust: bool = False,
@@ -410,7 +277,7 @@ def _init_source(cfg: Config) -> Checkpoint:
     try:
         source = load_checkpoint(path, trust=cfg.train.trust_checkpoint, take_latest_run=False)
     except CheckpointError as error:
-        raise type(error)(f"{flag}={path!r}: {_strip_path(str(error), Path(path))}") from error
+        raise type(error)(f"{flag}={path!r}: {strip_path(str(error), Path(path))}") from error
     if source.cfg.model.image_model != cfg.model.image_model:
         raise CheckpointError(f"{flag}={path!r} holds a {source.cfg.model.image_model}, "
                               f"this run trains a {cfg.model.image_model} (model.image_model)")

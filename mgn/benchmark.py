@@ -1,14 +1,12 @@
 """Latency and throughput of the deployed student: reparameterized MobileOne + head.
 
-    prepare(...)         -> the models to time: student unfused / fused, and plain timm MobileOne (fused)
-                            of the same variant carrying the same weights
-    check_equivalence()  -> fused vs unfused and student vs plain outputs, before anything is timed
     require_deployable() -> refuse to time a model in train mode, or one not reparameterized
     run(...)             -> the whole of `python benchmark.py`: check, time, table + JSON
-    format_report()      -> the table printed from the JSON
 
-How each model is timed (clocks, interleaved rounds, throughput, FLOPs, matmul peak, the machine) is
-mgn/timing.py. On CPU, time is `time.perf_counter` around each call with a stated thread count; on GPU,
+The models to time (student unfused / fused, plain timm MobileOne of the same variant with the same weights)
+and the check that they agree are mgn/benchmark_models.py; the table printed from the JSON is
+mgn/benchmark_report.py. How each model is timed (clocks, interleaved rounds, throughput, FLOPs, matmul peak,
+the machine) is mgn/timing.py. On CPU, time is `time.perf_counter` around each call with a stated thread count; on GPU,
 CUDA events with synchronisation, cuDNN autotuning on and TF32 off ("fp32" is IEEE fp32; a separate
 `tf32` row shows what TF32 gives). Everything runs under `torch.inference_mode`, with fixed input shapes.
 
@@ -22,24 +20,20 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 
 from mgn import timing
-from mgn.config import ModelConfig
+from mgn.benchmark_models import Models, check_equivalence, prepare, realistic_images
+from mgn.benchmark_report import CLIP_TOWER, PLAIN_FUSED, STUDENT_FUSED, STUDENT_TF32, STUDENT_UNFUSED, format_report
 from mgn.distributed import pick_device
-from mgn.export import fuse_student, unfused_modules
-from mgn.model import ImageClassifier
+from mgn.export import unfused_modules
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STUDENT_UNFUSED, STUDENT_FUSED, PLAIN_FUSED = "student, unfused", "student, fused (deployed)", "plain timm, fused"
-STUDENT_TF32 = "student, fused, tf32"
-CLIP_TOWER = "CLIP zero-shot (image tower)"
 HOST_INPUTS = ("uint8", "float")  # end-to-end: the host batch's form (mgn.timing.host_batch)
 # Defaults that depend on the device (a Settings field left at None takes these): an H200 needs large batches
 # to be busy, and a matmul large enough to reach its peak.
@@ -73,123 +67,6 @@ class Settings:
 
 class BenchmarkError(RuntimeError):
     pass
-
-
-# --- the models -------------------------------------------------------------------------------------------
-
-@dataclass
-class Models:
-    variant: str
-    image_size: int
-    num_classes: int
-    weights: str  # where the weights came from, in words
-    fused: nn.Module  # the deployed student
-    plain: nn.Module  # timm.create_model(variant, num_classes=K), fused, same weights
-    unfused: nn.Module | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def prepare(*, ckpt: str | None = None, variant: str = "mobileone_s4", image_size: int | None = None,
-            num_classes: int = 2, bn_warmup_batches: int = 4, seed: int = 0, trust: bool = False) -> Models:
-    """Student from a checkpoint (any kind mgn.evaluate reads), or random init of `variant`."""
-    if ckpt:
-        from mgn.artifacts import load_checkpoint  # noqa: PLC0415
-
-        loaded = load_checkpoint(ckpt, trust=trust)
-        cfg = loaded.cfg.model
-        weights = f"{loaded.kind} checkpoint {loaded.path}"
-        if loaded.kind == "student":  # an exported program: rebuild an nn.Module with its weights to time it
-            fused = fuse_student(ImageClassifier(cfg))
-            fused.load_state_dict(loaded.student.state_dict(), strict=True)
-            unfused = None
-            x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
-            with torch.inference_mode():
-                diff = (fused(x) - loaded.student(x)).abs().max().item()
-            notes = [(f"artifact holds fused weights only: no unfused comparison; rebuilt module vs exported "
-                      f"program max |diff| {diff:.2e}")]
-        else:
-            fused, unfused, notes = loaded.student, loaded.unfused_student, []
-        if image_size and image_size != cfg.image_size:
-            notes.append(f"timed at {image_size} px; the checkpoint was trained at {cfg.image_size} px")
-        size = image_size or cfg.image_size
-        variant, num_classes = cfg.image_model, cfg.num_classes
-    else:
-        size = image_size or 224
-        cfg = ModelConfig(image_model=variant, image_size=size, num_classes=num_classes)
-        torch.manual_seed(seed)
-        unfused = ImageClassifier(cfg)
-        warm_batchnorm(unfused, size, bn_warmup_batches, seed)
-        fused = fuse_student(unfused)
-        passes = f"{bn_warmup_batches} train-mode pass{'es' if bn_warmup_batches != 1 else ''}"
-        weights = (f"random init (no checkpoint); BatchNorm statistics from {passes} on ImageNet-normalised "
-                   f"smooth-noise images")
-        notes = []
-    if unfused is not None:
-        unfused = unfused.eval()
-    plain = plain_mobileone(variant, num_classes, fused)
-    return Models(variant=variant, image_size=size, num_classes=num_classes, weights=weights, fused=fused.eval(),
-                  plain=plain, unfused=unfused, notes=notes)
-
-
-def realistic_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Photo-like inputs, ImageNet-normalised: a smooth 8x8 colour field upsampled, plus a little pixel noise."""
-    coarse = torch.rand(n, 3, 8, 8, generator=generator)
-    image = nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-    image = (image + 0.1 * torch.rand(image.shape, generator=generator)).clamp(0, 1)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (image - mean) / std
-
-
-def warm_batchnorm(model: nn.Module, image_size: int, batches: int, seed: int = 0) -> None:
-    """Random-init BatchNorm statistics make MobileOne logits reach 1e7-1e8; use those of real-looking inputs."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(realistic_images(8, image_size, generator))
-    for m in norms:
-        m.momentum = 0.1
-    model.eval()
-
-
-def plain_mobileone(variant: str, num_classes: int, fused_student: nn.Module) -> nn.Module:
-    """timm's own classifier of the same variant, fused, with the student's weights (encoder.* and head.*)."""
-    plain = fuse_student(timm.create_model(variant, pretrained=False, num_classes=num_classes))
-    weights = {}
-    for key, value in fused_student.state_dict().items():
-        weights[key.removeprefix("encoder.")] = value
-    plain.load_state_dict(weights, strict=True)
-    return plain.eval()
-
-
-# --- equivalence -------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def check_equivalence(models: Models, rtol: float, batch: int = 4, seed: int = 1) -> dict:
-    """fp32 outputs on CPU: fused vs unfused (relative to the logit scale) and student vs plain timm.
-
-    Inputs look like the BatchNorm warm-up images: on far-off inputs (e.g. N(0,1) pixels) a random-init
-    network's activations explode, and fp32 rounding differences grow with them.
-    """
-    x = realistic_images(batch, models.image_size, torch.Generator().manual_seed(seed))
-    fused = models.fused.float().cpu()(x)
-    out = {"input": f"{batch} smooth-noise images of {models.image_size} px (ImageNet-normalised), fp32, CPU"}
-    if models.unfused is not None:
-        reference = models.unfused.float().cpu()(x)
-        diff = (fused - reference).abs().max().item()
-        scale = reference.abs().max().item()
-        out["fused_vs_unfused"] = {"max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / max(scale, 1e-12),
-                                   "rtol": rtol, "same_argmax": bool((fused.argmax(1) == reference.argmax(1)).all()),
-                                   "ok": diff <= rtol * max(scale, 1e-12)}
-    plain = models.plain.float().cpu()(x)
-    diff = (fused - plain).abs().max().item()
-    out["student_vs_plain"] = {"max_abs_diff": diff, "ok": diff <= rtol * max(plain.abs().max().item(), 1e-12)}
-    return out
 
 
 # --- what may be timed ----------------------------------------------------------------------------------------
@@ -469,88 +346,3 @@ def latency_ratios(results: dict, latency: dict[str, list[float]]) -> dict:
 def _half_ratio(samples: list[float]) -> float:
     half = len(samples) // 2
     return float(np.median(samples[half:]) / np.median(samples[:half])) if half else float("nan")
-
-
-def format_report(r: dict) -> str:
-    s, env, m = r["settings"], r["environment"], r["model"]
-    load = max(env.get("load_average_1min_start") or 0, env.get("load_average_1min") or 0)
-    busy = (f"\nWARNING: 1-min load average reached {load} while this run used {s['torch_threads']} threads on "
-            f"{env.get('cpus_usable', env['cpu_count'])} CPUs: other processes shared the cores, so the CPU "
-            f"figures are not representative" if env["device_type"] == "cpu" and load > s["torch_threads"] + 0.5 else "")
-    spread = max(e["latency_ms_batch1"]["p99"] / e["latency_ms_batch1"]["p50"] for e in r["models"].values())
-    if spread > 3:
-        busy += (f"\nWARNING: unstable timings (p99 up to {spread:.1f}x p50): something else ran during the "
-                 f"measurement; rerun on a quiet machine")
-    where = (f"{env.get('gpu')} (driver {env.get('driver')}, CUDA {env.get('cuda')})" if env["device_type"] == "cuda"
-             else f"CPU {env['cpu']}, {s['torch_threads']} torch thread{'s' if s['torch_threads'] != 1 else ''}")
-    options = f"{', channels_last' if s['channels_last'] else ''}{', torch.compile' if s['compile'] else ''}"
-    if env["device_type"] == "cuda":
-        options += f", cudnn.benchmark {'on' if s.get('cudnn_benchmark') else 'off'}"
-    lines = [(f"MGN benchmark: {m['variant']} + head, {m['num_classes']} classes, {m['image_size']} px, "
-              f"{s['precision']}{options} on {where}"),
-             f"weights: {m['weights']}{busy}", f"math: {s['math']}", *[f"note: {n}" for n in m["notes"]]]
-    eq = r["equivalence"]
-    if "fused_vs_unfused" in eq:
-        e = eq["fused_vs_unfused"]
-        lines.append(f"check fused vs unfused: max |diff| {e['max_abs_diff']:.2e} on logits up to {e['max_abs_logit']:.3g}"
-                     f" (relative {e['relative']:.1e} <= {e['rtol']:g}) {'OK' if e['ok'] else 'FAIL'}")
-    if "reduced_precision_vs_fp32" in eq:
-        e = eq["reduced_precision_vs_fp32"]
-        lines.append(f"{e['precision']} vs fp32 (fused student): max |diff| {e['max_abs_diff']:.2e} on logits up to "
-                     f"{e['max_abs_logit']:.3g}, same class: {e['same_argmax']}")
-    e = eq["student_vs_plain"]
-    lines.append(f"check student vs plain timm {m['variant']}: max |diff| {e['max_abs_diff']:.2e} "
-                 f"{'OK' if e['ok'] else 'FAIL'}")
-    batches = s["batch_sizes"]
-    header = (f"{'model':<28}{'p50 ms':>9}{'p90':>8}{'p99':>8}{'trim.mean':>10}"
-              + "".join(f"{f'img/s@{b}':>11}" for b in batches) + f"{'GFLOP/img':>10}{'GFLOP/s':>9}{'% peak':>8}")
-    lines += ["batch-1 latency over {} calls per model (interleaved in {} rounds), throughput at larger batches:".format(
-        s["iters"], s["rounds"]), header, "-" * len(header)]
-    for name, e in r["models"].items():
-        lat = e["latency_ms_batch1"]
-        row = f"{name:<28}{lat['p50']:>9.2f}{lat['p90']:>8.2f}{lat['p99']:>8.2f}{lat['trimmed_mean']:>10.2f}"
-        row += "".join(f"{p['images_per_s']:>11.1f}" if "images_per_s" in p else f"{'OOM':>11}"
-                       for p in e["throughput"])
-        row += (f"{e['flops_per_image'] / 1e9:>10.3f}{e['achieved_gflops_batch1']:>9.1f}"
-                f"{100 * e['fraction_of_matmul_peak_batch1']:>7.1f}%")
-        lines.append(row)
-    ratios = r["ratios"]
-    if "unfused_over_fused_p50" in ratios:
-        lines.append(f"fused speed-up over unfused (p50): {ratios['unfused_over_fused_p50']:.2f}x")
-    if "student_over_clip_p50" in ratios:
-        lines.append(f"student / CLIP image tower latency (p50): {ratios['student_over_clip_p50']:.3f}; CLIP runs at "
-                     f"{r['models'][CLIP_TOWER]['image_size']} px, the student at {m['image_size']} px")
-    lines.append(f"student / plain timm latency: {ratios['student_over_plain_p50']:.2f} (p50), "
-                 f"{ratios['student_over_plain_trimmed_mean']:.2f} (trimmed mean); noise: the student's own p50 moves "
-                 f"by {ratios['student_p50_half_to_half']:.2f}x between halves of its samples")
-    peak = r["matmul_peak"]
-    tf32 = f" ({peak['tf32']['gflops']:.1f} with TF32, for the tf32 row)" if "tf32" in peak else ""
-    lines.append(f"matmul peak ({peak['dtype']} {peak['size']}x{peak['size']}, same device and threads): "
-                 f"{peak['gflops']:.1f} GFLOP/s{tf32}; GFLOP/s and % peak above are at batch 1 (p50)")
-    lines += end_to_end_lines(r.get("end_to_end"))
-    big = r.get("largest_batch")
-    if big:
-        paper = big["paper"]
-        extra = "".join(f", {label} {big[key]:.4f}" for key, label in (
-            ("tf32_ms_per_img", "tf32"), ("end_to_end_uint8_ms_per_img", "end to end from uint8"),
-            ("end_to_end_float_ms_per_img", "end to end from float")) if key in big)
-        lines.append(f"throughput at batch {big['batch']} ({big['precision']}): {big['ms_per_img']:.4f} ms/img "
-                     f"({big['images_per_s']:.0f} img/s){extra}; paper: {paper['ms_per_img']} ms/img for "
-                     f"MobileOne-S4 at {paper['image_size']} px on a V100 (a throughput figure) -> "
-                     f"{big['over_paper']:.2f}x the paper's"
-                     + ("" if big["comparable_to_paper"] else f" [not comparable: {big['note']}]"))
-    return "\n".join(lines)
-
-
-def end_to_end_lines(e2e: dict | None) -> list[str]:
-    if not e2e:
-        return []
-    lines = [f"end to end, {e2e['model']} ({e2e['includes']}):"]
-    for kind, entry in e2e["inputs"].items():
-        lat = entry["latency_ms_batch1"]
-        points = "".join(f", {p['ms_per_img']:.4f} ms/img at {p['batch']} ({p['over_model_only']:.2f}x model only)"
-                         if "over_model_only" in p else f", batch {p['batch']}: {p.get('error', 'n/a')}"
-                         for p in entry["throughput"])
-        lines.append(f"  from {kind:<5}: batch 1 p50 {lat['p50']:.2f} ms ({entry['latency_over_model_only_p50']:.2f}x "
-                     f"model only){points}")
-    return lines

@@ -1,7 +1,7 @@
 """A user's rows, read and checked: a CSV/JSONL manifest or an image folder -> rows -> samples to encode or rejects.
 
-The first half of writing shards (`python -m mgn.shards`, mgn/shards.py, encodes and writes what this
-returns): reading the manifest or folder into `Row`s, then the cheap checks that need all rows in order
+The first half of writing shards (`python -m mgn.shards`: mgn/encode.py encodes and mgn/shards.py writes what
+this returns): reading the manifest or folder into `Row`s, then the cheap checks that need all rows in order
 (duplicate ids, labels, captions, splits, paths inside the data root) and the train/test split of rows
 that name none. Nothing here opens an image; every row comes out either checked, with its sample key,
 split and class index, or as a `Reject` with its line and reason.

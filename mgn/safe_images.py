@@ -1,6 +1,6 @@
 """Opening untrusted images safely: a pixel cap read from the header before decoding, and RGB done right.
 
-Shared by the shard writer (mgn/manifest.py, mgn/shards.py) and the reader (mgn/decode.py), so a file the
+Shared by the shard writer (mgn/manifest.py, mgn/encode.py) and the reader (mgn/decode.py), so a file the
 writer would refuse is refused the same way when it comes from someone else's shards.
 """
 from __future__ import annotations

@@ -348,7 +348,8 @@ def test_a_bad_init_from_is_one_line_before_the_run_starts(ckpts, where, fragmen
 
 
 def test_a_runs_folder_stands_for_its_latest_run_and_says_so(ckpts):
-    from mgn.artifacts import load_checkpoint, resolve
+    from mgn.artifacts import load_checkpoint
+    from mgn.checkpoint_paths import resolve
 
     notes = []
     assert resolve(ckpts / "runs", notes) == ("artifact", ckpts / "runs" / "good" / "student" / "student.safetensors")

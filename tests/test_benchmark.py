@@ -12,20 +12,17 @@ import torch
 
 from mgn import timing
 from mgn.benchmark import (
-    PLAIN_FUSED,
-    STUDENT_FUSED,
-    STUDENT_UNFUSED,
     BenchmarkError,
     Settings,
-    check_equivalence,
     device_defaults,
     has_tf32_row,
     math_used,
-    prepare,
     require_deployable,
     run,
     tiny_settings,
 )
+from mgn.benchmark_models import check_equivalence, prepare
+from mgn.benchmark_report import PLAIN_FUSED, STUDENT_FUSED, STUDENT_UNFUSED
 from mgn.config import Config, ModelConfig
 from mgn.export import export_student
 from mgn.timing import summary_stats

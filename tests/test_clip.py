@@ -97,7 +97,7 @@ def test_a_missing_model_says_how_to_provide_one(tmp_path, capsys):
 
 
 def test_the_comparison_table_carries_the_clip_row_with_evaluates_metrics(tiny_clip, shards, tmp_path):
-    from mgn import verdict
+    from mgn import verdict, verdict_report
     from mgn.clip import clip_batches
     from mgn.compare.arms import Arm
     from mgn.compare.plan import Setting
@@ -116,6 +116,6 @@ def test_the_comparison_table_carries_the_clip_row_with_evaluates_metrics(tiny_c
              "student": {m: 0.5 for m in verdict.METRICS}} for s in range(2)]
     references = {"yours/scratch": {"clip": {"model": tiny_clip, **scored, "student_latency_over_clip": 0.25}}}
     summary = verdict.summarize(rows, {"baseline": Arm("baseline", "", ())}, ["yours/scratch"], references, {})
-    table = verdict.markdown(summary, "header")
+    table = verdict_report.markdown(summary, "header")
     assert f"Reference: CLIP zero-shot ({tiny_clip}, no training), accuracy {scored['accuracy']:.3f}" in table
     assert "0.250x CLIP's image-tower latency" in table

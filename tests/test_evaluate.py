@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from mgn.artifacts import load_checkpoint, resolve
+from mgn.artifacts import load_checkpoint
 from mgn.checkpoint import CheckpointError
+from mgn.checkpoint_paths import resolve
 from mgn.config import Config
 from mgn.evaluate import Predictions, format_table, merge, predict, run, summarize
 from mgn.metrics import classification_metrics

@@ -4,7 +4,8 @@ import math
 import pytest
 
 from mgn.compare.arms import Arm
-from mgn.verdict import markdown, paired, reading, summarize, t_interval
+from mgn.verdict import paired, reading, summarize, t_interval
+from mgn.verdict_report import markdown
 
 ARMS = {name: Arm(name, f"about {name}", ()) for name in ("baseline", "guided", "tram")}
 

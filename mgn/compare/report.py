@@ -1,5 +1,6 @@
-"""The verdict of a comparison: table.md, summary.json and paired.png (mgn/verdict.py), with what they need
-beside the results: the caption-only and CLIP references, the deployed students' costs, the machine.
+"""The verdict of a comparison: table.md, summary.json and paired.png (the numbers mgn/verdict.py, their layout
+mgn/verdict_report.py), with what they need beside the results: the caption-only and CLIP references, the
+deployed students' costs, the machine.
 
 The deployment costs (FLOPs, batch-1 latency relative to the baseline) are measured on the run folders,
 which are large and not committed; on a fresh checkout the table is re-rendered from results.jsonl and the
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgn import verdict
+from mgn import verdict, verdict_report
 from mgn.artifacts import load_checkpoint
 from mgn.caption_only import caption_only_metrics
 from mgn.clip import clip_batches, load_clip, read_prompts
@@ -49,7 +50,7 @@ def write_verdict(options: Options, arms: dict[str, Arm], settings: dict[str, Se
                        "standin_quality": {init: read_json(standin_weights(options, init).parent / "quality.json")
                                            or (previous.get("plan", {}).get("standin_quality") or {}).get(init)
                                            for init in sorted({settings[n].init for n in standin_settings})}}
-    return verdict.write(summary, options.out, _header(options, summary, rows, standin_settings))
+    return verdict_report.write(summary, options.out, _header(options, summary, rows, standin_settings))
 
 
 def _costs(options: Options, settings: dict[str, Setting], rows: list[dict], previous: dict) -> dict:
