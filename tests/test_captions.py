@@ -88,7 +88,8 @@ def test_a_run_logs_warns_and_records_its_counts_for_the_summary(shards, tmp_pat
 
 def test_the_comparison_refuses_guided_arms_on_cut_captions_unless_allowed(shards, tmp_path, capsys):
     argv = ["--train-shards", str(shards / "train-*.tar"), "--test-shards", str(shards / "test-*.tar"),
-            "--pretrained", "none", "--seeds", "1", "--preset", "tiny", "--out", str(tmp_path / "out"),
+            "--pretrained", "none", "--seeds", "1", "--preset", "tiny", "--train.eval_every", "-1",
+            "--out", str(tmp_path / "out"),
             "--work", str(tmp_path / "work"), "--dry-run"]
     assert compare.main([*argv, "--arms", "baseline,guided"]) == 2
     error = capsys.readouterr().err
@@ -97,6 +98,7 @@ def test_the_comparison_refuses_guided_arms_on_cut_captions_unless_allowed(shard
     assert compare.main([*argv, "--arms", "baseline,guided", "--allow-truncated-captions"]) == 0
     assert "MGN compare: WARNING (--allow-truncated-captions): yours/scratch" in capsys.readouterr().out
     assert compare.main([*argv, "--arms", "baseline,guided", "--model.seq_len", "25"]) == 0  # whole: accepted
-    assert "yours/scratch: train 0 of 8 cut at seq_len 25" in capsys.readouterr().out
+    # 6 of the 8: the comparison carves its validation split (one 2-sample shard) from a user's training shards
+    assert "yours/scratch: train 0 of 6 cut at seq_len 25" in capsys.readouterr().out
     assert compare.main([*argv, "--arms", "baseline"]) == 0  # image-only arms read no captions
     assert not (tmp_path / "work").exists()  # a dry run trains and writes nothing
