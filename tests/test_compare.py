@@ -195,7 +195,9 @@ def test_slurm_runs_a_two_by_one_table_and_a_restarted_runner_reattaches(slurm_c
     import sys
     import time
 
-    extra = ["--slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+    # The test cluster allocates GPUs on nodes without CUDA: the runs train on the CPU on purpose.
+    extra = ["--slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+             "--train.device", "cpu"]
     args = argv(shards, tmp_path, *extra)
     args[args.index("--seeds") + 1] = args[args.index("--pilot-seeds") + 1] = "1"
     # The runner submits the pilot's job and is killed while it runs: it goes on in Slurm.

@@ -154,7 +154,10 @@ def test_nan_on_one_rank_is_skipped_by_all_and_repeated_nan_stops_the_run(shards
     log = again.stdout + again.stderr
     assert "3 updates in a row (steps 5-7) had a non-finite loss, gradient or BatchNorm statistic" in log
     assert "--train.run_name again --train.resume auto" in log
-    assert f"Last good checkpoint: {tmp_path / 'again' / 'checkpoints' / 'step_00000006'}" in log  # finite, unchanged since 4
+    # No checkpoint is written during a run of skipped updates (a rollback must land before the trouble): the one
+    # of update 6, in the middle of the run of NaNs, was not; the last good one is that of update 4.
+    assert f"Last good checkpoint: {tmp_path / 'again' / 'checkpoints' / 'step_00000004'}" in log
+    assert not (tmp_path / "again" / "checkpoints" / "step_00000006").exists()
     for tag in (tmp_path / "again" / "checkpoints").glob("step_*"):
         states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
         assert all(torch.isfinite(v).all() for v in states.values() if v.is_floating_point()), tag

@@ -140,12 +140,15 @@ def test_a_zero_folder_with_a_crafted_optimizer_file_is_never_unpickled_without_
     marker = tmp_path / "marker"
     optimizer = next((run / "checkpoints").glob("step_*/*optim_states.pt"))
     torch.save(_Payload(marker), optimizer)  # torch's own zip format, as DeepSpeed writes it
+    # The crafted tag itself is named: through the run folder a reader would pass over it (its manifest no longer
+    # matches) for an intact one, and the hostile file would never be in reach.
+    tag = optimizer.parent
     shards = str(zero2_run / "shards" / "test-*.tar")
-    assert evaluate.main(["--ckpt", str(run), "--shards", shards, "--out", str(tmp_path / "eval")]) == 0
+    assert evaluate.main(["--ckpt", str(tag), "--shards", shards, "--out", str(tmp_path / "eval")]) == 0
     assert "read from the module states" in capsys.readouterr().out and not marker.exists()
-    assert benchmark.main(["--ckpt", str(run), "--tiny", "--out", str(tmp_path / "b.json")]) == 0
+    assert benchmark.main(["--ckpt", str(tag), "--tiny", "--out", str(tmp_path / "b.json")]) == 0
     assert not marker.exists()
-    evaluate.main(["--ckpt", str(run), "--shards", shards, "--out", str(tmp_path / "eval2"), "--trust-checkpoint"])
+    evaluate.main(["--ckpt", str(tag), "--shards", shards, "--out", str(tmp_path / "eval2"), "--trust-checkpoint"])
     assert marker.exists()  # consolidation unpickles the optimizer shards: the file really is hostile
 
 

@@ -47,8 +47,9 @@ def work(tmp_path_factory) -> Path:
 
 
 def train_args(work: Path, *extra: str) -> list[str]:
-    """train.py flags shared by every run, so step counts compare."""
-    return ["--preset", "tiny", "--data.train_shards", str(work / "shards" / "train-*.tar"),
+    """train.py flags shared by every run, so step counts compare. The test cluster allocates GPUs (gres) on nodes
+    without CUDA: the run must say it trains on the CPU on purpose (a GPU job without CUDA is refused otherwise)."""
+    return ["--preset", "tiny", "--train.device", "cpu", "--data.train_shards", str(work / "shards" / "train-*.tar"),
             "--data.test_shards", str(work / "shards" / "test-*.tar"), "--data.synthetic_samples", "0",
             "--train.log_every", "1", "--train.output_dir", str(work / "runs"), *extra]
 
