@@ -231,8 +231,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "seq_len": 36, "fusion_dim": 128, "attention_heads": 4, "text_cache": 4096},
         "data": {"train_shards": "shards/demo/train-*.tar", "test_shards": "shards/demo/test-*.tar",
                  "num_workers": 2, "shuffle_buffer": 500, "synthetic_samples": 2400},
-        "train": {"epochs": 5, "micro_batch": 32, "lr_image": 3e-3, "lr_head": 6e-3,
-                  "warmup_steps": 10, "log_every": 5, "ckpt_every": 50, "attention_images": 5},
+        "train": {"epochs": 8, "micro_batch": 32, "lr_image": 3e-3, "lr_head": 6e-3,
+                  "warmup_steps": 10, "log_every": 5, "ckpt_every": 50, "attention_images": 8},
     },
     # The comparison runner's base (compare.py): small enough for 45 runs in 90 minutes on 2 CPU cores.
     # Every arm trains with these settings; only its objective differs (mgn/compare/arms.toml).
