@@ -224,7 +224,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's setup for a GPU cluster: DistilBERT + MobileOne-S4 at 224 px.
     "paper": {"data": {"train_shards": "shards/train-{000000..000099}.tar",
                        "test_shards": "shards/test-{000000..000015}.tar", "num_workers": 8}},
-    # The embedded default: about two minutes on 2 CPU cores, no downloads, a student that learns (README).
+    # The embedded default: about three minutes on 2 CPU cores, no downloads, a student that learns (README).
     # seq_len 36: the synthetic captions (25-33 tokens) reach the text encoder whole.
     "demo": {
         "model": {"image_model": "mobileone_s0", "image_size": 64, "text_model": PACKAGED_MINILM,
