@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mgn.shard_io import is_url  # standard library only: --help stays light
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -103,9 +105,10 @@ def check_shards(flag: str, spec: str) -> list[str]:
 
 
 def synthetic_writes(cfg) -> Path | None:
-    """The folder train.py's synthetic writer will fill before reading (data.synthetic_samples > 0 and no
-    sizes.json beside the training shards yet), else None. Mirrors mgn.train.ensure_demo_shards."""
-    if cfg.data.synthetic_samples <= 0:
+    """The folder train.py's synthetic writer will fill before reading (data.synthetic_samples > 0, local training
+    shards, no sizes.json beside them yet), else None: the one decision, for this check and for
+    mgn.run_folder.ensure_demo_shards, which writes them."""
+    if cfg.data.synthetic_samples <= 0 or is_url(cfg.data.train_shards):
         return None
     folder = Path(cfg.data.train_shards).parent
     return None if (folder / "sizes.json").exists() else folder

@@ -6,8 +6,8 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+from mgn.cli import synthetic_writes
 from mgn.config import Config
-from mgn.shard_io import is_url
 from mgn.shards import write_synthetic
 
 log = logging.getLogger("mgn")
@@ -29,10 +29,8 @@ def new_run_name(cfg: Config) -> str:
 
 def ensure_demo_shards(cfg: Config) -> None:
     """Create the synthetic shards the demo preset points at, if they are not there yet."""
-    if cfg.data.synthetic_samples <= 0 or is_url(cfg.data.train_shards):
-        return  # nothing to write where shards are read from a URL
-    out_dir = Path(cfg.data.train_shards).parent
-    if (out_dir / "sizes.json").exists():
+    out_dir = synthetic_writes(cfg)
+    if out_dir is None:
         return
     log.info("MGN: writing %d synthetic samples to %s", cfg.data.synthetic_samples, out_dir)
     # The data seed is fixed: runs with different `train.seed` must see the same dataset.
