@@ -37,8 +37,10 @@ class Recovery:
         self.keys_file: Path | None = None
 
     def read(self, keys: list[str]) -> None:
-        """A micro-batch was trained on: remember its samples until the next checkpoint."""
-        self.keys_since_save.extend(keys)
+        """A micro-batch was trained on: remember its samples until the next checkpoint (only a run that may roll
+        back needs them)."""
+        if self.cfg.train.on_divergence == "rollback":
+            self.keys_since_save.extend(keys)
 
     def saved(self) -> None:
         self.keys_since_save.clear()
