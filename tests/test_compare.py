@@ -119,6 +119,38 @@ def test_the_executors_one_loop_saves_each_row_at_once_and_reports_a_failure_wit
                                  "train 3 s | elapsed")
 
 
+class _RecordedJob:
+    """A job of an earlier runner as submitit sees it: what sacct says, in turn, and what its tasks left."""
+
+    def __init__(self, *states: str, results_on_disk: bool = False, failed: bool = False):
+        self.job_id, self._states, self._done, self._failed = "7", list(states), results_on_disk, failed
+        self.watcher = self
+
+    def get_state(self, job_id: str, mode: str) -> str:
+        assert job_id == "7" and mode == "force"  # the cached answer may predate the job
+        return self._states.pop(0) if len(self._states) > 1 else self._states[0]
+
+    def done(self) -> bool:
+        return self._done
+
+    def exception(self):
+        return RuntimeError("task 0 failed") if self._failed else None
+
+
+def test_a_restarted_runner_waits_out_sacct_lag_and_resubmits_only_failed_jobs():
+    from mgn.compare.executors import worth_reattaching
+
+    # sacct has not recorded the submission yet, then has: the job is re-attached, not submitted twice
+    assert worth_reattaching(_RecordedJob("UNKNOWN", "PENDING"), patience_s=10)
+    assert worth_reattaching(_RecordedJob("RUNNING"))
+    assert not worth_reattaching(_RecordedJob("CANCELLED by 0"))
+    assert not worth_reattaching(_RecordedJob("TIMEOUT"))
+    # purged from sacct long after it ended: its results on disk decide
+    assert worth_reattaching(_RecordedJob("UNKNOWN", results_on_disk=True), patience_s=0)
+    assert not worth_reattaching(_RecordedJob("UNKNOWN", results_on_disk=True, failed=True), patience_s=0)
+    assert not worth_reattaching(_RecordedJob("UNKNOWN"), patience_s=0)
+
+
 def test_each_slurm_task_of_a_cell_gets_its_cpus_from_srun_too(tmp_path, sbatch_script):
     """srun does not inherit --cpus-per-task from the job (Slurm >= 22.05): the job's srun passes it."""
     from mgn.compare.executors import slurm_executor, slurm_parameters

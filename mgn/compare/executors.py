@@ -18,8 +18,7 @@ from mgn.compare.cell import REPO, CellJob, cell_spec, spawn_cell
 from mgn.compare.ledger import append_result, read_results
 from mgn.compare.plan import Cell, Options, samples_seen
 
-SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-                       "UNKNOWN")
+SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
 def run_locally(pending: list[Cell], options: Options, results_file: Path) -> None:
@@ -66,7 +65,7 @@ def _submit_or_reattach(pending: list[Cell], options: Options) -> dict[submitit.
         if record:
             job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"],
                                     tasks=tuple(range(record["tasks"])))
-            if job.state not in SLURM_FAILED_STATES:  # queued, running, or done with its result on disk
+            if worth_reattaching(job):
                 jobs[job] = cell
                 attached += 1
                 continue
@@ -79,6 +78,23 @@ def _submit_or_reattach(pending: list[Cell], options: Options) -> dict[submitit.
     print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
           f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
     return jobs
+
+
+def worth_reattaching(job: submitit.Job, patience_s: float = 30.0) -> bool:
+    """Whether a job submitted by an earlier runner is queued, running, or done with its results on disk.
+
+    sacct answers nothing for a job it has not recorded yet (slurmdbd lags a submission by seconds) or has
+    purged long after it ended; submitit reads that as UNKNOWN, which is not a failure. It is asked again
+    for up to `patience_s`; a job still unknown then counts only if every task left a successful result.
+    """
+    deadline = time.monotonic() + patience_s
+    state = job.watcher.get_state(job.job_id, mode="force")
+    while state == "UNKNOWN" and time.monotonic() < deadline:
+        time.sleep(2)
+        state = job.watcher.get_state(job.job_id, mode="force")
+    if state == "UNKNOWN":
+        return job.done() and job.exception() is None
+    return state.split()[0] not in SLURM_FAILED_STATES  # sacct writes "CANCELLED by <uid>"
 
 
 def _slurm_outcomes(jobs: dict[submitit.Job, Cell]) -> Iterator[tuple[Cell, dict | None, str]]:
