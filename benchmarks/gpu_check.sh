@@ -14,8 +14,8 @@
 #   bench_s0_bf16, bench_s0_fp32, bench_s4_bf16, bench_s4_fp32
 #                    python benchmark.py --model mobileone_sN: batch-1 latency, ms/img at batch 256 beside the
 #                    paper's 0.13 ms/img (MobileOne-S4, V100), end to end from pinned host memory, tf32 row (fp32)
-#   train_step       python benchmarks/train_step.py --preset paper: baseline, bare PyTorch, guided and guided with
-#                    cached text at the paper's shapes (MobileOne-S4 at 224 px, 121 tokens, fusion 1,024) with a
+#   train_step       python benchmarks/train_step.py --preset paper: baseline, bare PyTorch, guided, guided with
+#                    cached text and with precomputed text blocks, and the guided step's parts, at the paper's shapes (MobileOne-S4 at 224 px, 121 tokens, fusion 1,024) with a
 #                    random-init DistilBERT-sized text encoder (no download), and the loader's data wait at that rate
 #
 # Each step runs under `timeout` and leaves steps/<name>.json (command, exit code, seconds, status, key figures),
@@ -151,8 +151,8 @@ for variant in s0 s4; do
 done
 
 run_step train_step "$T_STEP" "$OUT/train_step/train_step.json" -- \
-    "$PY" benchmarks/train_step.py "${STEP_ARGS[@]}" --modes baseline,bare,guided,guided_cached \
-    --out "$OUT/train_step/train_step.json"
+    "$PY" benchmarks/train_step.py "${STEP_ARGS[@]}" --modes baseline,bare,guided,guided_cached,guided_blocks \
+    --components --out "$OUT/train_step/train_step.json"
 
 CHECK_END="$(date +%s.%N)"
 "$PY" benchmarks/gpu_check_report.py summary --out "$OUT" --mode "$MODE" --budget "$BUDGET_S" \

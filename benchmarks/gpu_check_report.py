@@ -194,6 +194,8 @@ def train_step_figures(data: dict, ctx: dict) -> Verdict:
                "shapes": data.get("shapes"), "text_model": text, "step_ms": step_ms,
                "guided_over_baseline": data["guided_over_baseline"],
                "guided_cached_over_baseline": data.get("guided_cached_over_baseline"),
+               "guided_blocks_over_baseline": data.get("guided_blocks_over_baseline"),
+               "components_share_of_guided": data.get("components_share_of_guided"),
                "baseline_over_bare": data.get("baseline_over_bare"), "loader_workers": data["loader_workers"],
                "data_wait_fraction": data["data_wait_fraction"],
                "guided_samples_per_s_with_loader": data["guided_samples_per_s_with_loader"]}
@@ -206,7 +208,8 @@ def train_step_figures(data: dict, ctx: dict) -> Verdict:
         if wrong:
             failed.append(f"not the paper's shapes: {wrong} (got, expected)")
     digest = (f"guided/baseline {data['guided_over_baseline']:.2f} (cached "
-              f"{data.get('guided_cached_over_baseline') or 0:.2f}), baseline/bare "
+              f"{data.get('guided_cached_over_baseline') or 0:.2f}, text blocks "
+              f"{data.get('guided_blocks_over_baseline') or 0:.2f}), baseline/bare "
               f"{data.get('baseline_over_bare') or 0:.2f}, data wait {100 * data['data_wait_fraction']:.1f}% "
               f"({data['loader_workers']} workers)")
     return figures, failed, digest

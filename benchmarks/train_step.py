@@ -3,18 +3,23 @@ and the baseline vs. a bare PyTorch step.
 
 The engines are built in one process and timed in alternating rounds on the same in-memory batches,
 so machine noise hits them alike. "guided" encodes every caption (a first epoch); "guided_cached"
-has `model.text_cache` on and has seen the captions (later epochs). "bare" is the baseline's step
+has `model.text_cache` on and has seen the captions (later epochs; one rank: on N ranks a caption returns to
+its rank's cache with probability 1/N); "guided_blocks" reads the captions' precomputed blocks
+(`data.text_blocks`, mgn/text_blocks.py: the frozen text encoder out of the step at any scale). "bare" is the baseline's step
 without the project: a plain loop over the same student (mgn.model.ImageClassifier), micro-batch,
 AdamW parameter groups, label smoothing, gradient clip and autocast, with no DeepSpeed, no non-finite
-guard and no schedule; `baseline_over_bare` is what the project's machinery costs. A second pass feeds
-the guided engine from the real loader to measure the data-wait fraction of step time.
+guard and no schedule; `baseline_over_bare` is what the project's machinery costs. `components_s` splits
+the guided step into its parts, timed alone in the same rounds: image_encoder (forward + backward),
+text_encoder (the frozen forward), fusion and attention (forward + backward, with the student's head on the
+attended features), optimizer (AdamW over every trained parameter). A second pass feeds the guided engine
+from the real loader to measure the data-wait fraction of step time.
 
     python benchmarks/train_step.py                        # demo preset, CPU
     python benchmarks/train_step.py --preset paper --workers 8   # on a GPU node (needs paper shards)
     python benchmarks/train_step.py --preset tiny --steps 1 --rounds 2 --warmup 1 --out /tmp/step.json  # smoke
     # the paper's shapes without its data or a download: synthetic 224 px shards, a random-init DistilBERT
     python benchmarks/train_step.py --preset paper --device cuda --shards /tmp/paper-shards --synthetic-samples 1024 \
-        --random-text-encoder distilbert --modes baseline,bare,guided,guided_cached --workers 8
+        --random-text-encoder distilbert --modes baseline,bare,guided,guided_cached,guided_blocks --workers 8
 Goals: guided/baseline step-time ratio <= 1.5; baseline/bare <= 1.05; data wait < 5% with enough workers.
 
 --random-text-encoder distilbert builds DistilBERT-base's architecture (6 layers, 768 hidden, 12 heads, 3,072
@@ -39,11 +44,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgn import distributed  # noqa: E402
+from mgn import distributed, text_blocks  # noqa: E402
 from mgn.config import OBJECTIVES, PACKAGED_MINILM, PRESETS, Config, preset_config, resolve_text_model  # noqa: E402
 from mgn.data import build_loader  # noqa: E402
 from mgn.engine import autocast, build_engine, param_groups, precision  # noqa: E402
-from mgn.model import ImageClassifier, TextBlockEncoder  # noqa: E402
+from mgn.model import ImageClassifier, TextBlockEncoder, grid_size  # noqa: E402
 from mgn.objectives import build_objective  # noqa: E402
 from mgn.run_folder import ensure_demo_shards  # noqa: E402
 from mgn.train import model_inputs  # noqa: E402
@@ -100,7 +105,7 @@ TEXT_STANDINS = {
 
 
 def mode_names() -> list[str]:
-    return ["baseline", "bare", "guided", "guided_cached",
+    return ["baseline", "bare", "guided", "guided_cached", "guided_blocks",
             *[name for name in OBJECTIVES if name not in ("baseline", "guided")], "caption_dropout"]
 
 
@@ -128,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random-text-encoder", default=None, choices=sorted(TEXT_STANDINS),
                         help="use a random-init text encoder of this architecture with the packaged uncased "
                              "vocabulary, built beside --out (see above); for timing only")
+    parser.add_argument("--components", action="store_true",
+                        help="also time the guided step's parts (components_s: image_encoder, text_encoder, fusion, "
+                             "attention, optimizer)")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -186,6 +194,7 @@ def objective_configs(preset: str, workers: int, shared: dict[str, dict] | None 
     variants = {"baseline": ({"name": "baseline"}, {}),
                 "guided": ({"name": "guided"}, {"freeze_text": True, "text_cache": 0}),  # encodes every caption
                 "guided_cached": ({"name": "guided"}, cached),
+                "guided_blocks": ({"name": "guided"}, {"freeze_text": True, "text_cache": 0}),  # + with_blocks
                 # every other objective, with the text cache of later epochs: the cost line of each variant (not the
                 # positive controls: they need synthetic ground truth in the batches, and cost what the baseline does)
                 **{name: ({"name": name}, cached) for name, info in OBJECTIVES.items()
@@ -196,21 +205,78 @@ def objective_configs(preset: str, workers: int, shared: dict[str, dict] | None 
             for name, (objective, model) in variants.items() if modes is None or name in modes}
 
 
-def time_rounds(steps: dict[str, Step], batches: list[dict], device: torch.device, warmup: int,
-                rounds: int) -> dict[str, list[float]]:
-    """Seconds per step of each mode, one mean per round; the modes take turns in every round."""
-    for step in steps.values():  # warmup: allocator, kernels, lazy init
-        for batch in itertools.islice(itertools.cycle(batches), warmup):
+def with_blocks(batches: list[dict], encoder: TextBlockEncoder, cfg: Config, device: torch.device) -> list[dict]:
+    """The batches as the loader gives them with `data.text_blocks`: each caption's block, pooled to the image
+    grid and stored in bf16 (what mgn/text_blocks.py writes), in place of its tokens."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            block = encoder.encode(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            block = F.adaptive_avg_pool2d(block.float(), grid_size(cfg.model)).to(text_blocks.DTYPE).cpu()
+            out.append({k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")} |
+                       {"text_block": block})
+    return out
+
+
+def component_steps(objective: nn.Module, cfg: Config, batches: list[dict], device: torch.device) -> dict[str, Step]:
+    """The guided step's parts, each a step of its own on the same batches (see the module's docstring); the
+    inputs of each part are computed once, beforehand, so a part's time is its own. For `components_s`."""
+    guide, student = objective.guide, objective.student
+    inputs = []
+    with torch.no_grad(), autocast(cfg, device):
+        for batch in batches:
+            image = batch["image"].to(device, torch.float32)
+            embedding = student.encoder(image)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            text = F.adaptive_avg_pool2d(guide.text(ids, mask), embedding.shape[-2:]).to(embedding.dtype)
+            fusion = guide.fusion(torch.cat([embedding, text], dim=1))
+            inputs.append({"image": image, "ids": ids, "mask": mask, "joint": torch.cat([embedding, text], dim=1),
+                           "fusion": fusion, "embedding": embedding})
+    by_batch = {id(batch): made for batch, made in zip(batches, inputs)}
+    trained = [p for p in objective.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, fused=device.type == "cuda")
+
+    def part(run: Callable[[dict], torch.Tensor | None]) -> Step:
+        def step(batch: dict) -> None:
+            with autocast(cfg, device):
+                out = run(by_batch[id(batch)])
+            if out is not None:
+                out.float().sum().backward()
+        return step
+
+    def attention(x: dict) -> torch.Tensor:
+        values = x["fusion"] if cfg.model.attend_to == "fusion" else x["embedding"]
+        attended, _ = guide.attention(x["fusion"].detach().requires_grad_(), values.detach().requires_grad_())
+        return (guide.teacher_head if guide.teacher_head is not None else student.head)(attended)
+
+    def text(x: dict) -> None:
+        with torch.no_grad():
+            guide.text(x["ids"], x["mask"])
+
+    return {"image_encoder": part(lambda x: student.encoder(x["image"])), "text_encoder": part(text),
+            "fusion": part(lambda x: guide.fusion(x["joint"].detach().requires_grad_())),
+            "attention": part(attention), "optimizer": lambda batch: optimizer.step()}
+
+
+def time_rounds(steps: dict[str, Step], batches: list[dict] | dict[str, list[dict]], device: torch.device,
+                warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each mode, one mean per round; the modes take turns in every round. `batches`: the
+    same for every mode, or each mode's own (guided_blocks reads blocks where the others read tokens)."""
+    batches_of = batches if isinstance(batches, dict) else {mode: batches for mode in steps}
+    for mode, step in steps.items():  # warmup: allocator, kernels, lazy init
+        for batch in itertools.islice(itertools.cycle(batches_of[mode]), warmup):
             step(batch)
     times = {mode: [] for mode in steps}
     for _ in range(rounds):
         for mode, step in steps.items():
             synchronize(device)
             start = time.perf_counter()
-            for batch in batches:
+            for batch in batches_of[mode]:
                 step(batch)
             synchronize(device)
-            times[mode].append((time.perf_counter() - start) / len(batches))
+            times[mode].append((time.perf_counter() - start) / len(batches_of[mode]))
     return times
 
 
@@ -253,8 +319,18 @@ def main() -> None:
     if "bare" in args.modes:
         steps = {"baseline": steps.pop("baseline"), "bare": bare_step(configs["baseline"], device), **steps}
     batches = list(itertools.islice(loader(configs["guided"], world), args.steps))
+    batches_of = {mode: batches for mode in steps}
+    if "guided_blocks" in steps:
+        encoder = engines["guided_blocks"].module.guide.text
+        batches_of["guided_blocks"] = with_blocks(batches, encoder, configs["guided_blocks"], device)
+    if args.components:
+        parts = component_steps(engines["guided"].module, configs["guided"], batches, device)
+        steps |= {f"part:{name}": step for name, step in parts.items()}
+        batches_of |= {f"part:{name}": batches for name in parts}
 
-    times = time_rounds(steps, batches, device, args.warmup, args.rounds)
+    times = time_rounds(steps, batches_of, device, args.warmup, args.rounds)
+    components = {mode.removeprefix("part:"): times.pop(mode) for mode in list(times) if mode.startswith("part:")}
+    steps = {mode: step for mode, step in steps.items() if not mode.startswith("part:")}
     with_loader, wait = data_wait(steps["guided"], loader(configs["guided"], world), device, args.steps)
 
     micro_batch = configs["guided"].train.micro_batch
@@ -278,8 +354,14 @@ def main() -> None:
         "bare_step": "plain PyTorch loop: ImageClassifier, torch.optim.AdamW (same parameter groups), cross-entropy with "
                 "the same label smoothing, clip_grad_norm_, the project's autocast; no DeepSpeed, guard or schedule",
     }
-    if "guided_cached" in step_s:
-        result["guided_cached_over_baseline"] = step_s["guided_cached"] / step_s["baseline"]
+    for mode in ("guided_cached", "guided_blocks"):
+        if mode in step_s:
+            result[f"{mode}_over_baseline"] = step_s[mode] / step_s["baseline"]
+    if components:
+        result["components_s"] = {name: statistics.median(t) for name, t in components.items()}
+        result["components_s_rounds"] = components
+        result["components_share_of_guided"] = {name: t / step_s["guided"]
+                                                for name, t in result["components_s"].items()}
     if "bare" in step_s:
         result["baseline_over_bare"] = step_s["baseline"] / step_s["bare"]
     for mode in steps:
@@ -299,8 +381,9 @@ def report(result: dict, workers: int) -> str:
     lines.append(f"  shapes: {shapes['image_model']} at {shapes['image_size']} px, {shapes['seq_len']} tokens, fusion "
                  f"{shapes['fusion_dim']}; text encoder {text.get('architecture', text.get('name'))}"
                  f"{' (random-init stand-in)' if text.get('stand_in') else ''}")
-    for mode, label in (("bare", "bare PyTorch step"), ("baseline", "baseline step"), ("guided", "guided step"),
-                        ("guided_cached", "guided, cached text")):
+    plain = ("bare", "baseline", "guided", "guided_cached", "guided_blocks")
+    for mode, label in zip(plain, ("bare PyTorch step", "baseline step", "guided step", "guided, cached text",
+                                   "guided, text blocks")):
         if mode in step_s:
             lines.append(f"  {label:<19} {step_s[mode] * 1e3:8.1f} ms  ({result[f'{mode}_samples_per_s']:.1f} "
                          f"samples/s)")
@@ -308,10 +391,15 @@ def report(result: dict, workers: int) -> str:
         lines.append(f"  baseline / bare = {result['baseline_over_bare']:.3f}  (goal <= 1.05)")
     cached = result.get("guided_cached_over_baseline")
     cached = f", {cached:.2f} with cached text" if cached else ""
+    blocks = result.get("guided_blocks_over_baseline")
+    blocks = f", {blocks:.2f} with text blocks" if blocks else ""
     lines.append(f"  guided / baseline = {result['guided_over_baseline']:.2f} cold (every caption encoded){cached}"
-                 f"  (goal <= 1.5)")
+                 f"{blocks}  (goal <= 1.5)")
+    for name, seconds in result.get("components_s", {}).items():
+        lines.append(f"    part {name:<14} {seconds * 1e3:8.1f} ms  ({100 * seconds / step_s['guided']:.0f}% of the "
+                     f"guided step)")
     for mode in step_s:
-        if mode not in ("bare", "baseline", "guided", "guided_cached"):
+        if mode not in plain:
             lines.append(f"  {mode:<19} {step_s[mode] * 1e3:8.1f} ms  "
                          f"({step_s[mode] / step_s['baseline']:.2f} x baseline, cached text)")
     lines.append(f"  data wait with {workers} workers: {100 * result['data_wait_fraction']:.1f}% of step time "

@@ -108,6 +108,9 @@ class DataConfig:
     max_image_pixels: int = option(25_000_000, "width x height cap read from the header before decoding: bigger "
                                                "images are bad samples (JPEG is decoded reduced instead)")
     max_caption_bytes: int = option(4096, "captions are cut to this many UTF-8 bytes before tokenizing")
+    text_blocks: str = option("", "folder of the training captions' precomputed blocks (frozen text encoder only; "
+                                  "computed there at the start when missing or stale, mgn/text_blocks.py): the "
+                                  "text encoder then costs nothing per step; '' = encode captions every step")
     max_member_bytes: int = option(64 << 20, "a tar member claiming more bytes than this makes the rest of its "
                                              "shard unreadable (counted as skipped), and is never allocated")
 

@@ -147,6 +147,9 @@ def validate(cfg: Any) -> None:
     if o.name == "guided" and m.attend_to == "fusion" and o.student_weight <= 0:
         raise ValueError("model.attend_to=fusion trains the classifier on fusion features only; "
                          "set objective.student_weight > 0 so the image-only student head is trained")
+    if cfg.data.text_blocks and not m.freeze_text:
+        raise ValueError(f"data.text_blocks={cfg.data.text_blocks!r} needs model.freeze_text=true: a text encoder "
+                         f"that trains changes its captions' blocks at every step")
     name = Path(t.run_name)
     if t.run_name and (name.is_absolute() or ".." in name.parts or not name.parts):
         raise ValueError(f"train.run_name={t.run_name!r}: must be a folder name under train.output_dir "

@@ -40,6 +40,7 @@ from mgn.model import image_normalisation
 from mgn.shard_io import ShardOpenError, open_shard
 from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_samples
+from mgn.text_blocks import TextBlockReader
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
                   tokenizer_name=resolve_text_model(cfg.model.text_model) if captions else None,
                   seq_len=cfg.model.seq_len, batch_size=batch_size or cfg.train.micro_batch, rank=rank,
                   world_size=world_size, on_device=on_device)
-    if split == "train":  # the positive controls' ground truth rides on training batches only
+    if split == "train":  # the positive controls' ground truth and the precomputed captions: training batches only
+        text_blocks = (data or cfg.data).text_blocks if captions else ""
+        if text_blocks:
+            common["tokenizer_name"] = None
         return train_loader(data or cfg.data, **common, seed=cfg.train.seed, epoch=epoch, skip_batches=skip_batches,
-                            ground_truth=cfg.ground_truth_fields)
+                            ground_truth=cfg.ground_truth_fields, text_blocks=text_blocks)
     if split == "test":
         return eval_loader(data or cfg.data, **common, persistent=persistent)
     raise ValueError(f"split={split!r}: expected 'train' or 'test'")
@@ -77,8 +81,10 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
 
 def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int,
                  batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 skip_batches: int = 0, on_device: bool = False, ground_truth: tuple[str, ...] = ()) -> "TrainLoader":
-    """This rank's batches of one epoch; `skip_batches` leaves out the first ones without decoding them."""
+                 skip_batches: int = 0, on_device: bool = False, ground_truth: tuple[str, ...] = (),
+                 text_blocks: str = "") -> "TrainLoader":
+    """This rank's batches of one epoch; `skip_batches` leaves out the first ones without decoding them.
+    `text_blocks`: the folder of the captions' precomputed blocks (mgn/text_blocks.py), read instead of tokens."""
     shards = expand_shards(data_cfg.train_shards)
     sizes = read_sizes(shards)
     plan = plan_epoch(shards, sizes, batch_size=batch_size, world_size=world_size,
@@ -91,7 +97,8 @@ def train_loader(data_cfg: DataConfig, *, image_size: int, mean, std, tokenizer_
     skips = [sum(1 for w, _ in order[:skip_batches] if w == worker) for worker in range(len(quotas))]
     decoder = Decoder(image_size, mean, std, tokenizer_name, seq_len, train=True, seed=f"{seed}/{epoch}",
                       max_pixels=data_cfg.max_image_pixels, max_caption_bytes=data_cfg.max_caption_bytes,
-                      on_device=on_device, ground_truth=ground_truth)
+                      on_device=on_device, ground_truth=ground_truth,
+                      text_blocks=TextBlockReader(text_blocks) if text_blocks else None)
     dataset = _ShardStream(plan.ranks[rank], decoder, batch_size=batch_size, quotas=quotas, skips=skips,
                            shuffle_buffer=data_cfg.shuffle_buffer, seed=f"{seed}/{epoch}/{rank}",
                            max_member_bytes=data_cfg.max_member_bytes)
@@ -329,7 +336,7 @@ def _piece_samples(piece: Piece, stats: _Stats, max_member_bytes: int) -> Iterat
                     stats.skip(piece.shard, sample["__key__"], "duplicate key in shard")
                     continue
                 keys.add(sample["__key__"])
-                sample["__url__"] = piece.shard
+                sample["__url__"], sample["__index__"] = piece.shard, index  # where its text block is
                 yield sample
     except ShardOpenError:
         raise

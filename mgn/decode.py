@@ -39,6 +39,7 @@ class Batch(TypedDict, total=False):
     caption: list[str]  # the raw captions (objectives that read them): for the attention picture
     input_ids: torch.Tensor  # [B, seq_len] int64 tokens, padded and cut to model.seq_len
     attention_mask: torch.Tensor  # [B, seq_len] int64, 1 on real tokens
+    text_block: torch.Tensor  # [B, H, g, g] bf16: the captions' precomputed blocks instead of tokens (text_blocks)
     cue_box: np.ndarray  # [B, 4] the deciding splat's box in the crop (positive controls, synthetic data only)
     posterior: np.ndarray  # [B] the generator's P(violent | image) (positive controls, synthetic data only)
 
@@ -68,9 +69,10 @@ class Decoder:
 
     def __init__(self, image_size: int, mean, std, tokenizer_name: str | None, seq_len: int, *, train: bool,
                  seed: str = "", max_pixels: int = DEFAULT_MAX_PIXELS, max_caption_bytes: int = 4096,
-                 on_device: bool = False, ground_truth: tuple[str, ...] = ()):
+                 on_device: bool = False, ground_truth: tuple[str, ...] = (), text_blocks=None):
         self.size, self.train, self.seed, self.on_device = image_size, train, seed, on_device
         self.ground_truth = ground_truth  # per-sample fields from a synthetic sample's json (mgn.config)
+        self.text_blocks = text_blocks  # a mgn.text_blocks.TextBlockReader: precomputed captions, no tokenizing
         self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
         self.tokenizer_name, self.seq_len = tokenizer_name, seq_len
         std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
@@ -78,7 +80,8 @@ class Decoder:
         self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> tuple:
-        """(key, crop, caption, label), and the ground-truth fields (a dict) when the decoder was asked for any."""
+        """(key, crop, caption, label), and a dict of the ground-truth fields and the precomputed text block when
+        the decoder was asked for any."""
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         for name, value in (("image (jpg/png/webp)", field), ("txt", "txt" in sample), ("cls", "cls" in sample)):
             if not value:
@@ -94,7 +97,12 @@ class Decoder:
             raise BadSample(f"undecodable image: {exc}") from None
         geometry = self.geometry(*image.size, rng)
         item = (sample["__key__"], self.transform(image, rng, geometry), caption, label)
-        return item + (self.read_ground_truth(sample, geometry, image.size[0]),) if self.ground_truth else item
+        if not (self.ground_truth or self.text_blocks):
+            return item
+        extras = self.read_ground_truth(sample, geometry, image.size[0]) if self.ground_truth else {}
+        if self.text_blocks is not None:
+            extras["text_block"] = self.text_blocks.block(sample["__url__"], sample["__index__"], sample["__key__"])
+        return item + (extras,)
 
     def load_rgb(self, data: bytes) -> Image.Image:
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop. Past the pixel cap
@@ -147,6 +155,8 @@ class Decoder:
                  "label": np.array([item[3] for item in items], dtype=np.int64), "key": [item[0] for item in items]}
         for name in self.ground_truth:  # numpy, like the labels; the trainer moves them (mgn.train.model_inputs)
             batch[name] = np.array([item[4][name] for item in items], dtype=np.float32)
+        if self.text_blocks is not None:
+            batch["text_block"] = torch.stack([item[4]["text_block"] for item in items])
         if self.tokenizer_name is not None:
             batch["caption"] = [item[2] for item in items]  # for the attention picture
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,

@@ -198,9 +198,12 @@ class GuidancePath(nn.Module):
         self.teacher_head = (ClassifierHead(head_channels, cfg.num_classes, pool_type="avg")
                              if cfg.attend_to == "fusion" or separate_head else None)
 
-    def forward(self, image_embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                student_head: nn.Module) -> GuidedOutput:
-        text_block = self.text(input_ids, attention_mask)  # [B, H, s, s]
+    def forward(self, image_embedding: torch.Tensor, student_head: nn.Module, *,
+                input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                text_block: torch.Tensor | None = None) -> GuidedOutput:
+        """Captions as tokens, or as blocks already encoded and pooled to the grid (mgn/text_blocks.py)."""
+        if text_block is None:
+            text_block = self.text(input_ids, attention_mask)  # [B, H, s, s]
         # Bring the text block onto the image grid (11x11 -> 7x7 for S4 at 224 px): the map must live
         # on the image embedding's own grid so it re-weights the original, unresized embedding.
         text_block = F.adaptive_avg_pool2d(text_block, image_embedding.shape[-2:])

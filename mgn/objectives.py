@@ -105,15 +105,23 @@ class Guided(Objective):
         self.guide = GuidancePath(cfg.model, self.student.num_features, separate_head=self.separate_teacher_head)
         self.caption_dropout = cfg.objective.caption_dropout
 
-    def guided(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def guided(self, embedding: torch.Tensor, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, text_block: torch.Tensor | None = None):
+        """The guided path on a batch's captions: as tokens, or as their precomputed blocks (`text_block`,
+        mgn/text_blocks.py). Every forward and predict passes its `**caption` on to here."""
         if self.training and self.caption_dropout > 0:
-            keep = torch.rand(len(input_ids), 1, device=attention_mask.device) >= self.caption_dropout
-            attention_mask = attention_mask * keep  # an empty caption: every text position is zeroed
-        return self.guide(embedding, input_ids, attention_mask, self.student.head)
+            # an empty caption: every text position is zeroed, and so is its block
+            keep = torch.rand(len(embedding), device=embedding.device) >= self.caption_dropout
+            if text_block is not None:
+                text_block = text_block * keep[:, None, None, None].to(text_block.dtype)
+            else:
+                attention_mask = attention_mask * keep[:, None]
+        return self.guide(embedding, self.student.head, input_ids=input_ids, attention_mask=attention_mask,
+                          text_block=text_block)
 
-    def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
+    def forward(self, image, label, **caption) -> StepOutput:
         embedding = self.student.encoder(image)
-        teacher = self.guided(embedding, input_ids, attention_mask).logits
+        teacher = self.guided(embedding, **caption).logits
         guided_ce = self.cross_entropy(teacher, label)
         terms = {"guided_ce": guided_ce}
         loss = guided_ce
@@ -124,9 +132,9 @@ class Guided(Objective):
         return StepOutput(loss=loss, logits=teacher, terms=terms)
 
     @torch.no_grad()
-    def predict(self, image, input_ids, attention_mask) -> Prediction:
+    def predict(self, image, **caption) -> Prediction:
         embedding = self.student.encoder(image)
-        out = self.guided(embedding, input_ids, attention_mask)
+        out = self.guided(embedding, **caption)
         return Prediction(student=self.student.head(embedding), teacher=out.logits, attention=out.attention)
 
 
@@ -141,10 +149,10 @@ class Distill(Guided):
 
     separate_teacher_head = True
 
-    def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
+    def forward(self, image, label, **caption) -> StepOutput:
         o = self.cfg.objective
         embedding = self.student.encoder(image)
-        teacher = self.guided(embedding.detach(), input_ids, attention_mask).logits
+        teacher = self.guided(embedding.detach(), **caption).logits
         student = self.student.head(embedding)
         teacher_ce = self.cross_entropy(teacher, label)
         student_ce = self.cross_entropy(student, label)
@@ -167,9 +175,9 @@ class Tram(Guided):
 
     separate_teacher_head = True
 
-    def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
+    def forward(self, image, label, **caption) -> StepOutput:
         embedding = self.student.encoder(image)
-        teacher = self.guided(embedding, input_ids, attention_mask).logits
+        teacher = self.guided(embedding, **caption).logits
         student = self.student.head(embedding.detach())
         teacher_ce = self.cross_entropy(teacher, label)
         student_ce = self.cross_entropy(student, label)
@@ -189,9 +197,9 @@ class AttentionTransfer(Guided):
 
     separate_teacher_head = True
 
-    def forward(self, image, label, input_ids, attention_mask) -> StepOutput:
+    def forward(self, image, label, **caption) -> StepOutput:
         embedding = self.student.encoder(image)
-        out = self.guided(embedding.detach(), input_ids, attention_mask)
+        out = self.guided(embedding.detach(), **caption)
         student = self.student.head(embedding)
         teacher_ce = self.cross_entropy(out.logits, label)
         student_ce = self.cross_entropy(student, label)

@@ -17,7 +17,7 @@ import numpy as np
 import timm
 import torch
 
-from mgn import checkpoint, distributed, preemption, run_folder
+from mgn import checkpoint, distributed, preemption, run_folder, text_blocks
 from mgn.artifacts import init_student
 from mgn.captions import read_report, report_run
 from mgn.checkpoint import TrainState
@@ -110,6 +110,8 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         objective, self.start_record = build_model(cfg, world, device)
+        if cfg.data.text_blocks and cfg.uses_captions:  # the captions' blocks, computed once, before any loader
+            text_blocks.ensure(cfg, objective.guide.text, device)
         batches_per_epoch = len(self._train_batches(epoch=0))
         self.updates_per_epoch = batches_per_epoch // cfg.train.grad_accum
         if self.updates_per_epoch < 1:
@@ -376,7 +378,9 @@ def model_inputs(batch: Batch, device: torch.device, captions: bool,
     image = batch["image"]
     inputs = {"image": normaliser(image) if image.dtype == torch.uint8 else image.to(device, torch.float32,
                                                                                       non_blocking=True)}
-    if captions:
+    if captions and "text_block" in batch:  # precomputed (data.text_blocks): no tokens, no text encoder
+        inputs["text_block"] = batch["text_block"].to(device, non_blocking=True)
+    elif captions:
         inputs["input_ids"] = batch["input_ids"].to(device, non_blocking=True)
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
     for name in GROUND_TRUTH_FIELDS:  # the positive controls' per-sample ground truth (training batches only)

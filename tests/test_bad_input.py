@@ -73,6 +73,7 @@ BAD_VALUES = {
     "data.max_image_pixels": (0, "data.max_image_pixels=0 must be >= 1"),
     "data.max_caption_bytes": (0, "data.max_caption_bytes=0 must be >= 1"),
     "data.max_member_bytes": (0, "data.max_member_bytes=0 must be >= 1"),
+    "data.text_blocks": (7, "data.text_blocks=7: expected a string"),
     "train.seed": (-1, "train.seed=-1 must be in [0, 2147483647]"),
     "train.epochs": (-1, "train.epochs=-1 must be >= 1"),
     "train.micro_batch": (0, "train.micro_batch=0 must be >= 1"),

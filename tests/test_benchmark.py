@@ -195,8 +195,11 @@ def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
 def test_the_train_step_benchmark_times_a_bare_pytorch_step_beside_the_engines(tmp_path):
     """benchmarks/train_step.py builds the trainer's engines itself; a tiny run keeps it in step with them."""
     step = run_script(tmp_path, "train_step", "--preset", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1",
-                      "--workers", "0")
+                      "--workers", "0", "--components")
     assert list(step["step_s"])[:3] == ["baseline", "bare", "guided"] and min(step["step_s"].values()) > 0
+    assert step["guided_blocks_over_baseline"] == step["step_s"]["guided_blocks"] / step["step_s"]["baseline"]
+    assert list(step["components_s"]) == ["image_encoder", "text_encoder", "fusion", "attention", "optimizer"]
+    assert min(step["components_s"].values()) > 0 and "part:fusion" not in step["step_s"]
     assert len(step["step_s_rounds"]["bare"]) == 1 and step["warmup_steps"] == 1
     assert step["baseline_over_bare"] == step["step_s"]["baseline"] / step["step_s"]["bare"]
     assert step["precision"] == "fp32" and step["device"] == "cpu" and 0 <= step["data_wait_fraction"] < 1

@@ -78,7 +78,10 @@ def test_the_gpu_acceptance_script_passes_on_cpu(tmp_path):
         assert bench["end_to_end_uint8_ms_per_img"] > 0 and bench["paper_ms_per_img"] == 0.13
         assert bench["comparable_to_paper"] is False  # tiny sizes: 64 px
     step = figures["train_step"]
-    assert set(step["step_ms"]) == {"baseline", "bare", "guided", "guided_cached"}
-    assert step["guided_over_baseline"] > 0 and 0 <= step["data_wait_fraction"] < 1
+    assert set(step["step_ms"]) == {"baseline", "bare", "guided", "guided_cached", "guided_blocks"}
+    assert step["guided_over_baseline"] > 0 and step["guided_blocks_over_baseline"] > 0
+    assert set(step["components_share_of_guided"]) == {"image_encoder", "text_encoder", "fusion", "attention",
+                                                       "optimizer"}
+    assert 0 <= step["data_wait_fraction"] < 1
     assert step["text_model"]["stand_in"] and step["shapes"]["text_hidden"] == 32
     assert (out / "benchmark" / "s4_fp32.json").exists() and (out / "train_step" / "train_step.json").exists()

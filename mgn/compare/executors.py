@@ -32,13 +32,14 @@ def run_locally(pending: list[Cell], options: Options, results_file: Path) -> No
 def _local_outcomes(pending: list[Cell], options: Options) -> Iterator[tuple[Cell, dict | None, str]]:
     for cell in pending:
         spec = cell_spec(cell, options.work)
-        stem = options.work / "cells" / cell.key.replace("/", "-")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        spec_file, result_file = stem.with_suffix(".json"), stem.with_suffix(".result.json")
+        # appended, not with_suffix: a key may hold dots (choose-train.lr_image-0.001/seed0)
+        spec_file, result_file, log_file = (options.work / "cells" / (cell.key.replace("/", "-") + suffix)
+                                            for suffix in (".json", ".result.json", ".log"))
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
         spec_file.write_text(json.dumps(spec))
         result_file.unlink(missing_ok=True)
         try:
-            spawn_cell(spec_file, result_file, stem.with_suffix(".log"), options.threads)
+            spawn_cell(spec_file, result_file, log_file, options.threads)
             row = json.loads(result_file.read_text())
         except (RuntimeError, OSError, ValueError) as error:
             yield cell, None, f": {error}"
