@@ -11,8 +11,8 @@
 `latest` file, a tag folder (its module states; with --trust-checkpoint, ZeRO-1/2 fp32 weights consolidated from
 the optimizer shards), or an exported student
 (student.safetensors; student.pt2 when it holds no pickles, or with --trust-checkpoint). The model is rebuilt
-from the config saved with the checkpoint; nothing is unpickled unless --trust-checkpoint says so. Writes eval.json and pr_curve.png to --out
-(default: <run>/eval/<tag>/, or eval/ beside the artifact) and prints a table.
+from the config saved with the checkpoint; nothing is unpickled unless --trust-checkpoint says so. Writes eval.json
+and pr_curve.png to --out (default: <run>/eval/<tag>/, or eval/ beside the artifact) and prints a table.
 """
 import argparse
 import sys

@@ -5,7 +5,8 @@ The engines are built in one process and timed in alternating rounds on the same
 so machine noise hits them alike. "guided" encodes every caption (a first epoch); "guided_cached"
 has `model.text_cache` on and has seen the captions (later epochs; one rank: on N ranks a caption returns to
 its rank's cache with probability 1/N); "guided_blocks" reads the captions' precomputed blocks
-(`data.text_blocks`, mgn/text_blocks.py: the frozen text encoder out of the step at any scale). "bare" is the baseline's step
+(`data.text_blocks`, mgn/text_blocks.py: the frozen text encoder out of the step at any scale).
+"bare" is the baseline's step
 without the project: a plain loop over the same student (mgn.model.ImageClassifier), micro-batch,
 AdamW parameter groups, label smoothing, gradient clip and autocast, with no DeepSpeed, no non-finite
 guard and no schedule; `baseline_over_bare` is what the project's machinery costs. `components_s` splits
@@ -351,7 +352,8 @@ def main() -> None:
         "step_s": step_s, "step_s_rounds": times,
         "loader_workers": args.workers, "guided_samples_per_s_with_loader": with_loader, "data_wait_fraction": wait,
         "guided_over_baseline": step_s["guided"] / step_s["baseline"],
-        "bare_step": "plain PyTorch loop: ImageClassifier, torch.optim.AdamW (same parameter groups), cross-entropy with "
+        "bare_step": "plain PyTorch loop: ImageClassifier, torch.optim.AdamW (same parameter groups), cross-entropy "
+                     "with "
                 "the same label smoothing, clip_grad_norm_, the project's autocast; no DeepSpeed, guard or schedule",
     }
     for mode in ("guided_cached", "guided_blocks"):

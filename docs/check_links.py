@@ -1,31 +1,60 @@
-"""Check local markdown links and #anchors (GitHub slug rules) in the given files.
+"""Check local markdown links and #anchors (GitHub's heading slugs) in the given files, or in the project's docs.
 
-    python docs/check_links.py README.md docs/*.md benchmarks/results/README.md
+    python docs/check_links.py                     # README.md, docs/*.md, benchmarks/results/README.md, ...
+    python docs/check_links.py README.md docs/training.md
 """
-import re, os, sys
-def slugs(path):
+import glob
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = ("README.md", "docs/*.md", "benchmarks/results/README.md", "shards/README.md", "slurm/README.md",
+           "mgn/DESIGN.md")
+
+
+def slugs(path: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (repeated headings get -1, -2, ...)."""
     out, seen, fence = set(), {}, False
-    for line in open(path, encoding='utf-8'):
-        if line.startswith('```'): fence = not fence
-        if fence: continue
-        m = re.match(r'#{1,6}\s+(.*?)\s*#*\s*$', line)
-        if not m: continue
-        t = re.sub(r'`', '', m.group(1)).lower()
-        t = re.sub(r'[^\w\- ]', '', t).replace(' ', '-')
-        k = seen.get(t, 0); seen[t] = k + 1
-        out.add(t if k == 0 else f'{t}-{k}')
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("```"):
+                fence = not fence
+            heading = None if fence else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+            if not heading:
+                continue
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).replace("`", "").lower()).replace(" ", "-")
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            out.add(slug if count == 0 else f"{slug}-{count}")
     return out
-bad = 0
-for f in sys.argv[1:]:
-    text = open(f, encoding='utf-8').read()
-    text = re.sub(r'```.*?```', '', text, flags=re.S)
-    for m in re.finditer(r'!?\[[^\]]*\]\(([^)\s]+)\)', text):
-        t = m.group(1)
-        if re.match(r'[a-z]+:', t): continue
-        p, _, a = t.partition('#')
-        target = os.path.normpath(os.path.join(os.path.dirname(f), p)) if p else f
-        ok = os.path.exists(target)
-        if ok and a:
-            ok = target.endswith('.md') and a in slugs(target)
-        print(('ok  ' if ok else 'BAD ') + f + ' -> ' + t); bad += not ok
-print('bad:', bad); sys.exit(bad > 0)
+
+
+def broken_links(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    broken = []
+    for match in re.finditer(r"!?\[[^\]]*\]\(([^)\s]+)\)", text):
+        target = match.group(1)
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        ok = os.path.exists(resolved) and (not anchor or (resolved.endswith(".md") and anchor in slugs(resolved)))
+        if not ok:
+            broken.append(f"{path} -> {target}")
+    return broken
+
+
+def main(paths: list[str]) -> int:
+    if not paths:
+        paths = sorted({p for pattern in DEFAULT for p in glob.glob(os.path.join(ROOT, pattern))})
+    broken = [line for path in paths for line in broken_links(path)]
+    for line in broken:
+        print("BAD", line)
+    print(f"{len(paths)} files, {len(broken)} broken links")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -27,7 +27,8 @@ def warning_text(r: dict) -> str:
     load = max(env.get("load_average_1min_start") or 0, env.get("load_average_1min") or 0)
     busy = (f"\nWARNING: 1-min load average reached {load} while this run used {s['torch_threads']} threads on "
             f"{env.get('cpus_usable', env['cpu_count'])} CPUs: other processes shared the cores, so the CPU "
-            f"figures are not representative" if env["device_type"] == "cpu" and load > s["torch_threads"] + 0.5 else "")
+            f"figures are not representative"
+            if env["device_type"] == "cpu" and load > s["torch_threads"] + 0.5 else "")
     spread = max(e["latency_ms_batch1"]["p99"] / e["latency_ms_batch1"]["p50"] for e in r["models"].values())
     if spread > 3:
         busy += (f"\nWARNING: unstable timings (p99 up to {spread:.1f}x p50): something else ran during the "
@@ -53,7 +54,8 @@ def check_lines(r: dict) -> list[str]:
     eq, m, lines = r["equivalence"], r["model"], []
     if "fused_vs_unfused" in eq:
         e = eq["fused_vs_unfused"]
-        lines.append(f"check fused vs unfused: max |diff| {e['max_abs_diff']:.2e} on logits up to {e['max_abs_logit']:.3g}"
+        lines.append(f"check fused vs unfused: max |diff| {e['max_abs_diff']:.2e} on logits up to "
+                     f"{e['max_abs_logit']:.3g}"
                      f" (relative {e['relative']:.1e} <= {e['rtol']:g}) {'OK' if e['ok'] else 'FAIL'}")
     if "reduced_precision_vs_fp32" in eq:
         e = eq["reduced_precision_vs_fp32"]

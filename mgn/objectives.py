@@ -242,7 +242,8 @@ class OracleTeacher(Objective):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         if cfg.model.num_classes != 2:
-            raise ValueError("objective oracle_teacher: the generator's posterior is binary; model.num_classes must be 2")
+            raise ValueError("objective oracle_teacher: the generator's posterior is binary; "
+                             "model.num_classes must be 2")
 
     def forward(self, image, label, posterior) -> StepOutput:
         logits = self.student(image)

@@ -321,7 +321,8 @@ def finding(summary: dict) -> str:
         readings = {a: (item.get("vs_baseline", {}).get("accuracy") or {}).get("reading")
                     for a, item in arms.items() if a not in (BASELINE, "guided") and not item["control"]}
         if readings:
-            named = {kind: ", ".join(a for a, r in readings.items() if r == kind) or "none" for kind in ("better", "worse")}
+            named = {kind: ", ".join(a for a, r in readings.items() if r == kind) or "none"
+                     for kind in ("better", "worse")}
             text += f"; of {len(readings)} other arm(s), better: {named['better']}, worse: {named['worse']}"
         parts.append(text)
     return "Finding: " + "; ".join(parts) + "."

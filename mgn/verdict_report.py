@@ -122,7 +122,8 @@ def metric_table(entry: dict) -> list[str]:
 def cost_table(entry: dict) -> list[str]:
     """What the guidance relies on (the teacher with swapped and empty captions) and what each arm costs."""
     lines = ["", "| arm | teacher acc | teacher acc, swapped captions | empty captions | predictions changed by swap"
-             " | train time / baseline | deployed latency / baseline | same FLOPs |", "|---|---|---|---|---|---|---|---|"]
+             " | train time / baseline | deployed latency / baseline | same FLOPs |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, item in entry["arms"].items():
         rel = item.get("reliance")
         teacher = [f"{rel[k]['mean']:.3f}" for k in ("teacher_accuracy", "swapped_caption_accuracy",

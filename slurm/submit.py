@@ -30,7 +30,7 @@ import submitit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mgn.config import Config, add_config_args, config_from_args
+from mgn.config import Config, add_config_args, config_from_args  # noqa: E402 - after the path
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -178,4 +178,5 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
         for pid in survivors.values():  # last resort, still by pid
             os.kill(pid, 9)
         if stop.returncode != 0 or survivors:
-            pytest.fail(f"stopping the Slurm test cluster left {survivors or 'processes'}:\n{stop.stdout}\n{stop.stderr}")
+            pytest.fail(f"stopping the Slurm test cluster left {survivors or 'processes'}:\n"
+                        f"{stop.stdout}\n{stop.stderr}")

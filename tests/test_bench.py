@@ -19,7 +19,8 @@ from mgn.objectives import box_map
 
 def test_the_bayes_posterior_matches_a_hand_worked_case():
     spec = synthetic.SyntheticSpec(cue_strength=0.5, decoys=1, positive_fraction=0.5)
-    # mu_0 = 0.3, mu_1 = 0.7, sd 0.16: r(c) = exp(((c - 0.3)^2 - (c - 0.7)^2) / (2 * 0.16^2)) = exp((0.8 c - 0.4) / 0.0512)
+    # mu_0 = 0.3, mu_1 = 0.7, sd 0.16:
+    # r(c) = exp(((c - 0.3)^2 - (c - 0.7)^2) / (2 * 0.16^2)) = exp((0.8 c - 0.4) / 0.0512)
     r = lambda c: math.exp((0.8 * c - 0.4) / 0.0512)  # noqa: E731
     assert synthetic.cue_likelihood_ratio(0.5, 0.5) == pytest.approx(1.0)
     assert synthetic.cue_likelihood_ratio(0.6, 0.5) == pytest.approx(r(0.6))

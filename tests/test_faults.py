@@ -144,7 +144,8 @@ def test_a_missing_rank_file_is_a_warning_naming_what_is_lost(checkpointed, shar
 def test_nan_on_one_rank_is_skipped_by_all_and_repeated_nan_stops_the_run(shards, tmp_path):
     once = run(torchrun(*args(shards, tmp_path, "once", "--train.ckpt_every", "5")), MGN_INJECT_NAN="4:1")
     assert once.returncode == 0, once.stdout[-3000:] + once.stderr[-3000:]
-    assert "MGN: step 4 skipped: non-finite loss, gradient or BatchNorm statistic on some rank (1 in a row" in once.stdout
+    assert ("MGN: step 4 skipped: non-finite loss, gradient or BatchNorm statistic on some rank (1 in a row"
+            in once.stdout)
     weights = final_weights(tmp_path / "once")
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 

@@ -23,7 +23,8 @@ def test_text_image_and_head_parameters_land_in_their_own_groups(bert32, freeze_
     else:
         assert {part_of[n] for n in text} == {"text"}
     assert {part_of[n] for n in part_of if n.startswith("student.encoder.")} == {"image"}
-    assert {part_of[n] for n in part_of if n.startswith(("student.head.", "guide.fusion.", "guide.attention."))} == {"head"}
+    heads = ("student.head.", "guide.fusion.", "guide.attention.")
+    assert {part_of[n] for n in part_of if n.startswith(heads)} == {"head"}
     assert lr_of["text" if not freeze_text else "image"] == (1e-5 if not freeze_text else 1e-3)
     assert lr_of["head"] == 2e-3 and all(not g.endswith("_no_decay") or lr_of[g] == lr_of[g[:-9]] for g in lr_of)
 

@@ -154,7 +154,8 @@ def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_s
 
     info = cluster.wait_job(job_id, JOB_TIMEOUT_S)
     log = read(out)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:] + read(out.with_suffix(".err"))[-2000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", \
+        log[-3000:] + read(out.with_suffix(".err"))[-2000:]
     assert steps_of(run_dir) == steps_of(reference["run_dir"])
     assert world_sizes_in(log[third_start:]) == {"4"}
 

@@ -145,7 +145,8 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{rewind:08d}'}" in resumed.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == total
-    assert scalars(tensorboard_dir(run))["train/loss"] == list(range(1, total + 1))  # steps 9.. written twice, kept once
+    # steps 9.. written twice, kept once
+    assert scalars(tensorboard_dir(run))["train/loss"] == list(range(1, total + 1))
 
 
 def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(shards, tmp_path):

@@ -51,7 +51,8 @@ def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
             stages.append(Stage(overrides=raw, epochs_share=share))
         if abs(sum(s.epochs_share for s in stages) - 1.0) > 1e-6:
             raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole budget)")
-        control = any(OBJECTIVES[s.overrides.get("objective", {}).get("name", ObjectiveConfig().name)].control for s in stages)
+        names = [s.overrides.get("objective", {}).get("name", ObjectiveConfig().name) for s in stages]
+        control = any(OBJECTIVES[name].control for name in names)
         arms[name] = Arm(name, about, tuple(stages), control)
     if "baseline" not in arms:
         raise ValueError("the arms must include 'baseline': every other arm is compared with it")

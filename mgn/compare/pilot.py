@@ -83,7 +83,8 @@ def outcome(rows: list[dict], setting: Setting, ceiling: float | None, options: 
     result.seeds_to_run = max(wanted, options.pilot_seeds)
     result.mde = mde(result.paired_sd, result.seeds_to_run) if result.sd is not None else None
     if options.pilot_seeds < MIN_PILOT_SEEDS:
-        result.reason = f"no reading: a pilot needs at least {MIN_PILOT_SEEDS} seeds (--pilot-seeds {options.pilot_seeds})"
+        result.reason = (f"no reading: a pilot needs at least {MIN_PILOT_SEEDS} seeds "
+                         f"(--pilot-seeds {options.pilot_seeds})")
         return result
     if setting.synthetic and ceiling is None:
         result.seeds_to_run = None  # nothing runs on it: the ceiling comes with the data, which a run writes first
@@ -91,7 +92,8 @@ def outcome(rows: list[dict], setting: Setting, ceiling: float | None, options: 
         return result
     room, spread = result.headroom >= HEADROOM - 1e-12, result.sd <= MAX_SD + 1e-12
     result.passed = room and spread
-    failures = [] if room else [f"only {100 * result.headroom:.1f} points below the ceiling (needs {100 * HEADROOM:.0f})"]
+    failures = [] if room else [f"only {100 * result.headroom:.1f} points below the ceiling "
+                                f"(needs {100 * HEADROOM:.0f})"]
     failures += [] if spread else [f"SD {100 * result.sd:.1f} points (at most {100 * MAX_SD:.1f})"]
     result.reason = "passes" if result.passed else "fails: " + " and ".join(failures)
     return result

@@ -30,8 +30,8 @@ from mgn.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
 STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained by this "
-                "runner, image-only, on a separate synthetic corpus (another seed, no decoys, no moderation label) with "
-                "an 8-class scene x splat-quadrant target; 'standin-scene' the same with the 2-class scene target "
+                "runner, image-only, on a separate synthetic corpus (another seed, no decoys, no moderation label) "
+                "with an 8-class scene x splat-quadrant target; 'standin-scene' the same with the 2-class scene target "
                 "alone, which teaches nothing about where the splat is. It plays the role of the paper's ImageNet "
                 "initialisation.")
 DEFAULT_ARMS = ("baseline", "guided")  # and the positive controls, which every synthetic setting runs
@@ -186,7 +186,8 @@ def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> lis
 
 def pilot_cells(options: Options, arms: dict[str, Arm], settings: dict[str, Setting]) -> list[Cell]:
     """The pilot: the baseline alone at seeds 0 .. pilot_seeds - 1 in every setting."""
-    return [Cell(s, arms["baseline"], seed, options.base) for s in settings.values() for seed in range(options.pilot_seeds)]
+    return [Cell(s, arms["baseline"], seed, options.base)
+            for s in settings.values() for seed in range(options.pilot_seeds)]
 
 
 def plan(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], go: dict[str, int]) -> list[Cell]:

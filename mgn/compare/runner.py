@@ -90,8 +90,8 @@ def execute(pending: list[Cell], settings: dict[str, Setting], options: Options,
 def pilot_outcomes(options: Options, settings: dict[str, Setting], results_file: Path) -> dict[str, pilot.PilotOutcome]:
     """Each setting's pilot, from the results so far (only rows of this very plan: same cell, same fingerprint)."""
     baseline = load_arms(options.arms_file)["baseline"]
-    wanted = {(Cell(s, baseline, seed, options.base).key, Cell(s, baseline, seed, options.base).fingerprint(options.work))
-              for s in settings.values() for seed in range(options.pilot_seeds)}
+    cells = [Cell(s, baseline, seed, options.base) for s in settings.values() for seed in range(options.pilot_seeds)]
+    wanted = {(cell.key, cell.fingerprint(options.work)) for cell in cells}
     rows = [r for r in read_results(results_file) if (r["key"], r["fingerprint"]) in wanted]
     ceilings = read_ceilings(settings)
     return {name: pilot.outcome(rows, s, _validation_ceiling(ceilings.get(name)), options)
