@@ -2,12 +2,18 @@
 
     python benchmarks/loader_throughput.py                                  # synthetic 96 px shards
     python benchmarks/loader_throughput.py --image-size 224 --workers 1 2
+    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions blocks --out loader_blocks.json
     python benchmarks/loader_throughput.py --shards 'shards/demo/train-*.tar' --out loader.json
 
 "bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
 flip) and normalisation into a batch tensor, with the image bytes already in memory: the work a
-worker cannot avoid. The loader adds tar reading, the shuffle buffer, tokenization, batching and
-the hand-over to the main process (which normalises).
+worker cannot avoid. The loader adds tar reading, the shuffle buffer, the captions (`--captions
+tokens`: tokenized, what the guided objectives read by default; `blocks`: each sample's precomputed
+text block read instead, `data.text_blocks`, here random bf16 blocks of `--block-shape`; `none`: an
+image-only objective), batching and the hand-over to the main process (which normalises).
+
+Cores per GPU: the CPU-seconds per sample of a worker and of the main process, times a GPU's rate
+(`--gpu-rate`, default 3,000 samples/s), is how many cores a rank's loader needs to keep up.
 
 Two ratios, goal >= 0.9:
 - wall: loader samples/s / (workers x bare samples/s), what a training loop sees; on a small
@@ -29,13 +35,16 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn.config import PACKAGED_MINILM, DataConfig  # noqa: E402
 from mgn.data import train_loader  # noqa: E402
 from mgn.decode import Decoder  # noqa: E402
+from mgn import text_blocks  # noqa: E402
 from mgn.shard_sets import expand_shards  # noqa: E402
+from mgn.tar import tar_samples  # noqa: E402
 from mgn.shards import write_synthetic  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,6 +70,16 @@ def _children_cpu(children) -> float | None:
         return None
 
 
+def write_random_blocks(shards: str, folder: str, shape: tuple[int, ...]) -> None:
+    """A `data.text_blocks` folder for `shards` with random bf16 blocks: what the loader reads costs the same."""
+    generator = torch.Generator().manual_seed(0)
+    for shard in expand_shards(shards):
+        with open(shard, "rb") as f:
+            keys = [sample["__key__"] for sample in tar_samples(f)]  # in tar order, as the loader counts them
+        blocks = torch.randn(len(keys), *shape, generator=generator)
+        text_blocks.save_blocks(text_blocks.sidecar(folder, shard), keys, blocks, "benchmark")
+
+
 def loader_rate(cfg: DataConfig, args, workers: int, tokenizer: str | None) -> dict:
     """Steady state: clocks start at the first batch, so worker start-up is reported apart."""
     cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
@@ -71,7 +90,7 @@ def loader_rate(cfg: DataConfig, args, workers: int, tokenizer: str | None) -> d
         start = time.perf_counter()
         loader = train_loader(cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer_name=tokenizer,
                               seq_len=args.seq_len, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                              epoch=epoch)
+                              epoch=epoch, text_blocks=cfg.text_blocks)
         batches = iter(loader)
         samples += len(next(batches)["key"])
         first, cpu0 = time.perf_counter(), time.process_time()
@@ -107,7 +126,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, default=2, help="loader epochs per measurement")
-    p.add_argument("--no-tokenizer", action="store_true", help="image-only loader (no captions tokenized)")
+    p.add_argument("--captions", default="tokens", choices=["tokens", "blocks", "none"],
+                   help="what the loader does with the captions (see above)")
+    p.add_argument("--block-shape", default="768,7,7", help="--captions blocks: H,g,g of each block (the paper's)")
+    p.add_argument("--gpu-rate", type=float, default=3000.0, help="samples/s one GPU trains, for cores per GPU")
     p.add_argument("--bare-seconds", type=float, default=5.0)
     p.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = p.parse_args()
@@ -119,12 +141,16 @@ def main() -> None:
                         test_fraction=0.0, workers=os.cpu_count() or 1)
         args.shards = f"{tmp.name}/train-*.tar"
     cfg = DataConfig(train_shards=args.shards, test_shards=args.shards)
+    if args.captions == "blocks":
+        blocks_dir = tempfile.TemporaryDirectory()
+        write_random_blocks(args.shards, blocks_dir.name, tuple(int(v) for v in args.block_shape.split(",")))
+        cfg.text_blocks = blocks_dir.name
     images = []
     for shard in expand_shards(args.shards):
         with tarfile.open(shard) as tar:
             images += [tar.extractfile(m).read() for m in tar if m.name.endswith((".jpg", ".jpeg", ".png"))]
     decoder = Decoder(args.image_size, MEAN, STD, None, args.seq_len, train=True)
-    tokenizer = None if args.no_tokenizer else PACKAGED_MINILM
+    tokenizer = PACKAGED_MINILM if args.captions == "tokens" else None
 
     (before, cpu_before) = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
     runs = [loader_rate(cfg, args, w, tokenizer) for w in args.workers]
@@ -134,19 +160,24 @@ def main() -> None:
         run["ratio_wall_per_worker"] = run["samples_per_s"] / (max(run["workers"], 1) * bare)
         if "worker_cpu_us_per_sample" in run:
             run["ratio_cpu_per_worker"] = bare_cpu / run["worker_cpu_us_per_sample"]
+            run["cores_per_gpu"] = (args.gpu_rate * (run["worker_cpu_us_per_sample"] + run["main_cpu_us_per_sample"])
+                                    / 1e6)
 
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "images": len(images),
-              "tokenizer": tokenizer, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+              "captions": args.captions, "tokenizer": tokenizer,
+              "block_shape": args.block_shape if args.captions == "blocks" else None, "gpu_rate": args.gpu_rate,
+              "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
               "bare": {"samples_per_s_before": before, "samples_per_s_after": after, "samples_per_s": bare,
                        "cpu_us_per_sample": bare_cpu},
               "loader": runs}
-    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, tokenizer {tokenizer}, "
+    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, captions {args.captions}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"bare decode+transform, 1 process: {bare:7.0f} samples/s (before {before:.0f}, after {after:.0f}), "
           f"{bare_cpu:.0f} CPU-us/sample")
     for run in runs:
         cpu = (f", worker {run['worker_cpu_us_per_sample']:.0f} CPU-us/sample -> cpu ratio "
-               f"{run['ratio_cpu_per_worker']:.2f}") if "ratio_cpu_per_worker" in run else ""
+               f"{run['ratio_cpu_per_worker']:.2f}, {run['cores_per_gpu']:.1f} cores per GPU at "
+               f"{args.gpu_rate:.0f} samples/s") if "ratio_cpu_per_worker" in run else ""
         print(f"train_loader, {run['workers']} worker(s): {run['samples_per_s']:7.0f} samples/s "
               f"({run['samples_per_s_with_startup']:.0f} with start-up) -> wall ratio per worker "
               f"{run['ratio_wall_per_worker']:.2f}; main {run['main_cpu_us_per_sample']:.0f} CPU-us/sample{cpu}")

@@ -122,10 +122,15 @@ def write_blocks(cfg: Config, encoder: TextBlockEncoder, shard: str, path: Path,
         mask[[i for i, c in enumerate(chunk) if c is None]] = 0
         block = encoder.encode(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         blocks.append(F.adaptive_avg_pool2d(block.float(), grid).to(DTYPE).cpu())
-    tensor = torch.cat(blocks) if blocks else torch.zeros(0, encoder.hidden_size, *grid, dtype=DTYPE)
+    save_blocks(path, keys, torch.cat(blocks) if blocks else torch.zeros(0, encoder.hidden_size, *grid, dtype=DTYPE),
+                expected)
+
+
+def save_blocks(path: Path, keys: list[str], blocks: torch.Tensor, expected: str) -> None:
+    """One shard's file: `blocks` [len(keys), H, g, g] in the shard's order; written whole or not at all."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file({"blocks": tensor.contiguous()}, str(partial), metadata={"keys": json.dumps(keys),
-                                                                       "fingerprint": expected})
+    save_file({"blocks": blocks.to(DTYPE).contiguous()}, str(partial),
+              metadata={"keys": json.dumps(keys), "fingerprint": expected})
     os.replace(partial, path)
 
 
