@@ -1,7 +1,8 @@
 """The optimisation machinery, built in one place: parameter groups and their learning rates, the schedule,
 mixed precision and the DeepSpeed engine that holds them.
 
-    build_engine(objective, cfg, device, total_steps) -> DeepSpeed engine (client GuardedAdamW + warmup-cosine)
+    build_engine(objective, cfg, device, total_steps) -> DeepSpeed engine (client GuardedAdamW + warmup-cosine;
+                                                         the optimizer clips under ZeRO-0, DeepSpeed under ZeRO-1/2)
     autocast(cfg, device)                             -> the forward's mixed-precision context
     apply_learning_rates(engine, cfg)                 -> after a resume, the config's rates win
 
@@ -108,7 +109,9 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,  # explicit: DeepSpeed would otherwise clip at 1.0
+        # ZeRO-0: GuardedAdamW clips (one fused pass); ZeRO-1/2: DeepSpeed, over the partitions. Explicit 0 rather
+        # than absent: DeepSpeed would otherwise clip at 1.0.
+        "gradient_clipping": cfg.train.grad_clip if cfg.train.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW with a skip: ZeRO only knows the name
         "steps_per_print": 10**9,
@@ -124,7 +127,8 @@ def build_engine(objective: nn.Module, cfg: Config, device: torch.device, total_
     import deepspeed  # noqa: PLC0415 - heavy import, needed by training only
 
     agree = (lambda bad: distributed.any_rank(bad, device)) if cfg.train.zero_stage > 0 else None
-    optimizer = GuardedAdamW(param_groups(objective, cfg), fused=device.type == "cuda", agree=agree)
+    optimizer = GuardedAdamW(param_groups(objective, cfg), fused=device.type == "cuda", agree=agree,
+                             clip=cfg.train.grad_clip if cfg.train.zero_stage == 0 else 0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg))

@@ -34,27 +34,34 @@ class Diverged(NonFiniteError):
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips an update when told to or when a gradient it holds is not finite.
+    """AdamW that skips an update when told to or when a gradient it holds is not finite, and clips the others.
 
     `agree(bad) -> bool`, when given, turns this rank's verdict into one for every rank (True if any rank's is
     bad): under ZeRO-1/2 each rank steps only its own partition of the gradients, and ranks that decided alone
     could apply a partial update.
+
+    `clip` > 0 clips the gradients to that global L2 norm, as torch.nn.utils.clip_grad_norm_ does, from the
+    norms the finite check computes anyway: one fused pass over the gradients where DeepSpeed's own ZeRO-0
+    clipping loops over the parameters in Python (a norm and a multiply each) and all-reduces a norm that
+    every rank already shares (mgn/engine.py leaves DeepSpeed's clipping to ZeRO-1/2, whose partitions need it).
     """
 
-    def __init__(self, params, *, agree: Callable[[bool], bool] | None = None, **kwargs):
+    def __init__(self, params, *, agree: Callable[[bool], bool] | None = None, clip: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
-        self.agree = agree
+        self.agree, self.clip = agree, clip
         self.skip_next_step = False  # set by the trainer when a rank saw a non-finite loss
         self.skipped = False  # what the last step() did
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        bad = self.skip_next_step or not finite
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        bad = self.skip_next_step or (total is not None and not bool(torch.isfinite(total)))
         self.skipped = self.agree(bad) if self.agree is not None else bad
         if self.skipped:
             return None
+        if self.clip > 0 and grads:
+            torch._foreach_mul_(grads, torch.clamp(self.clip / (total + 1e-6), max=1.0))
         return super().step(closure)
 
 

@@ -137,3 +137,23 @@ def test_a_persistent_test_loader_reads_the_same_samples_at_every_evaluation(tmp
     passes = [[key for batch in loader for key in batch["key"]] for _ in range(3)]
     assert passes[0] and passes[0] == passes[1] == passes[2]
     assert loader._loader is not None and loader._loader.persistent_workers  # the same workers served every pass
+
+
+def test_the_guard_clips_as_torch_does_and_takes_clipping_from_deepspeed_only_under_zero0():
+    from mgn.config import preset_config
+    from mgn.engine import deepspeed_config
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    for a, b in zip(weights, twins):
+        a.grad = torch.randn_like(a) * 10  # a global norm far above 1: clipped
+        b.grad = a.grad.clone()
+    GuardedAdamW(weights, lr=0.1, clip=1.0).step()
+    torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    torch.optim.AdamW(twins, lr=0.1).step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, twins))  # bitwise: the same fused operations
+    # ZeRO-0: the guard clips and DeepSpeed does not (a second pass); ZeRO-1/2: DeepSpeed clips the partitions.
+    for stage, deepspeed_clip in ((0, 0.0), (1, 0.5), (2, 0.5)):
+        cfg = preset_config("tiny", {"train": {"zero_stage": stage, "grad_clip": 0.5}})
+        assert deepspeed_config(cfg)["gradient_clipping"] == deepspeed_clip
