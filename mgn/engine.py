@@ -132,4 +132,9 @@ def build_engine(objective: nn.Module, cfg: Config, device: torch.device, total_
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg))
+    if cfg.train.zero_stage == 0 and engine.world_size == 1:
+        # Alone, DeepSpeed would still flatten every gradient into a bucket, "all-reduce" it with itself and copy
+        # it back after each backward: two copies of the gradients per step for nothing (ZeRO-1/2 keep the call:
+        # it moves the gradients into their partitions).
+        engine.enable_backward_allreduce = False
     return engine

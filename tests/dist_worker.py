@@ -55,6 +55,7 @@ def main(out_dir: Path, text_model: str) -> None:
     engine = build_engine(build_objective(cfg), cfg, device, total_steps=10)
     calibrate_batchnorm(engine.module.student, image_size=64)  # same inputs on every rank: equal buffers
     record = {"world": [world.rank, world.world_size, world.source], "initial": flat_params(engine.module),
+              "backward_allreduce": engine.enable_backward_allreduce,
               "initial_state": {k: v.clone() for k, v in engine.module.state_dict().items()}}
 
     # 1. Gradient averaging, in eval mode so BatchNorm does not couple samples within a batch.

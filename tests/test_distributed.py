@@ -91,6 +91,27 @@ def test_gradients_are_the_average_of_the_concatenated_batch(records):
     assert relative_error < 1e-4, relative_error
 
 
+def test_one_rank_skips_deepspeeds_gradient_all_reduce_and_keeps_the_gradient(records, tmp_path):
+    (r0, _), text_model = records
+    assert r0["backward_allreduce"]  # two ranks average their gradients
+    env = base_env() | dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path), text_model], env=env, cwd=ROOT, timeout=240,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    alone = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert not alone["backward_allreduce"]  # a bucket reduced with itself and copied back: skipped
+    reference = build_objective(tiny_config(text_model))
+    reference.load_state_dict(alone["initial_state"])
+    reference.eval()
+    batch = global_batch(0, world_size=1)
+    labels = batch.pop("label")
+    reference(**batch, label=labels).loss.backward()
+    expected = torch.cat([p.grad.flatten().double() if p.grad is not None else torch.zeros(p.numel(),
+                          dtype=torch.double) for p in reference.parameters()])
+    assert torch.equal(alone["grads"], expected)  # the engine's gradient is the plain backward's, untouched
+
+
 def test_batchnorm_buffers_drift_and_are_equal_after_sync(records):
     (r0, r1), _ = records
     assert (r0["bn_before_sync"] - r1["bn_before_sync"]).abs().max() > 1e-3  # DeepSpeed never syncs them
