@@ -79,7 +79,9 @@ def ensure(cfg: Config, encoder: TextBlockEncoder, device: torch.device, batch_s
                              f"would share one file in {folder}")
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    stale = [s for s in shards if read_fingerprint(sidecar(folder, s)) != expected]
+    # rank 0's list for all: a rank that looked after another had written a file would split a shorter list
+    stale = distributed.gather_objects([s for s in shards if read_fingerprint(sidecar(folder, s)) != expected]
+                                       if rank == 0 else None)[0]
     mine = stale[rank::world]
     if stale and rank == 0:
         log.info("MGN: text blocks: computing %d of %d shards' caption encodings into %s (once; later runs of "

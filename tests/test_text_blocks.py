@@ -127,3 +127,36 @@ def test_train_py_computes_the_blocks_once_then_trains_on_them(shards, tmp_path,
                             timeout=400)
     assert second.returncode == 0 and "text blocks: computing" not in second.stdout
     assert "MGN: done step=" in second.stdout
+
+
+ENSURE_ON_EACH_RANK = """
+import sys, torch
+from mgn import distributed, text_blocks
+from mgn.config import preset_config
+from mgn.objectives import build_objective
+shards, blocks, text_model = sys.argv[1:]
+world = distributed.detect_world()
+distributed.init_distributed(world, 60, "cpu")
+cfg = preset_config("tiny", {"data": {"train_shards": shards + "/train-*.tar", "text_blocks": blocks},
+                             "model": {"text_model": text_model}})
+written = []
+original = text_blocks.write_blocks
+text_blocks.write_blocks = lambda cfg, encoder, shard, *rest: written.append(shard) or original(cfg, encoder, shard,
+                                                                                                  *rest)
+text_blocks.ensure(cfg, build_objective(cfg).guide.text, torch.device("cpu"))
+print(f"rank {world.rank} wrote {len(written)}")
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_shards_and_each_is_computed_once(shards, tmp_path, bert32):
+    script = tmp_path / "ensure.py"
+    script.write_text(ENSURE_ON_EACH_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(shards), str(tmp_path / "blocks"), bert32], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank 0 wrote 2" in done.stdout and "rank 1 wrote 1" in done.stdout  # 3 shards, split 2 + 1
+    assert len(list((tmp_path / "blocks").glob("*" + text_blocks.SUFFIX))) == 3
