@@ -8,7 +8,8 @@ samples move between ranks every epoch, so a caption comes back to the rank that
 probability 1/world size. Here the blocks are computed in one pass, the shards split over the ranks, and a
 training step reads H x g x g bf16 values per sample instead (768 x 7 x 7: 75 KB at the paper's shapes).
 
-Layout: `<data.text_blocks>/<shard file name>.blocks.safetensors`, one per training shard, holding the tensor
+Layout: `<data.text_blocks>/<shard file name>.<digest of its path>.blocks.safetensors`, one per training shard
+(one folder can serve several data sets), holding the tensor
 `blocks` [N, H, g, g] (bf16, the shard's N samples in tar order) and two metadata strings: `keys` (JSON list,
 checked against every sample read, so blocks of an older version of a shard are never paired with new
 images) and `fingerprint` (what the blocks depend on: the text model's weights, seq_len, the grid, the
@@ -32,7 +33,7 @@ from mgn import distributed
 from mgn.config import Config, resolve_text_model
 from mgn.decode import cap_caption, tokenize
 from mgn.model import TextBlockEncoder, grid_size
-from mgn.shard_io import open_shard, shard_name
+from mgn.shard_io import is_url, open_shard, shard_name
 from mgn.shard_sets import expand_shards
 from mgn.tar import tar_samples
 
@@ -47,9 +48,10 @@ class TextBlockError(RuntimeError):
 
 
 def sidecar(folder: str | Path, shard: str) -> Path:
-    """The blocks file of a shard: shard file names must be unique within a training set (they are with the
-    usual `train-{000000..000999}.tar`)."""
-    return Path(folder) / (shard_name(shard) + SUFFIX)
+    """The blocks file of a shard: its file name and a digest of where it lives, so that one folder serves
+    several training sets whose shards share names (train-000000.tar of two data sets)."""
+    where = shard if is_url(shard) else os.path.abspath(shard)
+    return Path(folder) / f"{shard_name(shard)}.{hashlib.sha256(where.encode()).hexdigest()[:10]}{SUFFIX}"
 
 
 def fingerprint(cfg: Config, encoder: TextBlockEncoder) -> str:
@@ -73,10 +75,6 @@ def ensure(cfg: Config, encoder: TextBlockEncoder, device: torch.device, batch_s
     shards = expand_shards(cfg.data.train_shards)
     folder = Path(cfg.data.text_blocks)
     folder.mkdir(parents=True, exist_ok=True)
-    names = [shard_name(s) for s in shards]
-    if len(set(names)) != len(names):
-        raise TextBlockError(f"data.text_blocks: two training shards share a file name ({names}); their blocks "
-                             f"would share one file in {folder}")
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     # rank 0's list for all: a rank that looked after another had written a file would split a shorter list
