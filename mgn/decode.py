@@ -100,8 +100,8 @@ class Decoder:
         if not (self.ground_truth or self.text_blocks):
             return item
         extras = self.read_ground_truth(sample, geometry, image.size[0]) if self.ground_truth else {}
-        if self.text_blocks is not None:
-            extras["text_block"] = self.text_blocks.block(sample["__url__"], sample["__index__"], sample["__key__"])
+        if self.text_blocks is not None:  # named here, read in the main process (TextBlockReader says why)
+            extras["text_block"] = (sample["__url__"], sample["__index__"], sample["__key__"])
         return item + (extras,)
 
     def load_rgb(self, data: bytes) -> Image.Image:
@@ -156,7 +156,7 @@ class Decoder:
         for name in self.ground_truth:  # numpy, like the labels; the trainer moves them (mgn.train.model_inputs)
             batch[name] = np.array([item[4][name] for item in items], dtype=np.float32)
         if self.text_blocks is not None:
-            batch["text_block"] = torch.stack([item[4]["text_block"] for item in items])
+            batch["text_block_refs"] = [item[4]["text_block"] for item in items]
         if self.tokenizer_name is not None:
             batch["caption"] = [item[2] for item in items]  # for the attention picture
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,
@@ -181,6 +181,9 @@ class Decoder:
         for name in ("label", "input_ids", "attention_mask"):
             if name in batch:
                 batch[name] = torch.from_numpy(batch[name])
+        if "text_block_refs" in batch:
+            blocks = self.text_blocks.batch(batch.pop("text_block_refs"))
+            batch["text_block"] = blocks.pin_memory() if self.on_device and torch.cuda.is_available() else blocks
         return batch
 
 

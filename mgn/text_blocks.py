@@ -22,8 +22,10 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -144,22 +146,49 @@ def _caption(data: bytes | None, max_bytes: int) -> str | None:
 
 
 class TextBlockReader:
-    """The loader's side (one per worker): the block of sample `index` of `shard`, its key checked.
+    """The loader's side, in the main process: a batch's blocks from their (shard, index, key) references.
 
-    Files are memory-mapped and read one row at a time; the current shard's file stays open."""
+    Workers only name each sample's block; the main process copies the rows here, from files memory-mapped as
+    raw bf16 bits (uint16) through their safetensors header (8 bytes of length, then JSON: read, never
+    executed). Measured at the paper's shapes (768 x 7 x 7 bf16, 75 KB a sample), a worker that copied the
+    blocks and handed them over in shared memory spent ~190 CPU-us more per sample than one that tokenizes;
+    the copy here costs ~10. The files of the shards in flight stay mapped (at most `open_files`)."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.shard, self.file, self.keys = None, None, []
+    def __init__(self, folder: str, open_files: int = 64):
+        self.folder, self.open_files = folder, open_files
+        self.mapped: OrderedDict[str, tuple[np.ndarray, list[str]]] = OrderedDict()
 
-    def block(self, shard: str, index: int, key: str) -> torch.Tensor:
-        if shard != self.shard:
-            path = sidecar(self.folder, shard)
-            self.file = safe_open(str(path), "pt")
-            self.keys, self.shard = json.loads(self.file.metadata()["keys"]), shard
-        if index >= len(self.keys) or self.keys[index] != key:
-            found = self.keys[index] if index < len(self.keys) else "nothing"
+    def batch(self, refs: list[tuple[str, int, str]]) -> torch.Tensor:
+        """[B, H, g, g] bf16 for the samples (shard, index in its tar, key) of a batch."""
+        rows = [self.row(*ref) for ref in refs]
+        bits = np.stack(rows)
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+    def row(self, shard: str, index: int, key: str) -> np.ndarray:
+        if shard not in self.mapped:
+            self.mapped[shard] = map_blocks(sidecar(self.folder, shard))
+            if len(self.mapped) > self.open_files:
+                self.mapped.popitem(last=False)
+        self.mapped.move_to_end(shard)
+        rows, keys = self.mapped[shard]
+        if index >= len(keys) or keys[index] != key:
+            found = keys[index] if index < len(keys) else "nothing"
             raise TextBlockError(f"{sidecar(self.folder, shard)} was computed from another version of {shard}: "
                                  f"its sample {index} is {key!r}, the blocks hold {found!r} there; delete the file "
                                  f"and the next run computes it again")
-        return self.file.get_slice("blocks")[index]
+        return rows[index]
+
+
+def map_blocks(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(rows [N, H, g, g] uint16, memory-mapped; keys) of one blocks file."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    entry = header["blocks"]
+    if entry["dtype"] != "BF16":
+        raise TextBlockError(f"{path}: blocks stored as {entry['dtype']}, expected BF16; delete the file")
+    start, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    rows = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + length + start, shape=shape) if end > start \
+        else np.zeros(shape, dtype=np.uint16)
+    return rows, json.loads(header["__metadata__"]["keys"])

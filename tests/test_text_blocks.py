@@ -104,7 +104,7 @@ def test_only_stale_files_are_computed_again_and_blocks_of_another_shard_version
     assert all(f.stat().st_mtime_ns != written[f] for f in files[1:])
     shard = str(sorted(shards.glob("train-*.tar"))[0])
     with pytest.raises(text_blocks.TextBlockError, match=f"{files[0].name}.*another version"):
-        text_blocks.TextBlockReader(str(tmp_path / "blocks")).block(shard, 0, "a-key-the-shard-never-had")
+        text_blocks.TextBlockReader(str(tmp_path / "blocks")).batch([(shard, 0, "a-key-the-shard-never-had")])
 
 
 def test_a_trained_text_encoder_cannot_use_precomputed_blocks():
