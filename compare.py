@@ -19,7 +19,8 @@ The bench (issue 26), on synthetic data written with the generator's ground trut
   labels flipped, captions following the true label), decoys (600 samples, 3 decoy splats, cue strength 0.6); each
   with 1,000 validation and 4,000 test samples, the spurious badge agreeing with the label on 95% of training frames
   and uncorrelated in validation and test; from scratch, or a stand-in encoder pretrained here (standin: scene x
-  splat quadrant; standin-scene: scene only). Default: clean/standin, noisy/standin, decoys/standin.
+  splat quadrant; standin-scene: scene only). Default: clean/standin (about 90 min on 2 cores); the full study:
+  --settings clean/standin,noisy/standin,decoys/standin.
 - every table shows the image-only ceiling (the Bayes rule on the generator's ground truth) and each arm's distance
   to it, accuracy on true labels beside stored labels, and two positive controls (oracle-attention, oracle-teacher:
   perfect transfers of what the caption knows); a setting can judge the other arms only where a control wins.
@@ -58,8 +59,8 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--arms-file", default=None, help="a TOML file of extra arms, in mgn/compare/arms.toml's format")
     p.add_argument("--settings", default=None,
                    help="comma-separated settings, in this order: data (clean, noisy, decoys) / init (scratch, "
-                        "standin, standin-scene), e.g. clean/standin,clean/standin-scene (default: clean/standin, "
-                        "noisy/standin, decoys/standin; --dry-run lists them)")
+                        "standin, standin-scene), e.g. clean/standin,noisy/standin,decoys/standin (default: "
+                        "clean/standin; --dry-run lists them)")
     p.add_argument("--pilot", action="store_true", help="run the pilot only (the baseline alone) and print its outcome")
     p.add_argument("--pilot-seeds", type=int, default=5, help="the pilot's seeds 0..N-1 (at least 5 for a reading)")
     p.add_argument("--seeds", type=int, default=None,
