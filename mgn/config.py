@@ -224,9 +224,11 @@ class Config:
 
 # Presets are overrides on top of the dataclass defaults (which are the paper's settings).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The paper's setup for a GPU cluster: DistilBERT + MobileOne-S4 at 224 px.
+    # The paper's setup for a GPU cluster: DistilBERT + MobileOne-S4 at 224 px. 6 loader workers per rank: at 3,000
+    # samples/s a rank's loader needs ~3 CPU cores at 224 px (benchmarks/results/README.md, loader throughput), so
+    # slurm/train.sh's 8 CPUs per GPU leave twice that for the workers plus the rank's own process.
     "paper": {"data": {"train_shards": "shards/train-{000000..000099}.tar",
-                       "test_shards": "shards/test-{000000..000015}.tar", "num_workers": 8}},
+                       "test_shards": "shards/test-{000000..000015}.tar", "num_workers": 6}},
     # The embedded default: about three minutes on 2 CPU cores, no downloads, a student that learns (README).
     # seq_len 36: the synthetic captions (25-33 tokens) reach the text encoder whole.
     "demo": {
@@ -244,7 +246,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"image_model": "mobileone_s0", "image_size": 64, "text_model": PACKAGED_MINILM,
                   "seq_len": 36, "fusion_dim": 64, "attention_heads": 4, "text_cache": 4096},
         "data": {"train_shards": "", "test_shards": "", "num_workers": 1, "shuffle_buffer": 500},
-        # Learning rates chosen on the baseline alone (benchmarks/results/README.md), the same for every arm.
+        # Learning rates: the baseline's best on the validation split (compare.py --choose train.lr_image=...,
+        # benchmarks/results/verdict/choose-lr/), the same for every arm.
         "train": {"epochs": 10, "micro_batch": 32, "lr_image": 3e-3, "lr_head": 6e-3, "warmup_steps": 10,
                   "log_every": 25, "eval_every": -1, "ckpt_every": 0, "keep_last": 1, "attention_images": 0},
     },
