@@ -92,7 +92,9 @@ def ensure(cfg: Config, encoder: TextBlockEncoder, device: torch.device, batch_s
     distributed.barrier()
     missing = [s for s in shards if read_fingerprint(sidecar(folder, s)) != expected]
     if missing:
-        raise TextBlockError(f"text blocks missing or stale after the pass: {sidecar(folder, missing[0])}")
+        raise TextBlockError(f"text blocks missing or stale after the pass: {sidecar(folder, missing[0])} (and "
+                             f"{len(missing) - 1} more); data.text_blocks={cfg.data.text_blocks!r} must be a folder "
+                             f"every node sees (each rank computes some shards, and every rank reads them all)")
 
 
 def read_fingerprint(path: Path) -> str | None:
