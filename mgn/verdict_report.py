@@ -177,6 +177,12 @@ def plot(summary: dict, path: Path) -> None:
                 low, high = p["ci95"]
                 ax.errorbar(x, 100 * p["mean"], yerr=[[100 * (p["mean"] - low)], [100 * (high - p["mean"])]],
                             fmt="D", color="black", capsize=5, markersize=5, zorder=4)
+        if not arms:  # say why the panel is empty (a failed pilot, or the baseline alone so far)
+            pilot = entry.get("pilot") or {}
+            why = f"pilot {pilot['reason']}" if pilot.get("passed") is False else "no arm compared yet"
+            ax.text(0.5, 0.5, f"no arm ran here:\n{why}", transform=ax.transAxes, ha="center", va="center",
+                    fontsize=9, wrap=True)
+            ax.set_yticks([])
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlim(-0.6, len(arms) - 0.4)
         ax.set_xticks(range(len(arms)), [f"{a} (control)" if entry["arms"][a].get("control") else a for a, _ in arms],
