@@ -210,12 +210,11 @@ def with_blocks(batches: list[dict], encoder: TextBlockEncoder, cfg: Config, dev
     """The batches as the loader gives them with `data.text_blocks`: each caption's block, pooled to the image
     grid and stored in bf16 (what mgn/text_blocks.py writes), in place of its tokens."""
     out = []
-    with torch.no_grad():
-        for batch in batches:
-            block = encoder.encode(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            block = F.adaptive_avg_pool2d(block.float(), grid_size(cfg.model)).to(text_blocks.DTYPE).cpu()
-            out.append({k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")} |
-                       {"text_block": block})
+    for batch in batches:
+        block = text_blocks.encode_blocks(encoder, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                          grid_size(cfg.model)).cpu()
+        out.append({k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")} |
+                   {"text_block": block})
     return out
 
 
@@ -230,9 +229,9 @@ def component_steps(objective: nn.Module, cfg: Config, batches: list[dict], devi
             embedding = student.encoder(image)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             text = F.adaptive_avg_pool2d(guide.text(ids, mask), embedding.shape[-2:]).to(embedding.dtype)
-            fusion = guide.fusion(torch.cat([embedding, text], dim=1))
-            inputs.append({"image": image, "ids": ids, "mask": mask, "joint": torch.cat([embedding, text], dim=1),
-                           "fusion": fusion, "embedding": embedding})
+            joint = torch.cat([embedding, text], dim=1)
+            inputs.append({"image": image, "ids": ids, "mask": mask, "joint": joint, "fusion": guide.fusion(joint),
+                           "embedding": embedding})
     by_batch = {id(batch): made for batch, made in zip(batches, inputs)}
     trained = [p for p in objective.parameters() if p.requires_grad]
     for p in trained:

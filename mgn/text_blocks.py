@@ -124,10 +124,17 @@ def write_blocks(cfg: Config, encoder: TextBlockEncoder, shard: str, path: Path,
         ids, mask = tokenize(resolve_text_model(cfg.model.text_model), cfg.model.seq_len,
                              [c or "" for c in chunk])
         mask[[i for i, c in enumerate(chunk) if c is None]] = 0
-        block = encoder.encode(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        blocks.append(F.adaptive_avg_pool2d(block.float(), grid).to(DTYPE).cpu())
+        blocks.append(encode_blocks(encoder, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+                                    grid).cpu())
     save_blocks(path, keys, torch.cat(blocks) if blocks else torch.zeros(0, encoder.hidden_size, *grid, dtype=DTYPE),
                 expected)
+
+
+@torch.no_grad()
+def encode_blocks(encoder: TextBlockEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """What is stored for a batch of tokenized captions: the encoder's blocks pooled to the image grid, in DTYPE."""
+    return F.adaptive_avg_pool2d(encoder.encode(input_ids, attention_mask).float(), grid).to(DTYPE)
 
 
 def save_blocks(path: Path, keys: list[str], blocks: torch.Tensor, expected: str) -> None:
