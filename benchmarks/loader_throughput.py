@@ -2,7 +2,7 @@
 
     python benchmarks/loader_throughput.py                                  # synthetic 96 px shards
     python benchmarks/loader_throughput.py --image-size 224 --workers 1 2
-    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions blocks --out loader_blocks.json
+    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions tokens blocks none --out loader.json
     python benchmarks/loader_throughput.py --shards 'shards/demo/train-*.tar' --out loader.json
 
 "bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
@@ -80,40 +80,39 @@ def write_random_blocks(shards: str, folder: str, shape: tuple[int, ...]) -> Non
         text_blocks.save_blocks(text_blocks.sidecar(folder, shard), keys, blocks, "benchmark")
 
 
-def loader_rate(cfg: DataConfig, args, workers: int, tokenizer: str | None) -> dict:
-    """Steady state: clocks start at the first batch, so worker start-up is reported apart."""
+def loader_epoch(cfg: DataConfig, args, workers: int, tokenizer: str | None, epoch: int) -> dict:
+    """One epoch's counters. Steady state: clocks start at the first batch, so worker start-up is counted apart."""
     cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
     me = psutil.Process()
-    samples = steady = counted = 0
-    steady_time = total_time = main_cpu = worker_cpu = 0.0
-    for epoch in range(args.epochs):
-        start = time.perf_counter()
-        loader = train_loader(cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer_name=tokenizer,
-                              seq_len=args.seq_len, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                              epoch=epoch, text_blocks=cfg.text_blocks)
-        batches = iter(loader)
-        samples += len(next(batches)["key"])
-        first, cpu0 = time.perf_counter(), time.process_time()
-        children = me.children()
-        kids0, kids, kid_samples, n = _children_cpu(children) or 0.0, None, 0, 0
-        for batch in batches:
-            n += len(batch["key"])
-            reading = _children_cpu(children)
-            if reading is not None:
-                kids, kid_samples = reading, n
-        end = time.perf_counter()
-        samples += n
-        steady += n
-        steady_time += end - first
-        total_time += end - start
-        main_cpu += time.process_time() - cpu0
-        if workers and kids is not None:
-            worker_cpu += kids - kids0
-            counted += kid_samples
-    result = {"workers": workers, "samples": samples, "samples_per_s": steady / steady_time,
-              "samples_per_s_with_startup": samples / total_time, "main_cpu_us_per_sample": main_cpu / steady * 1e6}
-    if counted:
-        result["worker_cpu_us_per_sample"] = worker_cpu / counted * 1e6
+    start = time.perf_counter()
+    loader = train_loader(cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer_name=tokenizer,
+                          seq_len=args.seq_len, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
+                          epoch=epoch, text_blocks=cfg.text_blocks)
+    batches = iter(loader)
+    first_batch = len(next(batches)["key"])
+    first, cpu0 = time.perf_counter(), time.process_time()
+    children = me.children()
+    kids0, kids, kid_samples, n = _children_cpu(children) or 0.0, None, 0, 0
+    for batch in batches:
+        n += len(batch["key"])
+        reading = _children_cpu(children)
+        if reading is not None:
+            kids, kid_samples = reading, n
+    end = time.perf_counter()
+    counted = workers > 0 and kids is not None
+    return {"samples": first_batch + n, "steady": n, "steady_s": end - first, "total_s": end - start,
+            "main_cpu_s": time.process_time() - cpu0, "worker_cpu_s": kids - kids0 if counted else 0.0,
+            "worker_samples": kid_samples if counted else 0}
+
+
+def loader_rate(epochs: list[dict], workers: int) -> dict:
+    """The figures of one (captions, workers) pair from its epochs' counters."""
+    total = {k: sum(e[k] for e in epochs) for k in epochs[0]}
+    result = {"workers": workers, "samples": total["samples"], "samples_per_s": total["steady"] / total["steady_s"],
+              "samples_per_s_with_startup": total["samples"] / total["total_s"],
+              "main_cpu_us_per_sample": total["main_cpu_s"] / total["steady"] * 1e6}
+    if total["worker_samples"]:
+        result["worker_cpu_us_per_sample"] = total["worker_cpu_s"] / total["worker_samples"] * 1e6
     return result
 
 
@@ -126,8 +125,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, default=2, help="loader epochs per measurement")
-    p.add_argument("--captions", default="tokens", choices=["tokens", "blocks", "none"],
-                   help="what the loader does with the captions (see above)")
+    p.add_argument("--captions", nargs="+", default=["tokens"], choices=["tokens", "blocks", "none"],
+                   help="what the loader does with the captions (see above); several are measured in turn, "
+                        "one epoch each per round, so load drift hits them alike")
     p.add_argument("--block-shape", default="768,7,7", help="--captions blocks: H,g,g of each block (the paper's)")
     p.add_argument("--gpu-rate", type=float, default=3000.0, help="samples/s one GPU trains, for cores per GPU")
     p.add_argument("--bare-seconds", type=float, default=5.0)
@@ -140,46 +140,58 @@ def main() -> None:
         write_synthetic(tmp.name, samples=args.samples, image_size=args.image_size, seed=0,
                         test_fraction=0.0, workers=os.cpu_count() or 1)
         args.shards = f"{tmp.name}/train-*.tar"
-    cfg = DataConfig(train_shards=args.shards, test_shards=args.shards)
-    if args.captions == "blocks":
-        blocks_dir = tempfile.TemporaryDirectory()
-        write_random_blocks(args.shards, blocks_dir.name, tuple(int(v) for v in args.block_shape.split(",")))
-        cfg.text_blocks = blocks_dir.name
+    plain = DataConfig(train_shards=args.shards, test_shards=args.shards)
+    setups = {}  # captions -> (data config, tokenizer)
+    for captions in dict.fromkeys(args.captions):
+        cfg = DataConfig(**plain.__dict__)
+        if captions == "blocks":
+            blocks_dir = tempfile.TemporaryDirectory()
+            write_random_blocks(args.shards, blocks_dir.name, tuple(int(v) for v in args.block_shape.split(",")))
+            cfg.text_blocks = blocks_dir.name
+        setups[captions] = (cfg, PACKAGED_MINILM if captions == "tokens" else None)
     images = []
     for shard in expand_shards(args.shards):
         with tarfile.open(shard) as tar:
             images += [tar.extractfile(m).read() for m in tar if m.name.endswith((".jpg", ".jpeg", ".png"))]
     decoder = Decoder(args.image_size, MEAN, STD, None, args.seq_len, train=True)
-    tokenizer = PACKAGED_MINILM if args.captions == "tokens" else None
 
     (before, cpu_before) = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
-    runs = [loader_rate(cfg, args, w, tokenizer) for w in args.workers]
+    epochs: dict[tuple[str, int], list[dict]] = {(c, w): [] for c in setups for w in args.workers}
+    order = list(epochs)
+    for epoch in range(args.epochs):  # rounds: every setup once, the order rotated each round
+        for captions, workers in order[epoch % len(order):] + order[:epoch % len(order)]:
+            cfg, tokenizer = setups[captions]
+            epochs[captions, workers].append(loader_epoch(cfg, args, workers, tokenizer, epoch))
     (after, cpu_after) = bare_rate(images, decoder, args.batch_size, args.bare_seconds)
     bare, bare_cpu = (before + after) / 2, (cpu_before + cpu_after) / 2
-    for run in runs:
-        run["ratio_wall_per_worker"] = run["samples_per_s"] / (max(run["workers"], 1) * bare)
+    runs = []
+    for (captions, workers), counters in epochs.items():
+        run = {"captions": captions, **loader_rate(counters, workers)}
+        run["ratio_wall_per_worker"] = run["samples_per_s"] / (max(workers, 1) * bare)
         if "worker_cpu_us_per_sample" in run:
             run["ratio_cpu_per_worker"] = bare_cpu / run["worker_cpu_us_per_sample"]
             run["cores_per_gpu"] = (args.gpu_rate * (run["worker_cpu_us_per_sample"] + run["main_cpu_us_per_sample"])
                                     / 1e6)
+        runs.append(run)
 
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "images": len(images),
-              "captions": args.captions, "tokenizer": tokenizer,
-              "block_shape": args.block_shape if args.captions == "blocks" else None, "gpu_rate": args.gpu_rate,
+              "epochs": args.epochs, "captions": list(setups), "seq_len": args.seq_len,
+              "tokenizer": PACKAGED_MINILM if "tokens" in setups else None,
+              "block_shape": args.block_shape if "blocks" in setups else None, "gpu_rate": args.gpu_rate,
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
               "bare": {"samples_per_s_before": before, "samples_per_s_after": after, "samples_per_s": bare,
                        "cpu_us_per_sample": bare_cpu},
               "loader": runs}
-    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, captions {args.captions}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"bare decode+transform, 1 process: {bare:7.0f} samples/s (before {before:.0f}, after {after:.0f}), "
           f"{bare_cpu:.0f} CPU-us/sample")
     for run in runs:
         cpu = (f", worker {run['worker_cpu_us_per_sample']:.0f} CPU-us/sample -> cpu ratio "
                f"{run['ratio_cpu_per_worker']:.2f}, {run['cores_per_gpu']:.1f} cores per GPU at "
                f"{args.gpu_rate:.0f} samples/s") if "ratio_cpu_per_worker" in run else ""
-        print(f"train_loader, {run['workers']} worker(s): {run['samples_per_s']:7.0f} samples/s "
-              f"({run['samples_per_s_with_startup']:.0f} with start-up) -> wall ratio per worker "
+        print(f"train_loader, captions {run['captions']}, {run['workers']} worker(s): {run['samples_per_s']:7.0f} "
+              f"samples/s ({run['samples_per_s_with_startup']:.0f} with start-up) -> wall ratio per worker "
               f"{run['ratio_wall_per_worker']:.2f}; main {run['main_cpu_us_per_sample']:.0f} CPU-us/sample{cpu}")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
