@@ -2,15 +2,18 @@
 
     python benchmarks/loader_throughput.py                                  # synthetic 96 px shards
     python benchmarks/loader_throughput.py --image-size 224 --workers 1 2
-    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions tokens blocks none --out loader.json
+    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions ids tokens none --out loader.json
     python benchmarks/loader_throughput.py --shards 'shards/demo/train-*.tar' --out loader.json
 
 "bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
 flip) and normalisation into a batch tensor, with the image bytes already in memory: the work a
 worker cannot avoid. The loader adds tar reading, the shuffle buffer, the captions (`--captions
-tokens`: tokenized, what the guided objectives read by default; `blocks`: each sample's precomputed
-text block read instead, `data.text_blocks`, here random bf16 blocks of `--block-shape`; `none`: an
-image-only objective), batching and the hand-over to the main process (which normalises).
+ids`: token ids the shard writer stored, padded (mgn/tokens.py), what the guided objectives read by default
+from shards written here; `tokens`: tokenized by the worker, from shards written without ids (`--tokenizer none`,
+or by other tools); `blocks`: each sample's precomputed text block read instead, `data.text_blocks`, here random
+bf16 blocks of `--block-shape`; `none`: an image-only objective), batching and the hand-over to the main process
+(which normalises). The synthetic shards are written twice, with and without ids, the same images in both; with
+`--shards`, every mode reads the given shards as they are (`tokens` and `ids` alike read stored ids if any).
 
 Cores per GPU: the CPU-seconds per sample of a worker and of the main process, times a GPU's rate
 (`--gpu-rate`, default 3,000 samples/s), is how many cores a rank's loader needs to keep up.
@@ -125,7 +128,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, default=2, help="loader epochs per measurement")
-    p.add_argument("--captions", nargs="+", default=["tokens"], choices=["tokens", "blocks", "none"],
+    p.add_argument("--captions", nargs="+", default=["ids"], choices=["ids", "tokens", "blocks", "none"],
                    help="what the loader does with the captions (see above); several are measured in turn, "
                         "one epoch each per round, so load drift hits them alike")
     p.add_argument("--block-shape", default="768,7,7", help="--captions blocks: H,g,g of each block (the paper's)")
@@ -134,21 +137,23 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = p.parse_args()
 
-    tmp = None
+    tmp, shards_with_ids = None, args.shards
     if args.shards is None:
         tmp = tempfile.TemporaryDirectory()
-        write_synthetic(tmp.name, samples=args.samples, image_size=args.image_size, seed=0,
-                        test_fraction=0.0, workers=os.cpu_count() or 1)
-        args.shards = f"{tmp.name}/train-*.tar"
-    plain = DataConfig(train_shards=args.shards, test_shards=args.shards)
+        for folder, tokenizer in (("plain", None), ("ids", PACKAGED_MINILM)):
+            if folder == "plain" or "ids" in args.captions:
+                write_synthetic(f"{tmp.name}/{folder}", samples=args.samples, image_size=args.image_size, seed=0,
+                                test_fraction=0.0, workers=os.cpu_count() or 1, tokenizer=tokenizer)
+        args.shards, shards_with_ids = f"{tmp.name}/plain/train-*.tar", f"{tmp.name}/ids/train-*.tar"
     setups = {}  # captions -> (data config, tokenizer)
     for captions in dict.fromkeys(args.captions):
-        cfg = DataConfig(**plain.__dict__)
+        spec = shards_with_ids if captions == "ids" else args.shards
+        cfg = DataConfig(train_shards=spec, test_shards=spec)
         if captions == "blocks":
             blocks_dir = tempfile.TemporaryDirectory()
             write_random_blocks(args.shards, blocks_dir.name, tuple(int(v) for v in args.block_shape.split(",")))
             cfg.text_blocks = blocks_dir.name
-        setups[captions] = (cfg, PACKAGED_MINILM if captions == "tokens" else None)
+        setups[captions] = (cfg, PACKAGED_MINILM if captions in ("ids", "tokens") else None)
     images = []
     for shard in expand_shards(args.shards):
         with tarfile.open(shard) as tar:
@@ -176,7 +181,7 @@ def main() -> None:
 
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "images": len(images),
               "epochs": args.epochs, "captions": list(setups), "seq_len": args.seq_len,
-              "tokenizer": PACKAGED_MINILM if "tokens" in setups else None,
+              "tokenizer": PACKAGED_MINILM if {"ids", "tokens"} & set(setups) else None,
               "block_shape": args.block_shape if "blocks" in setups else None, "gpu_rate": args.gpu_rate,
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
               "bare": {"samples_per_s_before": before, "samples_per_s_after": after, "samples_per_s": bare,

@@ -28,6 +28,7 @@ from mgn.config import Config, resolve_text_model
 from mgn.safe_images import cap_caption
 from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_samples
+from mgn.tokens import field_name, load_tokenizer, whole_tokenizer
 
 log = logging.getLogger("mgn")
 
@@ -39,18 +40,11 @@ REPORT_NAME = "captions.json"
 def token_lengths(tokenizer_name: str, captions: list[str]) -> list[int]:
     """Tokens of each caption, untruncated, with the tokenizer's own special tokens (what `decode.tokenize` cuts
     to `seq_len`: the caption fits whole when its length is at most `seq_len`)."""
-    from mgn.decode import _tokenizer  # noqa: PLC0415 - transformers is a slow import
-
-    wrapper = _tokenizer(tokenizer_name)
-    backend = getattr(wrapper, "backend_tokenizer", None)
-    if backend is None:
-        ids = wrapper(captions, add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+    whole = whole_tokenizer(tokenizer_name)
+    if whole is None:
+        ids = load_tokenizer(tokenizer_name)(captions, add_special_tokens=True, truncation=False,
+                                         padding=False)["input_ids"]
         return [len(x) for x in ids]
-    from tokenizers import Tokenizer  # noqa: PLC0415 - installed with transformers
-
-    whole = Tokenizer.from_str(backend.to_str())  # a copy: the tokenizer file may set its own truncation
-    whole.no_truncation()
-    whole.no_padding()
     return [len(e.ids) for e in whole.encode_batch(captions, add_special_tokens=True)]
 
 
@@ -71,9 +65,10 @@ def count_lengths(lengths: list[int], seq_len: int) -> dict:
 
 
 def sample_captions(spec: str, *, max_captions: int = MAX_CAPTIONS, max_caption_bytes: int = 4096,
-                    seed: int = 0) -> tuple[list[str], dict]:
+                    seed: int = 0, ids_field: str | None = None) -> tuple[list[str], dict]:
     """Captions of a shard set, as the loader reads them (cut to `max_caption_bytes`): all of them, or whole shards
-    in a seeded order until `max_captions`. Returns (captions, how they were drawn)."""
+    in a seeded order until `max_captions`. Returns (captions, how they were drawn, and how many of them carry
+    the field `ids_field`: token ids the loader can read instead of tokenizing, mgn/tokens.py)."""
     shards = expand_shards(spec)
     try:
         total = sum(read_sizes(shards).values())
@@ -82,24 +77,29 @@ def sample_captions(spec: str, *, max_captions: int = MAX_CAPTIONS, max_caption_
     order = list(shards)
     if total is None or total > max_captions:
         random.Random(seed).shuffle(order)
-    captions, read = [], 0
+    captions, read, with_ids = [], 0, 0
     for shard in order:
         if len(captions) >= max_captions:
             break
         read += 1
-        captions += islice(_shard_captions(shard, max_caption_bytes), max_captions - len(captions))
+        for caption, has_ids in islice(_shard_captions(shard, max_caption_bytes, ids_field),
+                                       max_captions - len(captions)):
+            captions.append(caption)
+            with_ids += has_ids
     sampled = (total is None or total > max_captions) and len(captions) >= max_captions
-    return captions, {"sampled": sampled, "samples": total, "shards_read": read, "shards": len(shards)}
+    return captions, {"sampled": sampled, "samples": total, "shards_read": read, "shards": len(shards),
+                      "with_token_ids": with_ids}
 
 
-def _shard_captions(shard: str, max_caption_bytes: int) -> Iterator[str]:
-    """The decodable captions of one shard; a damaged shard gives what it holds before the damage (as the loader)."""
+def _shard_captions(shard: str, max_caption_bytes: int, ids_field: str | None) -> Iterator[tuple[str, bool]]:
+    """(caption, whether the sample has the field `ids_field`) for the decodable captions of one shard; a damaged
+    shard gives what it holds before the damage (as the loader)."""
     try:
         with open(shard, "rb") as f:
             for sample in tar_samples(f):
                 if "txt" in sample:
                     try:
-                        yield cap_caption(sample["txt"], max_caption_bytes)
+                        yield cap_caption(sample["txt"], max_caption_bytes), ids_field in sample
                     except ValueError:
                         continue  # bad UTF-8: the loader skips the sample too
     except (OSError, tarfile.TarError):
@@ -108,8 +108,10 @@ def _shard_captions(shard: str, max_caption_bytes: int) -> Iterator[str]:
 
 def count_split(spec: str, tokenizer_name: str, seq_len: int, *, max_captions: int = MAX_CAPTIONS,
                 max_caption_bytes: int = 4096) -> dict:
-    """Counts of one split (`count_lengths`), plus whether they come from a sample of it."""
-    captions, drawn = sample_captions(spec, max_captions=max_captions, max_caption_bytes=max_caption_bytes)
+    """Counts of one split (`count_lengths`), plus whether they come from a sample of it and how many of them have
+    their token ids stored in the shards for this tokenizer."""
+    captions, drawn = sample_captions(spec, max_captions=max_captions, max_caption_bytes=max_caption_bytes,
+                                      ids_field=field_name(tokenizer_name))
     return {**count_lengths(token_lengths(tokenizer_name, captions), seq_len), **drawn}
 
 
@@ -122,12 +124,13 @@ def count_run(cfg: Config, max_captions: int = MAX_CAPTIONS) -> dict:
 
 
 def describe(split: str, c: dict) -> str:
-    """`train 0 of 2040 cut at seq_len 36 (0.0%; 0 tokens lost, at most 0; longest 33 tokens)`."""
+    """`train 0 of 2040 cut at seq_len 36 (0.0%; 0 tokens lost, at most 0 of one; longest 33 tokens; token ids
+    stored in the shards for 2040)`."""
     of = f"a sample of {c['captions']} (from {c['shards_read']} of {c['shards']} shards)" if c["sampled"] \
         else str(c["captions"])
     return (f"{split} {c['truncated']} of {of} cut at seq_len {c['seq_len']} ({100 * c['share']:.1f}%; "
             f"{c['tokens_lost']} tokens lost, at most {c['max_tokens_lost']} of one; "
-            f"longest {c['longest_tokens']} tokens)")
+            f"longest {c['longest_tokens']} tokens; token ids stored in the shards for {c['with_token_ids']})")
 
 
 def warnings(counts: dict, threshold: float = WARN_SHARE) -> list[str]:

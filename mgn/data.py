@@ -34,7 +34,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mgn.config import Config, DataConfig, resolve_text_model
-from mgn.decode import BadSample, Decoder, preload_tokenizer
+from mgn.decode import BadSample, Decoder
+from mgn.tokens import preload_tokenizer
 from mgn.epoch_plan import Piece, plan_epoch, round_robin, split_samples
 from mgn.model import image_normalisation
 from mgn.shard_io import ShardOpenError, open_shard

@@ -2,10 +2,11 @@
 
 Workers decode each image to RGB (a JPEG at a reduced scale when that still leaves the crop enough
 pixels), crop it (train: a random resized crop and flip from the generator the reader seeds per sample;
-eval: a centre crop), and collate the crops as uint8 into shared memory, captions tokenized to a fixed
-length. For a CPU run the main process turns each batch into normalised float tensors; for a GPU run it
-pins the uint8 batch, and `DeviceNormaliser` copies it without blocking and normalises it on the GPU (a
-quarter of the bytes over PCIe, no float work on the host). Apart from the reader
+eval: a centre crop), and collate the crops as uint8 into shared memory, captions as token ids of a fixed
+length (padded from the ids the shard writer stored, mgn/tokens.py, or tokenized here where it stored none).
+For a CPU run the main process turns each batch into normalised float tensors; for a GPU run it pins the uint8
+batch, and `DeviceNormaliser` copies it without blocking and normalises it on the GPU (a quarter of the bytes over
+PCIe, no float work on the host). Apart from the reader
 (mgn/data.py, which decides which samples and in what order) so that the cost and the output of a sample
 can be read, tested and timed on their own (benchmarks/loader_throughput.py).
 """
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-from functools import lru_cache
 from typing import TypedDict
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from mgn.config import resolve_text_model
+from mgn import tokens
 from mgn.safe_images import DEFAULT_MAX_PIXELS, cap_caption, open_capped, to_rgb
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -75,13 +74,18 @@ class Decoder:
         self.text_blocks = text_blocks  # a mgn.text_blocks.TextBlockReader: precomputed captions, no tokenizing
         self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
         self.tokenizer_name, self.seq_len = tokenizer_name, seq_len
+        # the shard field with this tokenizer's stored ids (mgn/tokens.py); None: tokenize every caption
+        self.ids_field = tokens.field_name(tokenizer_name) if tokenizer_name is not None else None
+        if self.ids_field is not None:
+            tokenizer = tokens.load_tokenizer(tokenizer_name)
+            self.pad_id, self.vocab_size = tokenizer.pad_token_id, len(tokenizer)
         std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> tuple:
-        """(key, crop, caption, label), and a dict of the ground-truth fields and the precomputed text block when
-        the decoder was asked for any."""
+        """(key, crop, caption, label, extras): `extras` holds what the decoder was asked for beyond them, by name:
+        the caption's stored token ids (`ids`, when usable), ground-truth fields, the precomputed text block."""
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         for name, value in (("image (jpg/png/webp)", field), ("txt", "txt" in sample), ("cls", "cls" in sample)):
             if not value:
@@ -96,13 +100,13 @@ class Decoder:
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken data
             raise BadSample(f"undecodable image: {exc}") from None
         geometry = self.geometry(*image.size, rng)
-        item = (sample["__key__"], self.transform(image, rng, geometry), caption, label)
-        if not (self.ground_truth or self.text_blocks):
-            return item
         extras = self.read_ground_truth(sample, geometry, image.size[0]) if self.ground_truth else {}
         if self.text_blocks is not None:  # named here, read in the main process (TextBlockReader says why)
             extras["text_block"] = (sample["__url__"], sample["__index__"], sample["__key__"])
-        return item + (extras,)
+        if self.ids_field is not None and len(sample["txt"]) <= self.max_caption_bytes:  # the caption is whole
+            extras["ids"] = tokens.stored_ids(sample.get(self.ids_field), seq_len=self.seq_len,
+                                                 vocab_size=self.vocab_size)
+        return sample["__key__"], self.transform(image, rng, geometry), caption, label, extras
 
     def load_rgb(self, data: bytes) -> Image.Image:
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; keep enough pixels for the crop. Past the pixel cap
@@ -159,9 +163,21 @@ class Decoder:
             batch["text_block_refs"] = [item[4]["text_block"] for item in items]
         if self.tokenizer_name is not None:
             batch["caption"] = [item[2] for item in items]  # for the attention picture
-            batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer_name, self.seq_len,
-                                                                   [item[2] for item in items])
+            batch["input_ids"], batch["attention_mask"] = self.caption_tokens(items)
         return batch
+
+    def caption_tokens(self, items: list) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask) of the items' captions: padded from their stored ids where `decode` found
+        usable ones, the others tokenized here (in one call)."""
+        if self.ids_field is None:
+            return tokens.tokenize(self.tokenizer_name, self.seq_len, [item[2] for item in items])
+        stored = [item[4].get("ids") for item in items]
+        input_ids, mask = tokens.pad(stored, self.seq_len, self.pad_id)
+        missing = [row for row, ids in enumerate(stored) if ids is None]
+        if missing:
+            input_ids[missing], mask[missing] = tokens.tokenize(self.tokenizer_name, self.seq_len,
+                                                         [items[row][2] for row in missing])
+        return input_ids, mask
 
     def normalise(self, batch: dict) -> Batch:
         """Main process: uint8 NHWC -> normalised float32 NCHW, numpy -> LongTensor; for a GPU run (`on_device`)
@@ -192,55 +208,6 @@ def _empty_shared(shape) -> torch.Tensor:
     elem = torch.empty(0, dtype=torch.uint8)
     storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
     return elem.new(storage).resize_(*shape)
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(name: str):
-    """Built lazily in each worker process; Rust threads inside forked workers only oversubscribe."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only where captions are used
-
-    return AutoTokenizer.from_pretrained(resolve_text_model(name))
-
-
-@lru_cache(maxsize=4)
-def _fixed_length_backend(name: str, seq_len: int):
-    """The tokenizer's own Rust `tokenizers` object, set to truncate and pad to `seq_len`.
-
-    transformers' Python wrapper around it costs ~4x the tokenization itself on short captions
-    (measured: 155 vs 40 us a caption), a large share of a loader worker's time. A copy, so the
-    wrapper's own settings are untouched. None for tokenizers without a Rust backend.
-    """
-    wrapper = _tokenizer(name)
-    backend = getattr(wrapper, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    from tokenizers import Tokenizer  # noqa: PLC0415 - installed with transformers
-
-    fixed = Tokenizer.from_str(backend.to_str())
-    fixed.enable_truncation(max_length=seq_len)
-    fixed.enable_padding(length=seq_len, pad_id=wrapper.pad_token_id, pad_token=wrapper.pad_token)
-    return fixed
-
-
-def tokenize(name: str, seq_len: int, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), int64 [len(captions), seq_len]: what the wrapper gives with
-    padding="max_length", truncation=True (tests/test_data.py checks they agree)."""
-    backend = _fixed_length_backend(name, seq_len)
-    if backend is None:
-        tokens = _tokenizer(name)(captions, padding="max_length", truncation=True, max_length=seq_len,
-                                  return_tensors="np")
-        return tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
-    encodings = backend.encode_batch_fast(captions)  # no character offsets: we never use them
-    return (np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64))
-
-
-def preload_tokenizer(tokenizer_name: str | None, seq_len: int) -> None:
-    """Load (never run) the tokenizer here: a bad name fails now, and forked workers inherit it
-    instead of loading it again every epoch. Spawned workers still load it lazily."""
-    if tokenizer_name is not None:
-        _fixed_length_backend(tokenizer_name, seq_len)
 
 
 def _random_crop(w: int, h: int, rng: random.Random) -> tuple[float, float, float, float]:

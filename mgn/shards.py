@@ -4,7 +4,8 @@
     python -m mgn.shards --folder images/ --out shards/mine         # images/[train|test/]<label>/x.jpg + x.txt
     python -m mgn.shards --synthetic --out shards/demo --samples 2400 --image-size 96 --seed 0
 
-Output in --out: `train-%06d.tar` and `test-%06d.tar` (samples `{__key__, jpg|png, txt, cls, json}`),
+Output in --out: `train-%06d.tar` and `test-%06d.tar` (samples `{__key__, jpg|png, txt, cls, json, ids.<fp>}`,
+the last the caption's token ids for `--tokenizer`, so loader workers need not tokenize: mgn/tokens.py),
 `sizes.json` (samples per shard, which the reader needs to give every rank the same number of
 batches), `dataset_card.json` (counts per label and split, options, rejects) and `rejects.jsonl`.
 
@@ -30,8 +31,9 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from mgn import synthetic
+from mgn import synthetic, tokens
 from mgn.cli import require, run_command
+from mgn.config import PACKAGED_MINILM
 from mgn.encode import Record, encode_row
 from mgn.manifest import MAX_CAPTION_BYTES, SPLITS, Reject, Row, check_rows, read_folder, read_manifest
 from mgn.safe_images import DEFAULT_MAX_PIXELS
@@ -56,9 +58,11 @@ class SplitWriter:
         self._tar = self._file = self._tmp = None
         self._count = self._bytes = 0
 
-    def write(self, record: Record) -> None:
+    def write(self, record: Record, extra: dict[str, bytes]) -> None:
+        """One sample's files; `extra`: fields beside the record's own (its caption's token ids)."""
         sample = {"__key__": record.key, record.ext: record.image, "txt": record.caption.encode("utf-8"),
-                  "cls": str(record.label).encode(), "json": json.dumps(record.meta, sort_keys=True).encode()}
+                  "cls": str(record.label).encode(), "json": json.dumps(record.meta, sort_keys=True).encode(),
+                  **extra}
         size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")  # + tar headers/padding
         if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
             self.finish()
@@ -107,9 +111,12 @@ def even_shard_size(count: int, max_samples: int) -> int:
 
 def write_records(records: Iterable[Record | Reject], out_dir: str | Path, *, labels: list[str],
                   max_samples: int, max_bytes: int, strict: bool, card: dict, overwrite: bool = False,
-                  expected: dict[str, int] | None = None) -> dict:
+                  expected: dict[str, int] | None = None, tokenizer: str | None = PACKAGED_MINILM) -> dict:
     """Stream records into shards; on any error remove everything this run wrote. `expected` (samples per split,
-    when known up front) spreads each split evenly over its shards."""
+    when known up front) spreads each split evenly over its shards; `tokenizer` (None: none) whose token ids of
+    each caption are stored beside it."""
+    ids_field = _ids_field(tokenizer)
+    card = {**card, "token_ids": {"tokenizer": tokenizer, "field": ids_field}}
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
     expected = expected or {}
@@ -123,7 +130,8 @@ def write_records(records: Iterable[Record | Reject], out_dir: str | Path, *, la
                     raise BadRowError(f"{item.where}: {item.reason}")
                 rejects.append(item)
             else:
-                writers[item.split].write(item)
+                extra = {ids_field: tokens.encode(tokenizer, [item.caption])[0]} if ids_field else {}
+                writers[item.split].write(item, extra)
         for w in writers.values():
             w.finish()
     except BaseException:
@@ -139,6 +147,22 @@ def write_records(records: Iterable[Record | Reject], out_dir: str | Path, *, la
     sizes = {name: n for w in writers.values() for name, n in w.sizes.items()}
     _write_text(out / SIZES_FILE, json.dumps(sizes, indent=2) + "\n")  # last: marks the set complete
     return card
+
+
+def _ids_field(tokenizer: str | None) -> str | None:
+    """The field of `tokenizer`'s ids (None: store none); a tokenizer that cannot be loaded, or has no fast
+    (Rust) backend to fingerprint, stops the writer before anything is written."""
+    if tokenizer is None:
+        return None
+    try:
+        field = tokens.field_name(tokenizer)
+    except (OSError, ValueError) as error:  # transformers: OSError for an unknown name or folder, offline
+        raise ValueError(f"--tokenizer {tokenizer}: cannot load it ({error}); pass a hub name, a local folder, "
+                         f"{PACKAGED_MINILM}, or none") from None
+    if field is None:
+        raise ValueError(f"--tokenizer {tokenizer}: no fast tokenizer, so its ids cannot be fingerprinted; "
+                         f"pass --tokenizer none (workers then tokenize the captions)")
+    return field
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -183,7 +207,7 @@ def write_shards(rows: list[Row], out_dir: str | Path, *, labels: list[str], sou
                  max_bytes: int = 1 << 30, workers: int = 1, test_fraction: float = 0.15, seed: int = 0,
                  strict: bool = False, overwrite: bool = False, data_root: str | Path | None = None,
                  keep_original: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_caption_bytes: int = MAX_CAPTION_BYTES) -> dict:
+                 max_caption_bytes: int = MAX_CAPTION_BYTES, tokenizer: str | None = PACKAGED_MINILM) -> dict:
     """Rows (from `read_manifest` / `read_folder`) to shards; returns the dataset card.
 
     `data_root`: images must resolve inside it (None: anywhere, i.e. --allow-outside-root).
@@ -205,11 +229,12 @@ def write_shards(rows: list[Row], out_dir: str | Path, *, labels: list[str], sou
     expected = Counter(c[2] for c in checked if not isinstance(c, Reject))
     records = _ordered_map(encode, checked, workers)
     return write_records(records, out_dir, labels=labels, max_samples=max_samples, max_bytes=max_bytes,
-                         strict=strict, card=card, overwrite=overwrite, expected=expected)
+                         strict=strict, card=card, overwrite=overwrite, expected=expected, tokenizer=tokenizer)
 
 
 def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed: int, max_samples: int = 256,
-                    workers: int = 1, overwrite: bool = False, **knobs) -> dict:
+                    workers: int = 1, overwrite: bool = False, tokenizer: str | None = PACKAGED_MINILM,
+                    **knobs) -> dict:
     """The synthetic moderation set (see mgn/synthetic.py for `knobs`); returns the dataset card."""
     spec = synthetic.SyntheticSpec(samples=samples, image_size=image_size, seed=seed, **knobs)
     spec.validate()
@@ -224,7 +249,7 @@ def write_synthetic(out_dir: str | Path, *, samples: int, image_size: int, seed:
             "options": {"max_samples": max_samples}}
     return write_records(records(), out_dir, labels=list(spec.labels), max_samples=max_samples,
                          max_bytes=1 << 40, strict=True, card=card, overwrite=overwrite,
-                         expected=Counter(split for _, split in items))
+                         expected=Counter(split for _, split in items), tokenizer=tokenizer)
 
 
 def _parse_bytes(text: str) -> int:
@@ -269,6 +294,11 @@ def _parser() -> argparse.ArgumentParser:
                         "reduced and stored within it, other formats rejected (default 25,000,000)")
     p.add_argument("--max-caption-bytes", type=int, default=MAX_CAPTION_BYTES,
                    help="captions are cut to this many UTF-8 bytes (recorded per sample; default 4096)")
+    p.add_argument("--tokenizer", default=PACKAGED_MINILM,
+                   help="store each caption's token ids for this tokenizer (hub name, local folder, or "
+                        f"{PACKAGED_MINILM}: DistilBERT's uncased vocabulary, the default), so loader workers need "
+                        "not tokenize; training reads them only if its text model's tokenizer has the same "
+                        "fingerprint, and tokenizes otherwise; none: store no ids")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     g = p.add_argument_group("synthetic generator (see shards/README.md)")
     defaults = synthetic.SyntheticSpec()
@@ -292,7 +322,8 @@ def _write(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
                                                 "spurious_train", "spurious_test", "decoys", "target", "ground_truth")}
         return write_synthetic(args.out, samples=args.samples, image_size=args.image_size or 96, seed=args.seed,
                                max_samples=args.max_samples_per_shard or 256, workers=args.workers,
-                               overwrite=args.overwrite, test_fraction=args.test_fraction, **knobs)
+                               overwrite=args.overwrite, test_fraction=args.test_fraction,
+                               tokenizer=_tokenizer_flag(args.tokenizer), **knobs)
     if args.manifest:
         if not args.labels:
             p.error("--manifest needs --labels: the declared set fixes class indices across data sets")
@@ -309,7 +340,12 @@ def _write(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
                         max_bytes=args.max_bytes_per_shard, workers=args.workers,
                         test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
                         overwrite=args.overwrite, data_root=root, keep_original=args.keep_original_bytes,
-                        max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes)
+                        max_pixels=args.max_pixels, max_caption_bytes=args.max_caption_bytes,
+                        tokenizer=_tokenizer_flag(args.tokenizer))
+
+
+def _tokenizer_flag(value: str) -> str | None:
+    return None if value.lower() == "none" else value
 
 
 # The generator's float knobs, one --flag each (see _parser).

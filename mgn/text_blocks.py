@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 
 from mgn import distributed
 from mgn.config import Config, resolve_text_model
-from mgn.decode import cap_caption, tokenize
+from mgn.decode import cap_caption
+from mgn.tokens import tokenize
 from mgn.model import TextBlockEncoder, grid_size
 from mgn.shard_io import is_url, open_shard, shard_name
 from mgn.shard_sets import expand_shards

@@ -182,13 +182,13 @@ def run_script(tmp_path: Path, name: str, *args: str) -> dict:
 @pytest.mark.slow
 def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
     """The standalone benchmark scripts call the loader's internals; this keeps them in step with it."""
-    # tokens, and precomputed caption blocks (data.text_blocks) read for every sample, in alternating epochs
-    loader = run_script(tmp_path, "loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "2",
-                        "--bare-seconds", "0.3", "--captions", "tokens", "blocks", "--block-shape", "32,2,2")
+    # stored token ids, tokens, and precomputed caption blocks (data.text_blocks), in alternating epochs
+    loader = run_script(tmp_path, "loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "3",
+                        "--bare-seconds", "0.3", "--captions", "ids", "tokens", "blocks", "--block-shape", "32,2,2")
     assert loader["images"] == 256 and loader["bare"]["samples_per_s"] > 0
-    assert loader["captions"] == ["tokens", "blocks"]
+    assert loader["captions"] == ["ids", "tokens", "blocks"]
     assert [(run["captions"], run["workers"], run["samples"]) for run in loader["loader"]] == [
-        ("tokens", 1, 512), ("blocks", 1, 512)]
+        ("ids", 1, 768), ("tokens", 1, 768), ("blocks", 1, 768)]
     assert all(run["samples_per_s"] > 0 and run["cores_per_gpu"] > 0 for run in loader["loader"])
     resume = run_script(tmp_path, "resume_startup", "--samples", "2000", "--shards", str(tmp_path / "shards"))
     assert resume["workers"] == 2 and resume["batches_per_epoch"] > 0

@@ -9,7 +9,7 @@ from PIL import Image
 import compare
 from mgn.captions import count_split, read_report, report_run, token_lengths
 from mgn.config import PACKAGED_MINILM, preset_config, resolve_text_model
-from mgn.decode import tokenize
+from mgn.tokens import tokenize
 from mgn.manifest import Row
 from mgn.shards import write_shards
 
@@ -49,6 +49,7 @@ def test_cut_captions_and_lost_tokens_are_counted_per_split_from_the_shards(shar
                                   "longest_tokens", "seq_len_to_fit", "sampled")} == {
         "captions": 8, "truncated": 4, "share": 0.5, "tokens_lost": 14, "max_tokens_lost": 6, "longest_tokens": 22,
         "seq_len_to_fit": 25, "sampled": False}
+    assert train["with_token_ids"] == 8  # the writer stored the ids of its default tokenizer, the run's
     assert count_split(str(shards / "train-*.tar"), name, 25)["truncated"] == 0
     assert count_split(str(shards / "test-*.tar"), name, 16)["truncated"] == 0  # the one that exactly fits
     sample = count_split(str(shards / "train-*.tar"), name, 16, max_captions=3)
@@ -77,7 +78,8 @@ def test_a_run_logs_warns_and_records_its_counts_for_the_summary(shards, tmp_pat
         counts = report_run(cfg, board)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("MGN: captions: train 4 of 8 cut at seq_len 16 (50.0%; 14 tokens lost, at most 6 of "
-                               "one; longest 22 tokens); test 0 of 2 cut at seq_len 16")
+                               "one; longest 22 tokens; token ids stored in the shards for 8); test 0 of 2 cut at "
+                               "seq_len 16")
     warning = next(r for r in caplog.records if r.levelno == logging.WARNING).getMessage()
     assert "50.0% of the train captions" in warning and "22 tokens" in warning and "model.seq_len 25" in warning
     assert read_report(cfg.run_dir) == counts == json.loads((cfg.run_dir / "captions.json").read_text())

@@ -14,9 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from mgn.config import PACKAGED_MINILM, DataConfig, resolve_text_model
-from mgn import decode
+from mgn import decode, tokens
 from mgn.data import eval_loader, train_loader
-from mgn.decode import tokenize
+from mgn.tokens import tokenize
 from mgn.epoch_plan import worker_quotas
 from mgn.shard_sets import expand_shards, read_sizes
 from mgn.tar import tar_files
@@ -243,7 +243,7 @@ def test_fast_tokenize_matches_the_transformers_wrapper(which, seq_len, request,
     np.testing.assert_array_equal(mask, expected["attention_mask"])
     assert mask[3].all() and mask[1].sum() == 2  # truncated to the full length; empty = [CLS] [SEP]
 
-    monkeypatch.setattr(decode, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
+    monkeypatch.setattr(tokens, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
     slow_ids, slow_mask = tokenize(name, seq_len, CAPTIONS)
     np.testing.assert_array_equal(slow_ids, ids)
     np.testing.assert_array_equal(slow_mask, mask)

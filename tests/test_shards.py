@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgn import shards, synthetic
-from mgn.config import DataConfig
+from mgn import shards, synthetic, tokens
+from mgn.config import PACKAGED_MINILM, DataConfig
 from mgn.data import eval_loader
 from mgn.manifest import read_folder, read_manifest
 from mgn.shard_sets import expand_shards, read_sizes
@@ -85,7 +85,9 @@ def test_manifest_round_trip(tmp_path):
                                                            "test-000000.tar": 1}
     listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True, text=True,
                              check=True).stdout.split()
-    assert listing == ["a_1.cls", "a_1.jpg", "a_1.json", "a_1.txt"]  # dots would break webdataset keys
+    ids_field = card["token_ids"]["field"]  # the caption's token ids for the loader (mgn/tokens.py)
+    assert listing == ["a_1.cls", f"a_1.{ids_field}", "a_1.jpg", "a_1.json", "a_1.txt"]  # dots would break keys
+    assert card["token_ids"] == {"tokenizer": PACKAGED_MINILM, "field": tokens.field_name(PACKAGED_MINILM)}
 
     stored = {k: v for p in sorted(out.glob("*.tar")) for k, v in _tar_samples(p).items()}
     assert {k: v["txt"].decode() for k, v in stored.items()} == {"a_1": "first frame", "b": "second",

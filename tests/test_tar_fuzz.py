@@ -36,9 +36,9 @@ SHARD = "fuzz/train-000000.tar"
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    """Synthetic shards of 6-7 samples (cls, jpg, json, txt each), written by mgn.shards."""
+    """Synthetic shards of 6-7 samples (cls, jpg, json, txt each: no stored token ids), written by mgn.shards."""
     out = tmp_path_factory.mktemp("valid")
-    write_synthetic(out, samples=24, image_size=32, seed=0, max_samples=8)
+    write_synthetic(out, samples=24, image_size=32, seed=0, max_samples=8, tokenizer=None)
     return out
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from mgn import text_blocks
 from mgn.config import preset_config
 from mgn.data import build_loader
-from mgn.decode import tokenize
+from mgn.tokens import tokenize
 from mgn.objectives import build_objective
 from mgn.shard_io import open_shard
 from mgn.shards import write_synthetic
