@@ -38,7 +38,7 @@ REPORT_NAME = "captions.json"
 
 
 def token_lengths(tokenizer_name: str, captions: list[str]) -> list[int]:
-    """Tokens of each caption, untruncated, with the tokenizer's own special tokens (what `decode.tokenize` cuts
+    """Tokens of each caption, untruncated, with the tokenizer's own special tokens (what `tokens.tokenize` cuts
     to `seq_len`: the caption fits whole when its length is at most `seq_len`)."""
     whole = whole_tokenizer(tokenizer_name)
     if whole is None:
@@ -130,7 +130,8 @@ def describe(split: str, c: dict) -> str:
         else str(c["captions"])
     return (f"{split} {c['truncated']} of {of} cut at seq_len {c['seq_len']} ({100 * c['share']:.1f}%; "
             f"{c['tokens_lost']} tokens lost, at most {c['max_tokens_lost']} of one; "
-            f"longest {c['longest_tokens']} tokens; token ids stored in the shards for {c['with_token_ids']})")
+            f"longest {c['longest_tokens']} tokens; token ids stored in the shards for {c['with_token_ids']}"
+            f"{'' if c['with_token_ids'] else ': workers tokenize (python -m mgn.shards --tokenizer <text model>)'})")
 
 
 def warnings(counts: dict, threshold: float = WARN_SHARE) -> list[str]:

@@ -77,15 +77,16 @@ class Decoder:
         # the shard field with this tokenizer's stored ids (mgn/tokens.py); None: tokenize every caption
         self.ids_field = tokens.field_name(tokenizer_name) if tokenizer_name is not None else None
         if self.ids_field is not None:
-            tokenizer = tokens.load_tokenizer(tokenizer_name)
-            self.pad_id, self.vocab_size = tokenizer.pad_token_id, len(tokenizer)
+            self.pad_id = tokens.load_tokenizer(tokenizer_name).pad_token_id
+            self.id_bound = tokens.id_bound(tokenizer_name)
         std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> tuple:
         """(key, crop, caption, label, extras): `extras` holds what the decoder was asked for beyond them, by name:
-        the caption's stored token ids (`ids`, when usable), ground-truth fields, the precomputed text block."""
+        the caption's stored token ids (`ids`: None where they are absent or unusable), ground-truth fields, the
+        precomputed text block."""
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         for name, value in (("image (jpg/png/webp)", field), ("txt", "txt" in sample), ("cls", "cls" in sample)):
             if not value:
@@ -103,9 +104,9 @@ class Decoder:
         extras = self.read_ground_truth(sample, geometry, image.size[0]) if self.ground_truth else {}
         if self.text_blocks is not None:  # named here, read in the main process (TextBlockReader says why)
             extras["text_block"] = (sample["__url__"], sample["__index__"], sample["__key__"])
-        if self.ids_field is not None and len(sample["txt"]) <= self.max_caption_bytes:  # the caption is whole
-            extras["ids"] = tokens.stored_ids(sample.get(self.ids_field), seq_len=self.seq_len,
-                                                 vocab_size=self.vocab_size)
+        if self.ids_field is not None:  # None where the caption must be tokenized
+            extras["ids"] = tokens.stored_ids(sample.get(self.ids_field), sample["txt"], seq_len=self.seq_len,
+                                              max_caption_bytes=self.max_caption_bytes, id_bound=self.id_bound)
         return sample["__key__"], self.transform(image, rng, geometry), caption, label, extras
 
     def load_rgb(self, data: bytes) -> Image.Image:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mgn.cli import synthetic_writes
 from mgn.config import Config
+from mgn import tokens
 from mgn.shards import write_synthetic
 
 log = logging.getLogger("mgn")
@@ -34,7 +35,10 @@ def ensure_demo_shards(cfg: Config) -> None:
         return
     log.info("MGN: writing %d synthetic samples to %s", cfg.data.synthetic_samples, out_dir)
     # The data seed is fixed: runs with different `train.seed` must see the same dataset.
-    write_synthetic(out_dir, samples=cfg.data.synthetic_samples, image_size=cfg.model.image_size, seed=0)
+    # token ids for the run's own tokenizer (mgn/tokens.py), when it reads captions and has a fast tokenizer
+    tokenizer = cfg.model.text_model if cfg.uses_captions and tokens.field_name(cfg.model.text_model) else None
+    write_synthetic(out_dir, samples=cfg.data.synthetic_samples, image_size=cfg.model.image_size, seed=0,
+                    tokenizer=tokenizer)
 
 
 def point_latest(run_dir: Path) -> None:

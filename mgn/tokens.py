@@ -1,31 +1,31 @@
-"""Captions -> token ids of a fixed length: the tokenizer, loaded once per process, and the ids the shard writer
+"""Captions -> token ids of a fixed length: the tokenizer (loaded once per process), and the ids the shard writer
 stores so that loader workers only pad them.
 
     input_ids, attention_mask = tokenize(name, seq_len, captions)   # int64 [n, seq_len], padded and cut
 
-Captions tokenized once, when the shards are written:
-
-Tokenizing a synthetic caption (~30 tokens) to 121 ids took a loader worker ~100 us of its ~960 us per sample at
-224 px (benchmarks/loader_throughput.py, `--captions tokens` against `none`): after the JPEG decode, the biggest
-cost a worker has. So the shard writer (`python -m mgn.shards --tokenizer NAME`, on by default) stores each
-caption's whole token ids, special tokens included, in a field named after the tokenizer's fingerprint:
-
-    <key>.ids.<fingerprint>     little-endian uint32: [CLS] violent scene ... [SEP]
-
     field = field_name(tokenizer)                 # "ids.<16 hex digits>", or None (no fast tokenizer)
-    sample[field] = encode(tokenizer, caption)    # the writer
-    ids = stored_ids(sample, field, ...)          # a loader worker: the ids, or None: tokenize the caption
-    input_ids, attention_mask = pad(ids_list, seq_len, pad_id)
+    sample[field] = encode(tokenizer, [caption])[0]                   # the shard writer
+    ids = stored_ids(sample.get(field), sample["txt"], max_caption_bytes=..., seq_len=..., id_bound=...)
+    input_ids, attention_mask = pad([ids, ...], seq_len, pad_id)      # a loader worker; None rows: tokenize them
+
+Tokenizing a synthetic caption (~30 tokens) to 121 ids cost a loader worker ~60-100 CPU-us of its ~850-960 per
+sample at 224 px (benchmarks/loader_throughput.py, `--captions tokens` against `none`): after the JPEG decode, the
+biggest cost a worker has. So the shard writer (`python -m mgn.shards --tokenizer NAME`, on by default) stores each
+caption's whole token ids, with the tokenizer's own special tokens, in a field named after the tokenizer's
+fingerprint, behind a checksum of the caption they were made from:
+
+    <key>.ids.<fingerprint>     little-endian uint32: crc32(txt bytes), then the ids ([CLS] violent scene ... [SEP])
 
 The loader (mgn/decode.py) reads them only where that gives exactly what tokenizing the caption gives:
 - the field carries the run's tokenizer's fingerprint (a hash of everything that decides the ids: vocabulary,
   added tokens, normaliser, pre-tokeniser, special-token template; not its truncation or padding settings), so
-  ids of another vocabulary are never read, while two packagings of one tokenizer (DistilBERT's and MiniLM's
-  uncased WordPiece) share their ids;
-- the caption was not cut by the run's `data.max_caption_bytes`, and fits in `model.seq_len` (cutting the ids
+  ids of another vocabulary are never read;
+- the checksum matches the sample's `txt`: a tool that rewrote the caption but copied the other members leaves
+  ids that are not read;
+- the caption was not cut by the run's `data.max_caption_bytes`, and its ids fit in `model.seq_len` (cutting them
   would need the tokenizer's own truncation rule: [SEP] stays last);
-- the field is well formed (whole uint32 values, each inside the vocabulary): the caption is the truth, the ids
-  only a cache of it, so damaged ids are tokenized again rather than counted as a bad sample.
+- the field is well formed (whole uint32 values, each a valid id): the caption is the truth, the ids only a cache
+  of it, so damaged ids are tokenized again rather than counted as a bad sample.
 Otherwise, or without the field (shards written by other tools, or with `--tokenizer none`), the worker
 tokenizes the caption as before: both ways give the same arrays (tests/test_tokens.py).
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -125,18 +126,29 @@ def field_name(name: str) -> str | None:
 
 
 def encode(name: str, captions: list[str]) -> list[bytes]:
-    """Each caption's whole ids (special tokens included), little-endian uint32: what a shard stores."""
-    return [np.asarray(e.ids, dtype="<u4").tobytes()
-            for e in whole_tokenizer(name).encode_batch(captions, add_special_tokens=True)]
+    """What a shard stores for each caption: little-endian uint32, the CRC-32 of its UTF-8 bytes (the `txt` member),
+    then its whole ids, special tokens included."""
+    encodings = whole_tokenizer(name).encode_batch(captions, add_special_tokens=True)
+    return [np.asarray([zlib.crc32(caption.encode("utf-8")), *e.ids], dtype="<u4").tobytes()
+            for caption, e in zip(captions, encodings)]
 
 
-def stored_ids(raw: bytes | None, *, seq_len: int, vocab_size: int) -> np.ndarray | None:
-    """The ids in a sample's field, when they can stand for tokenizing its caption (see the module's docstring;
-    the caller checks the caption byte cap): None when absent, too long for `seq_len`, or damaged."""
-    if raw is None or not raw or len(raw) % 4 or len(raw) // 4 > seq_len:
+def stored_ids(raw: bytes | None, txt: bytes, *, max_caption_bytes: int, seq_len: int,
+               id_bound: int) -> np.ndarray | None:
+    """The ids in a sample's field (`raw`), when they can stand for tokenizing its caption (`txt`, as stored): None
+    when absent, made from another caption, for a caption the loader cuts, too long for `seq_len`, or damaged."""
+    if raw is None or len(txt) > max_caption_bytes or len(raw) % 4 or not 2 <= len(raw) // 4 <= seq_len + 1:
         return None
-    ids = np.frombuffer(raw, dtype="<u4")
-    return ids if int(ids.max()) < vocab_size else None
+    stored = np.frombuffer(raw, dtype="<u4")
+    if int(stored[0]) != zlib.crc32(txt):
+        return None
+    ids = stored[1:]
+    return ids if int(ids.max()) < id_bound else None
+
+
+def id_bound(name: str) -> int:
+    """One past the highest id the tokenizer gives (its vocabulary may have gaps: not len(tokenizer))."""
+    return max(load_tokenizer(name).get_vocab().values()) + 1
 
 
 def pad(ids: list[np.ndarray | None], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

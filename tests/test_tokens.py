@@ -3,11 +3,13 @@ batches are exactly what tokenizing gives, wherever the ids are read, ignored or
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
 
 from mgn import shards, tokens
+from mgn.captions import token_lengths
 from mgn.config import PACKAGED_MINILM, DataConfig
 from mgn.data import train_loader
 from mgn.decode import Decoder
@@ -27,25 +29,40 @@ def two_sets(tmp_path_factory):
     return root
 
 
-def _tokens(folder, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _tokens(folder, seq_len: int, monkeypatch) -> tuple[np.ndarray, np.ndarray, int]:
+    """The loader's input_ids and attention_mask over one epoch, and how many captions it tokenized itself."""
+    tokenized, tokenize_all = [], tokens.tokenize
+    monkeypatch.setattr(tokens, "tokenize", lambda name, n, captions: tokenized.append(len(captions))
+                        or tokenize_all(name, n, captions))
     spec = str(folder / "train-*.tar")
     cfg = DataConfig(train_shards=spec, test_shards=spec, num_workers=0)
     loader = train_loader(cfg, image_size=32, mean=MEAN, std=STD, tokenizer_name=PACKAGED_MINILM, seq_len=seq_len,
                           batch_size=16, rank=0, world_size=1, seed=0, epoch=0)
     batches = [b for b in loader if "input_ids" in b]
     return (np.concatenate([b["input_ids"].numpy() for b in batches]),
-            np.concatenate([b["attention_mask"].numpy() for b in batches]))
+            np.concatenate([b["attention_mask"].numpy() for b in batches]), sum(tokenized))
 
 
 @pytest.mark.parametrize("seq_len", [36, 29, 16])  # every caption fits; some do (a mixed batch); none does
-def test_batches_from_stored_ids_equal_tokenized_ones(two_sets, seq_len):
-    stored, tokenized = _tokens(two_sets / "with", seq_len), _tokens(two_sets / "without", seq_len)
+def test_batches_from_stored_ids_equal_tokenized_ones(two_sets, seq_len, monkeypatch):
+    stored, tokenized = _tokens(two_sets / "with", seq_len, monkeypatch), _tokens(two_sets / "without", seq_len,
+                                                                                  monkeypatch)
     assert len(stored[0]) == 96
     np.testing.assert_array_equal(stored[0], tokenized[0])
     np.testing.assert_array_equal(stored[1], tokenized[1])
-    if seq_len == 29:  # the synthetic captions have 25-33 tokens: both kinds in one epoch
-        lengths = tokenized[1].sum(1)
-        assert (lengths < 29).any() and (lengths == 29).any()
+    assert tokenized[2] == 96  # without ids the workers tokenize every caption
+    lengths = token_lengths(PACKAGED_MINILM, _captions(two_sets / "with"))
+    must_cut = sum(n > seq_len for n in lengths)
+    assert stored[2] == must_cut  # with ids: only the captions that must be cut are tokenized
+    assert {36: must_cut == 0, 29: 0 < must_cut < 96, 16: must_cut == 96}[seq_len]  # the three cases named above
+
+
+def _captions(folder) -> list[str]:
+    captions = []
+    for shard in sorted(folder.glob("train-*.tar")):
+        with open(shard, "rb") as f:
+            captions += [s["txt"].decode() for s in tar_samples(f)]
+    return captions
 
 
 def _sample(caption: str, **fields) -> dict:
@@ -58,10 +75,15 @@ def _decoder(seq_len: int = 16, **kwargs) -> Decoder:
     return Decoder(32, MEAN, STD, PACKAGED_MINILM, seq_len, train=False, **kwargs)
 
 
+def _field(caption: str, ids) -> bytes:
+    """A stored field as the writer lays it out (the caption's CRC-32, then its ids), here with any ids."""
+    return np.array([zlib.crc32(caption.encode()), *ids], "<u4").tobytes()
+
+
 def test_the_loader_reads_the_stored_ids_rather_than_the_caption():
     decoder = _decoder()
     # ids that are not this caption's: only reading the field can produce them
-    item = decoder.decode(_sample("a caption", **{decoder.ids_field: np.array([101, 7, 8, 102], "<u4").tobytes()}))
+    item = decoder.decode(_sample("a caption", **{decoder.ids_field: _field("a caption", [101, 7, 8, 102])}))
     assert item[4]["ids"].tolist() == [101, 7, 8, 102]
     batch = decoder.collate([item, decoder.decode(_sample("a caption"))], {}, (0, 0))
     assert batch["input_ids"][0].tolist() == [101, 7, 8, 102] + [load_tokenizer(PACKAGED_MINILM).pad_token_id] * 12
@@ -73,20 +95,39 @@ def test_the_loader_reads_the_stored_ids_rather_than_the_caption():
 
 def test_ids_that_cannot_stand_for_the_caption_are_not_read():
     decoder = _decoder(seq_len=16, max_caption_bytes=12)
-    field, vocab = decoder.ids_field, len(load_tokenizer(PACKAGED_MINILM))
-    good = np.array([101, 7, 102], "<u4").tobytes()
-    assert decoder.decode(_sample("short", **{field: good}))[4]["ids"] is not None
+    field, bound = decoder.ids_field, tokens.id_bound(PACKAGED_MINILM)
+    good = _field("short", [101, 7, 102])
+    assert decoder.decode(_sample("short", **{field: good}))[4]["ids"].tolist() == [101, 7, 102]
+    long_caption = "a caption over twelve bytes"
+    assert decoder.decode(_sample(long_caption[:12], **{field: _field(long_caption[:12], [101, 7, 102])}))[4]["ids"] \
+        is not None  # exactly at the byte cap: whole
     for caption, fields in (
             ("short", {"ids.0123456789abcdef": good}),  # another tokenizer's fingerprint
-            ("short", {field: np.arange(17, dtype="<u4").tobytes()}),  # longer than seq_len: needs cutting
+            ("short", {field: _field("shorts", [101, 7, 102])}),  # made from another caption (txt rewritten)
+            ("short", {field: _field("short", range(1, 18))}),  # 17 ids, longer than seq_len 16: needs cutting
             ("short", {field: good[:-1]}),  # not whole uint32 values
             ("short", {field: b""}),
-            ("short", {field: np.array([101, vocab, 102], "<u4").tobytes()}),  # outside the vocabulary
-            ("a caption over twelve bytes", {field: good})):  # cut by data.max_caption_bytes: not what was tokenized
+            ("short", {field: good[:4]}),  # the checksum alone, no ids
+            ("short", {field: _field("short", [101, bound, 102])}),  # not an id of this tokenizer
+            (long_caption, {field: _field(long_caption, [101, 7, 102])})):  # cut by data.max_caption_bytes
         item = decoder.decode(_sample(caption, **fields))
         assert item[4].get("ids") is None, (caption, fields)
         batch = decoder.collate([item], {}, (0, 0))
         assert batch["input_ids"].tolist() == tokenize(PACKAGED_MINILM, 16, [item[2]])[0].tolist()
+
+
+def test_captions_longer_than_the_tokenizer_files_own_cut_are_stored_whole():
+    """The packaged tokenizer.json truncates at 128 tokens; stored ids must not: at seq_len 256 they are read."""
+    caption = " ".join(["violent scene in the upper left quadrant"] * 30)  # ~210 tokens
+    decoder = _decoder(seq_len=256)
+    stored = tokens.encode(PACKAGED_MINILM, [caption])[0]
+    assert len(stored) // 4 - 1 > 128
+    item = decoder.decode(_sample(caption, **{decoder.ids_field: stored}))
+    assert item[4]["ids"] is not None
+    batch = decoder.collate([item], {}, (0, 0))
+    expected = tokenize(PACKAGED_MINILM, 256, [caption])
+    np.testing.assert_array_equal(batch["input_ids"], expected[0])
+    np.testing.assert_array_equal(batch["attention_mask"], expected[1])
 
 
 def test_the_fingerprint_covers_what_decides_the_ids_and_not_truncation_or_padding(tmp_path):
@@ -122,7 +163,7 @@ def test_the_writer_stores_no_ids_when_told_and_refuses_a_tokenizer_it_cannot_lo
 
 def test_padding_matches_the_tokenizers_own_padding():
     captions = ["violent scene in the upper left", "calm", "a much longer caption about a peaceful stream frame"]
-    stored = [np.frombuffer(raw, "<u4") for raw in tokens.encode(PACKAGED_MINILM, captions)]
+    stored = [np.frombuffer(raw, "<u4")[1:] for raw in tokens.encode(PACKAGED_MINILM, captions)]
     padded = tokens.pad(stored, 24, load_tokenizer(PACKAGED_MINILM).pad_token_id)
     expected = tokenize(PACKAGED_MINILM, 24, captions)
     np.testing.assert_array_equal(padded[0], expected[0])
