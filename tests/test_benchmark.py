@@ -207,3 +207,21 @@ def test_the_train_step_benchmark_times_a_bare_pytorch_step_beside_the_engines(t
     assert len(step["step_s_rounds"]["bare"]) == 1 and step["warmup_steps"] == 1
     assert step["baseline_over_bare"] == step["step_s"]["baseline"] / step["step_s"]["bare"]
     assert step["precision"] == "fp32" and step["device"] == "cpu" and 0 <= step["data_wait_fraction"] < 1
+
+
+def test_a_lead_is_confirmed_on_the_fresh_seeds_alone(tmp_path):
+    """benchmarks/confirm_seeds.py: the rows of the other seeds do not enter the figures."""
+    accuracy = {("baseline", 0): 0.50, ("tram", 0): 0.70, ("baseline", 1): 0.50, ("tram", 1): 0.60,  # looked at
+                ("baseline", 2): 0.60, ("tram", 2): 0.61, ("baseline", 3): 0.60, ("tram", 3): 0.59,  # fresh
+                ("baseline", 4): 0.60, ("tram", 4): 0.60}
+    rows = [{"setting": "clean/standin", "arm": arm, "seed": seed, "student": {"accuracy": value}}
+            for (arm, seed), value in accuracy.items()]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_script(tmp_path, "confirm_seeds", str(results), "--setting", "clean/standin", "--arms", "tram",
+                     "--seeds", "2-4")
+    paired = out["arms"]["tram"]["paired"]
+    assert out["seeds"] == paired["seeds"] == [2, 3, 4]
+    assert paired["diffs"] == pytest.approx([0.01, -0.01, 0.0]) and paired["mean"] == pytest.approx(0.0)
+    assert (paired["wins"], paired["ties"], paired["losses"]) == (1, 1, 1)
+    assert out["arms"]["tram"]["sample_level"] is None  # these rows kept no per-sample record
