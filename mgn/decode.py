@@ -177,7 +177,7 @@ class Decoder:
         missing = [row for row, ids in enumerate(stored) if ids is None]
         if missing:
             input_ids[missing], mask[missing] = tokens.tokenize(self.tokenizer_name, self.seq_len,
-                                                         [items[row][2] for row in missing])
+                                                                [items[row][2] for row in missing])
         return input_ids, mask
 
     def normalise(self, batch: dict) -> Batch:

@@ -6,9 +6,9 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+from mgn import tokens
 from mgn.cli import synthetic_writes
 from mgn.config import Config
-from mgn import tokens
 from mgn.shards import write_synthetic
 
 log = logging.getLogger("mgn")

@@ -146,8 +146,10 @@ def stored_ids(raw: bytes | None, txt: bytes, *, max_caption_bytes: int, seq_len
     return ids if int(ids.max()) < id_bound else None
 
 
+@lru_cache(maxsize=4)
 def id_bound(name: str) -> int:
-    """One past the highest id the tokenizer gives (its vocabulary may have gaps: not len(tokenizer))."""
+    """One past the highest id the tokenizer gives (its vocabulary may have gaps: not len(tokenizer)). Cached: a
+    Decoder is built every epoch, and reading a 30,000-word vocabulary takes ~10 ms."""
     return max(load_tokenizer(name).get_vocab().values()) + 1
 
 
