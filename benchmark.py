@@ -1,10 +1,11 @@
-"""Time the deployed student (reparameterized MobileOne + head) against its unfused form and plain timm MobileOne.
+"""Time the deployed student (reparameterized MobileOne + head) against its unfused form and plain timm
+MobileOne.
 
     python benchmark.py --model mobileone_s4                 # random init (stated in the output), 224 px
     python benchmark.py --ckpt runs/demo                     # a trained student, at its own image size
     python benchmark.py --tiny                               # seconds: S0 at 64 px, few iterations
     python benchmark.py --model mobileone_s4 --precision bf16 --channels-last --compile   # on a GPU
-    python benchmark.py --model mobileone_s4 --device cuda --batch-sizes 256   # ms/img at 256 vs the paper's 0.13
+    python benchmark.py --model mobileone_s4 --device cuda --batch-sizes 256   # ms/img vs the paper's 0.13
     python benchmark.py --ckpt runs/demo --clip models/clip-b16   # the student beside CLIP's image tower
 
 Before timing, fused and unfused outputs (and student vs plain timm) are compared; a mismatch stops the run.
@@ -22,21 +23,26 @@ import sys
 from dataclasses import replace
 
 from mgn.cli import require, run_command
-from mgn.config_checks import IMAGE_MODELS, MIN_IMAGE_SIZE
+from mgn.config_checks import MIN_IMAGE_SIZE, check_image_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The exit code: 0, or 2 after one line `benchmark.py: error: ...` for a bad flag, checkpoint or check."""
+    """The exit code: 0, or 2 after one line `benchmark.py: error: ...` for a bad flag, checkpoint or
+    check."""
     return run_command("benchmark.py", lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    # Defaults of None are mgn.benchmark.Settings' own, filled in after parsing: --help answers before torch loads.
+    # Defaults of None are mgn.bench.latency.Settings' own, filled in after parsing: --help answers before
+    # torch loads.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", default=None, help="run folder, checkpoint tag/latest, or student.safetensors / .pt2")
-    source.add_argument("--model", default=None, help="timm MobileOne variant with random init (default mobileone_s4)")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, or 224 (64 with --tiny)")
+    source.add_argument("--ckpt", default=None, help="run folder, checkpoint tag/latest, or "
+                                                     "student.safetensors / .pt2")
+    source.add_argument("--model", default=None, help="timm MobileOne variant with random init (default "
+                                                      "mobileone_s4)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, or 224 (64 with "
+                                                                "--tiny)")
     p.add_argument("--num-classes", type=int, default=2, help="with --model (default 2)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32")
@@ -47,9 +53,11 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed batch-1 calls per model")
     p.add_argument("--rounds", type=int, default=None, help="models take turns over this many rounds")
     p.add_argument("--batch-sizes", default=None,
-                   help="throughput batch sizes, e.g. 32,256 (default: 8,32 on CPU; 32,64,128,256,512 on GPU)")
+                   help="throughput batch sizes, e.g. 32,256 (default: 8,32 on CPU; "
+                        "32,64,128,256,512 on GPU)")
     p.add_argument("--throughput-iters", type=int, default=None, help="default: 10 on CPU, 20 on GPU")
-    p.add_argument("--matmul-size", type=int, default=None, help="square matmul of the peak (default: 2048 on CPU, "
+    p.add_argument("--matmul-size", type=int, default=None, help="square matmul of the peak (default: 2048 "
+                                                                 "on CPU, "
                                                                  "8192 on GPU)")
     p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the deployed student from a host batch, copy included (default: yes)")
@@ -62,14 +70,16 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--rtol", type=float, default=None, help="fused vs unfused: max |diff| / max |logit|")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (S0, 64 px, few iterations)")
     p.add_argument("--clip", default=None, metavar="MODEL",
-                   help="also time a CLIP model's image tower (local transformers folder), beside the student")
+                   help="also time a CLIP model's image tower (local transformers folder), "
+                        "beside the student")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow loading a student.pt2 that holds pickled parts (can run code): trusted sources only")
+                   help="allow loading a student.pt2 that holds pickled parts (can run code): trusted "
+                        "sources only")
     p.add_argument("--out", default="benchmarks/results/latency.json", help="JSON report path")
     a = p.parse_args(argv)
     check_flags(a)
 
-    from mgn.benchmark import BenchmarkError, Settings, run, tiny_settings  # noqa: PLC0415 - heavy: torch, timm
+    from mgn.bench.latency import BenchmarkError, Settings, run, tiny_settings  # heavy: torch, timm
 
     given = {"device": a.device, "precision": a.precision, "threads": a.threads, "warmup": a.warmup,
              "iters": a.iters, "rounds": a.rounds, "throughput_iters": a.throughput_iters,
@@ -87,7 +97,8 @@ def _main(argv: list[str] | None) -> int:
         variant = a.model or "mobileone_s0"
         image_size = image_size or (None if a.ckpt else 64)
     try:
-        run(settings, ckpt=a.ckpt, variant=variant, image_size=image_size, num_classes=a.num_classes, out=a.out,
+        run(settings, ckpt=a.ckpt, variant=variant, image_size=image_size, num_classes=a.num_classes,
+            out=a.out,
             trust=a.trust_checkpoint, clip=a.clip)
     except BenchmarkError as error:  # a check before timing failed (e.g. fused and unfused outputs disagree)
         raise ValueError(str(error)) from error
@@ -97,7 +108,7 @@ def _main(argv: list[str] | None) -> int:
 def check_flags(a: argparse.Namespace) -> None:
     """Every number and name in range, before anything loads: one line naming the flag (mgn/cli.py)."""
     if a.model is not None:
-        require("--model", a.model, a.model in IMAGE_MODELS, f"expected one of {list(IMAGE_MODELS)}")
+        check_image_model("--model", a.model)
     if a.image_size is not None:
         require("--image-size", a.image_size, a.image_size >= MIN_IMAGE_SIZE, f"must be >= {MIN_IMAGE_SIZE}")
     require("--num-classes", a.num_classes, a.num_classes >= 2, "must be >= 2")

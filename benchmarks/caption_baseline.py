@@ -12,15 +12,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgn.caption_only import caption_only_metrics  # noqa: E402
+from mgn.eval.caption_only import caption_only_metrics  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", default="shards/demo", help="folder with train-*.tar and test-*.tar")
     parser.add_argument("--out", default="benchmarks/results/caption_baseline.json")
     args = parser.parse_args()
-    result = {"shards": args.shards, **caption_only_metrics(f"{args.shards}/train-*.tar", f"{args.shards}/test-*.tar")}
+    result = {"shards": args.shards, **caption_only_metrics(f"{args.shards}/train-*.tar",
+                                                            f"{args.shards}/test-*.tar")}
     print(f"caption-only bag of words: {result['train']} train / {result['test']} test captions, "
           f"accuracy {result['accuracy']:.3f}, AUROC {result.get('auroc', float('nan')):.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,20 @@
 
     python benchmarks/loader_throughput.py                                  # synthetic 96 px shards
     python benchmarks/loader_throughput.py --image-size 224 --workers 1 2
-    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions ids tokens none --out loader.json
+    python benchmarks/loader_throughput.py --image-size 224 --workers 1 --captions ids tokens none \
+        --out loader.json
     python benchmarks/loader_throughput.py --shards 'shards/demo/train-*.tar' --out loader.json
 
 "bare" is one process doing only JPEG decode to RGB, the train transform (random resized crop +
 flip) and normalisation into a batch tensor, with the image bytes already in memory: the work a
 worker cannot avoid. The loader adds tar reading, the shuffle buffer, the captions (`--captions
-ids`: token ids the shard writer stored, padded (mgn/tokens.py), what the guided objectives read by default
-from shards written here; `tokens`: tokenized by the worker, from shards written without ids (`--tokenizer none`,
-or by other tools); `blocks`: each sample's precomputed text block read instead, `data.text_blocks`, here random
-bf16 blocks of `--block-shape`; `none`: an image-only objective), batching and the hand-over to the main process
-(which normalises). The synthetic shards are written twice, with and without ids, the same images in both; with
-`--shards`, every mode reads the given shards as they are (`tokens` and `ids` alike read stored ids if any).
+ids`: token ids the shard writer stored, padded (mgn/data/tokens.py), what the guided objectives read by
+default from shards written here; `tokens`: tokenized by the worker, from shards written without ids
+(`--tokenizer none`, or by other tools); `blocks`: each sample's precomputed text block read instead,
+`data.text_blocks`, here random bf16 blocks of `--block-shape`; `none`: an image-only objective), batching and
+the hand-over to the main process (which normalises). The synthetic shards are written twice, with and without
+ids, the same images in both; with `--shards`, every mode reads the given shards as they are (`tokens` and
+`ids` alike read stored ids if any).
 
 Cores per GPU: the CPU-seconds per sample of a worker and of the main process, times a GPU's rate
 (`--gpu-rate`, default 3,000 samples/s), is how many cores a rank's loader needs to keep up.
@@ -43,17 +45,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn.config import PACKAGED_MINILM, DataConfig  # noqa: E402
-from mgn.data import train_loader  # noqa: E402
-from mgn.decode import Decoder  # noqa: E402
-from mgn import text_blocks  # noqa: E402
-from mgn.shard_sets import expand_shards  # noqa: E402
-from mgn.tar import tar_samples  # noqa: E402
-from mgn.shards import write_synthetic  # noqa: E402
+from mgn.data.loader import train_loader  # noqa: E402
+from mgn.data.decode import Decoder  # noqa: E402
+from mgn.data import block_files  # noqa: E402
+from mgn.io.shard_sets import expand_shards  # noqa: E402
+from mgn.io.tar import tar_samples  # noqa: E402
+from mgn.data.writer import write_synthetic  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_seconds: float) -> tuple[float, float]:
+def bare_rate(images: list[bytes], decoder: Decoder, batch_size: int, min_seconds: float) -> tuple[float,
+                                                                                                   float]:
     """(samples/s, CPU-us per sample) of decode + transform + normalise in this process."""
     rng = random.Random(0)
     done, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -74,17 +77,19 @@ def _children_cpu(children) -> float | None:
 
 
 def write_random_blocks(shards: str, folder: str, shape: tuple[int, ...]) -> None:
-    """A `data.text_blocks` folder for `shards` with random bf16 blocks: what the loader reads costs the same."""
+    """A `data.text_blocks` folder for `shards` with random bf16 blocks: what the loader reads costs the
+    same."""
     generator = torch.Generator().manual_seed(0)
     for shard in expand_shards(shards):
         with open(shard, "rb") as f:
             keys = [sample["__key__"] for sample in tar_samples(f)]  # in tar order, as the loader counts them
         blocks = torch.randn(len(keys), *shape, generator=generator)
-        text_blocks.save_blocks(text_blocks.sidecar(folder, shard), keys, blocks, "benchmark")
+        block_files.save_blocks(block_files.sidecar(folder, shard), keys, blocks, "benchmark")
 
 
 def loader_epoch(cfg: DataConfig, args, workers: int, tokenizer: str | None, epoch: int) -> dict:
-    """One epoch's counters. Steady state: clocks start at the first batch, so worker start-up is counted apart."""
+    """One epoch's counters. Steady state: clocks start at the first batch, so worker start-up is counted
+    apart."""
     cfg = DataConfig(**{**cfg.__dict__, "num_workers": workers})
     me = psutil.Process()
     start = time.perf_counter()
@@ -111,7 +116,8 @@ def loader_epoch(cfg: DataConfig, args, workers: int, tokenizer: str | None, epo
 def loader_rate(epochs: list[dict], workers: int) -> dict:
     """The figures of one (captions, workers) pair from its epochs' counters."""
     total = {k: sum(e[k] for e in epochs) for k in epochs[0]}
-    result = {"workers": workers, "samples": total["samples"], "samples_per_s": total["steady"] / total["steady_s"],
+    result = {"workers": workers, "samples": total["samples"],
+              "samples_per_s": total["steady"] / total["steady_s"],
               "samples_per_s_with_startup": total["samples"] / total["total_s"],
               "main_cpu_us_per_sample": total["main_cpu_s"] / total["steady"] * 1e6}
     if total["worker_samples"]:
@@ -131,8 +137,10 @@ def main() -> None:
     p.add_argument("--captions", nargs="+", default=["ids"], choices=["ids", "tokens", "blocks", "none"],
                    help="what the loader does with the captions (see above); several are measured in turn, "
                         "one epoch each per round, so load drift hits them alike")
-    p.add_argument("--block-shape", default="768,7,7", help="--captions blocks: H,g,g of each block (the paper's)")
-    p.add_argument("--gpu-rate", type=float, default=3000.0, help="samples/s one GPU trains, for cores per GPU")
+    p.add_argument("--block-shape", default="768,7,7", help="--captions blocks: H,g,g of each block (the "
+                                                            "paper's)")
+    p.add_argument("--gpu-rate", type=float, default=3000.0, help="samples/s one GPU trains, for cores per "
+                                                                  "GPU")
     p.add_argument("--bare-seconds", type=float, default=5.0)
     p.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = p.parse_args()
@@ -142,7 +150,8 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         for folder, tokenizer in (("plain", None), ("ids", PACKAGED_MINILM)):
             if folder == "plain" or "ids" in args.captions:
-                write_synthetic(f"{tmp.name}/{folder}", samples=args.samples, image_size=args.image_size, seed=0,
+                write_synthetic(f"{tmp.name}/{folder}", samples=args.samples, image_size=args.image_size,
+                                seed=0,
                                 test_fraction=0.0, workers=os.cpu_count() or 1, tokenizer=tokenizer)
         args.shards, shards_with_ids = f"{tmp.name}/plain/train-*.tar", f"{tmp.name}/ids/train-*.tar"
     setups = {}  # captions -> (data config, tokenizer)
@@ -151,7 +160,8 @@ def main() -> None:
         cfg = DataConfig(train_shards=spec, test_shards=spec)
         if captions == "blocks":
             blocks_dir = tempfile.TemporaryDirectory()
-            write_random_blocks(args.shards, blocks_dir.name, tuple(int(v) for v in args.block_shape.split(",")))
+            write_random_blocks(args.shards, blocks_dir.name,
+                                tuple(int(v) for v in args.block_shape.split(",")))
             cfg.text_blocks = blocks_dir.name
         setups[captions] = (cfg, PACKAGED_MINILM if captions in ("ids", "tokens") else None)
     images = []
@@ -175,7 +185,8 @@ def main() -> None:
         run["ratio_wall_per_worker"] = run["samples_per_s"] / (max(workers, 1) * bare)
         if "worker_cpu_us_per_sample" in run:
             run["ratio_cpu_per_worker"] = bare_cpu / run["worker_cpu_us_per_sample"]
-            run["cores_per_gpu"] = (args.gpu_rate * (run["worker_cpu_us_per_sample"] + run["main_cpu_us_per_sample"])
+            run["cores_per_gpu"] = (args.gpu_rate * (run["worker_cpu_us_per_sample"]
+                                                     + run["main_cpu_us_per_sample"])
                                     / 1e6)
         runs.append(run)
 
@@ -189,15 +200,18 @@ def main() -> None:
               "loader": runs}
     print(f"{len(images)} images at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"bare decode+transform, 1 process: {bare:7.0f} samples/s (before {before:.0f}, after {after:.0f}), "
+    print(f"bare decode+transform, 1 process: {bare:7.0f} samples/s (before {before:.0f}, after "
+          f"{after:.0f}), "
           f"{bare_cpu:.0f} CPU-us/sample")
     for run in runs:
         cpu = (f", worker {run['worker_cpu_us_per_sample']:.0f} CPU-us/sample -> cpu ratio "
                f"{run['ratio_cpu_per_worker']:.2f}, {run['cores_per_gpu']:.1f} cores per GPU at "
                f"{args.gpu_rate:.0f} samples/s") if "ratio_cpu_per_worker" in run else ""
-        print(f"train_loader, captions {run['captions']}, {run['workers']} worker(s): {run['samples_per_s']:7.0f} "
+        print(f"train_loader, captions {run['captions']}, {run['workers']} worker(s): "
+              f"{run['samples_per_s']:7.0f} "
               f"samples/s ({run['samples_per_s_with_startup']:.0f} with start-up) -> wall ratio per worker "
-              f"{run['ratio_wall_per_worker']:.2f}; main {run['main_cpu_us_per_sample']:.0f} CPU-us/sample{cpu}")
+              f"{run['ratio_wall_per_worker']:.2f}; main {run['main_cpu_us_per_sample']:.0f} "
+              f"CPU-us/sample{cpu}")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgn.config import preset_config  # noqa: E402
-from mgn.data import build_loader  # noqa: E402
+from mgn.data.loader import build_loader  # noqa: E402
 from mgn.shards import write_synthetic  # noqa: E402
 
 
@@ -32,9 +32,11 @@ def first_batch_seconds(cfg, skip: int, decode_and_discard: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20000)
-    parser.add_argument("--shards", default="/tmp/mgn-resume-bench", help="where the synthetic shards are written")
+    parser.add_argument("--shards", default="/tmp/mgn-resume-bench", help="where the synthetic shards are "
+                                                                          "written")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/resume_startup.json")
     args = parser.parse_args()
@@ -42,7 +44,8 @@ def main() -> None:
     if not (folder / "sizes.json").exists():
         write_synthetic(folder, samples=args.samples, image_size=96, seed=0, max_samples=1000, workers=2)
     cfg = preset_config("demo", {"data": {"train_shards": str(folder / "train-*.tar"),
-                                          "test_shards": str(folder / "test-*.tar"), "num_workers": args.workers}})
+                                          "test_shards": str(folder / "test-*.tar"),
+                                          "num_workers": args.workers}})
     batches = len(build_loader(cfg, "train"))
     result = {"samples_per_epoch": batches * cfg.train.micro_batch, "batches_per_epoch": batches,
               "workers": args.workers, "cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()}

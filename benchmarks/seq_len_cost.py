@@ -26,16 +26,17 @@ from train_step import engine_step, time_rounds  # noqa: E402
 
 from mgn import distributed  # noqa: E402
 from mgn.config import PRESETS, preset_config  # noqa: E402
-from mgn.data import build_loader  # noqa: E402
-from mgn.engine import build_engine  # noqa: E402
-from mgn.objectives import build_objective  # noqa: E402
-from mgn.train import ensure_demo_shards  # noqa: E402
+from mgn.data.loader import build_loader  # noqa: E402
+from mgn.train.engine import build_engine  # noqa: E402
+from mgn.model.objectives import build_objective  # noqa: E402
+from mgn.train.loop import ensure_demo_shards  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    p.add_argument("--lengths", default=None, help="comma-separated seq_len values (default: 16 and the preset's)")
+    p.add_argument("--lengths", default=None, help="comma-separated seq_len values (default: 16 and the "
+                                                   "preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and mode")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-shards", default=None, help="shards to read (the compare preset names none)")
@@ -66,7 +67,8 @@ def main() -> None:
               "micro_batch": PRESETS[args.preset]["train"]["micro_batch"], "steps_per_round": args.steps,
               "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "platform": platform.platform(), "torch": torch.__version__}
-    print(f"MGN seq_len cost ({args.preset}, {device}, {torch.get_num_threads()} threads; median of {args.rounds} "
+    print(f"MGN seq_len cost ({args.preset}, {device}, {torch.get_num_threads()} threads; median of "
+          f"{args.rounds} "
           f"alternating rounds of {args.steps} steps)")
     for mode, seconds in step_s.items():
         kind = mode.rsplit(" ", 1)[1]

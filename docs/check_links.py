@@ -1,4 +1,5 @@
-"""Check local markdown links and #anchors (GitHub's heading slugs) in the given files, or in the project's docs.
+"""Check local markdown links and #anchors (GitHub's heading slugs) in the given files, or in the project's
+docs.
 
     python docs/check_links.py                     # README.md, docs/*.md, benchmarks/results/README.md, ...
     python docs/check_links.py README.md docs/training.md
@@ -40,7 +41,8 @@ def broken_links(path: str) -> list[str]:
             continue
         file, _, anchor = target.partition("#")
         resolved = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
-        ok = os.path.exists(resolved) and (not anchor or (resolved.endswith(".md") and anchor in slugs(resolved)))
+        ok = os.path.exists(resolved) and (not anchor
+                                           or (resolved.endswith(".md") and anchor in slugs(resolved)))
         if not ok:
             broken.append(f"{path} -> {target}")
     return broken

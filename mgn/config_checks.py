@@ -3,10 +3,11 @@
     validate(cfg)  -> None, or a ValueError naming the flag (`section.field=VALUE ...`) and what is allowed
     RANGES         -> the range of every numeric field
 
-Apart from mgn/config.py, which holds the fields, presets and flags and calls `validate` on every config it builds
-(`mgn.config.validate` stays the name callers use): this is the rule book, read against any config-shaped object
-(sections of dataclass fields, choice fields carrying their allowed values as `option` metadata), so it imports
-nothing from mgn and nothing heavy (`python train.py --help` must answer before torch loads).
+Apart from mgn/config.py, which holds the fields, presets and flags and calls `validate` on every config it
+builds (`mgn.config.validate` stays the name callers use): this is the rule book, read against any
+config-shaped object (sections of dataclass fields, choice fields carrying their allowed values as `option`
+metadata), so it imports nothing from mgn and nothing heavy (`python train.py --help` must answer before torch
+loads).
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-# The image encoders `model.image_model` may name: timm's MobileOne variants (the fusion and `mgn/export.py`'s
-# reparameterization are written for them).
-IMAGE_MODELS = tuple(f"mobileone_s{i}" for i in range(5))
+# The image encoders of the presets (MobileOne, the paper's), known without importing timm; any other timm
+# model name is checked against timm's registry (check_image_model).
+PRESET_IMAGE_MODELS = tuple(f"mobileone_s{i}" for i in range(5))
 # MobileOne downsamples by 32: a smaller input still gives a one-cell embedding, of mostly padding.
 MIN_IMAGE_SIZE = 32
 # numpy seeds its generator with 32 bits, and every rank adds its rank to train.seed.
 MAX_SEED = 2**31 - 1
 
-# The range of every numeric field: (low, high, low_inclusive, high_inclusive); None = unbounded. A field that is
-# not here is a choice (its `option` lists the values), a bool, a free string, or checked by name in `validate`;
-# tests/test_bad_input.py fails when a new field is none of these.
+# The range of every numeric field: (low, high, low_inclusive, high_inclusive); None = unbounded. A field that
+# is not here is a choice (its `option` lists the values), a bool, a free string, or checked by name in
+# `validate`; tests/test_bad_input.py fails when a new field is none of these.
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.image_size": (MIN_IMAGE_SIZE, None, True, True),
     "model.seq_len": (1, None, True, True),
@@ -46,6 +47,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.max_image_pixels": (1, None, True, True),
     "data.max_caption_bytes": (1, None, True, True),
     "data.max_member_bytes": (1, None, True, True),
+    "data.max_sample_bytes": (1, None, True, True),
     "train.seed": (0, MAX_SEED, True, True),
     "train.epochs": (1, None, True, True),
     "train.micro_batch": (1, None, True, True),
@@ -121,17 +123,49 @@ def _field_errors(cfg: Any):
                                 f"{RANGE_NOTES.get(key, '')}")
 
 
+def check_image_model(flag: str, name: str) -> None:
+    """`name` is a timm model (any backbone timm builds: its last feature map feeds the guidance path)."""
+    if name in PRESET_IMAGE_MODELS:
+        return
+    import difflib
+
+    import timm  # only for a name the presets do not use
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ValueError(f"{flag}={name!r}: not a timm model name{hint}")
+
+
+def _check_channels(flag: str, text: str, positive: bool) -> None:
+    """'' or three comma-separated finite numbers, one per RGB channel (all > 0 when `positive`)."""
+    if not text:
+        return
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise ValueError(f"{flag}={text!r}: expected three comma-separated numbers, one per RGB channel "
+                         f"(e.g. 0.5,0.5,0.5){', each > 0' if positive else ''}")
+
+
 def validate(cfg: Any) -> None:
     """Reject impossible settings once, at start, with the flag that caused them: every field's type, choices
     (`option`) and range (`RANGES`), then what depends on more than one field or on a field's form.
 
-    `cfg` is a mgn.config.Config, read field by field (this module does not import it: mgn/config.py imports this
-    one)."""
+    `cfg` is a mgn.config.Config, read field by field (this module does not import it: mgn/config.py imports
+    this one)."""
     for _, message in _field_errors(cfg):
         raise ValueError(message)
     m, o, t = cfg.model, cfg.objective, cfg.train
-    if m.image_model not in IMAGE_MODELS:
-        raise ValueError(f"model.image_model={m.image_model!r}: expected one of {list(IMAGE_MODELS)} (timm MobileOne)")
+    check_image_model("model.image_model", m.image_model)
+    for name in ("image_mean", "image_std"):
+        _check_channels(f"model.{name}", getattr(m, name), positive=name == "image_std")
+    if bool(m.image_mean) != bool(m.image_std):
+        raise ValueError(f"model.image_mean={m.image_mean!r} and model.image_std={m.image_std!r}: set both "
+                         "(a "
+                         f"backbone's own normalisation) or neither (its timm pretrained config's)")
     side = math.isqrt(m.seq_len)
     if side * side != m.seq_len:
         raise ValueError(
@@ -141,14 +175,17 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"model.fusion_dim={m.fusion_dim} must be divisible by "
                          f"model.attention_heads={m.attention_heads}")
     if m.image_size <= MIN_IMAGE_SIZE and t.micro_batch == 1:
-        raise ValueError(f"model.image_size={m.image_size} with train.micro_batch=1: at <= {MIN_IMAGE_SIZE} px the "
-                         f"image embedding is one cell, and BatchNorm in training needs more than one value per "
+        raise ValueError(f"model.image_size={m.image_size} with train.micro_batch=1: at <= {MIN_IMAGE_SIZE} "
+                         "px the "
+                         "image embedding is one cell, and BatchNorm in training needs more than one value "
+                         "per "
                          f"channel; raise either")
     if o.name == "guided" and m.attend_to == "fusion" and o.student_weight <= 0:
         raise ValueError("model.attend_to=fusion trains the classifier on fusion features only; "
                          "set objective.student_weight > 0 so the image-only student head is trained")
     if cfg.data.text_blocks and not m.freeze_text:
-        raise ValueError(f"data.text_blocks={cfg.data.text_blocks!r} needs model.freeze_text=true: a text encoder "
+        raise ValueError(f"data.text_blocks={cfg.data.text_blocks!r} needs model.freeze_text=true: a text "
+                         "encoder "
                          f"that trains changes its captions' blocks at every step")
     name = Path(t.run_name)
     if t.run_name and (name.is_absolute() or ".." in name.parts or not name.parts):

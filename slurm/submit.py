@@ -10,8 +10,8 @@ resolved and validated here, before anything is queued, and travels with the job
 
 The job is one task per GPU; each task exports the rank environment with submitit's
 `TorchDistributedEnvironment` (without its CUDA_VISIBLE_DEVICES = local rank, which would clash with
-DeepSpeed's device choice) and calls `mgn.train.run`. Time limit and preemption use the same logic
-as the sbatch path (mgn/preemption.py): Slurm's USR2 (`--signal-delay-s` before the limit) only sets
+DeepSpeed's device choice) and calls `mgn.train.loop.run`. Time limit and preemption use the same logic
+as the sbatch path (mgn/train/preemption.py): Slurm's USR2 (`--signal-delay-s` before the limit) only sets
 a flag, all ranks agree at the next step, all save, rank 0 requeues, and every restart of the job
 resumes from the run's latest checkpoint. Submitit's logs go to <run_dir>/submitit/.
 """
@@ -40,9 +40,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config = config
 
     def __call__(self) -> dict:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from mgn import preemption  # in the job, not at submission
-        from mgn.train import run
+        from mgn.distributed import slurm_port  # in the job, not at submission
+        from mgn.train import preemption
+        from mgn.train.loop import run
+
+        # The port train.sh uses: MGN_MASTER_PORT, else one from the job id below the ephemeral range. Not an
+        # inherited MASTER_PORT (the submitting shell's, meant for another job), nor submitit's own choice
+        # (random in 20000-60000, mostly ephemeral ports). overwrite: rank variables inherited from the
+        # submitting shell (sbatch exports its environment) made submitit refuse to export the job's own.
+        port = os.environ.get("MGN_MASTER_PORT") or slurm_port(int(os.environ["SLURM_JOB_ID"]))
+        os.environ["MASTER_PORT"] = str(port)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
         cfg = Config.from_dict(self.config)
         if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
@@ -61,7 +69,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     slurm = parser.add_argument_group("slurm")
     slurm.add_argument("--nodes", type=int, default=1)
     slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only nodes")
@@ -88,7 +97,8 @@ def submit(cfg: Config, args: argparse.Namespace) -> submitit.Job:
 def build_executor(cfg: Config, args: argparse.Namespace) -> submitit.AutoExecutor:
     """The executor of the job for `cfg`, with the Slurm settings in `args`; nothing is queued."""
     if args.signal_delay_s >= args.time * 60:
-        raise ValueError(f"--signal-delay-s {args.signal_delay_s} is not shorter than --time {args.time} min: "
+        raise ValueError(f"--signal-delay-s {args.signal_delay_s} is not shorter than --time {args.time} "
+                         "min: "
                          "the job would be told to requeue as soon as it starts")
     tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
     executor = submitit.AutoExecutor(folder=cfg.run_dir / "submitit", slurm_max_num_timeout=args.max_requeues)

@@ -14,7 +14,8 @@
 #
 # Rank environment: each task is one rank; mgn/distributed.py maps SLURM_PROCID / SLURM_LOCALID /
 # SLURM_STEP_NUM_TASKS to RANK / LOCAL_RANK / WORLD_SIZE. This script exports MASTER_ADDR (first node
-# of the allocation) and MASTER_PORT (20000 + job id % 20000) and prints the world it resolved.
+# of the allocation) and MASTER_PORT (12000 + job id % 20000, below Linux's ephemeral ports 32768-60999,
+# as mgn/distributed.py's slurm_port) and prints the world it resolved.
 #
 # Time limit and preemption: Slurm sends USR2 to every task 5 minutes before the limit (--signal).
 # The trainer finishes its step, all ranks agree, all save a checkpoint, rank 0 runs
@@ -29,7 +30,7 @@
 # nodes pass --gpus-per-node=0. Variables read by this script:
 #   MGN_REPO         directory with train.py (default: the submission directory)
 #   PYTHON           interpreter (default: python)
-#   MGN_MASTER_PORT  rendezvous port (default: 20000 + job id % 20000)
+#   MGN_MASTER_PORT  rendezvous port (default: 12000 + job id % 20000)
 #   OMP_NUM_THREADS  threads per rank (default: --cpus-per-task)
 #
 #SBATCH --job-name=mgn
@@ -60,7 +61,7 @@ fi
 # exports its environment) must not shadow it.
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MGN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MASTER_PORT=${MGN_MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 

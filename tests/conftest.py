@@ -9,13 +9,23 @@ import torch  # noqa: E402
 
 # 99 lower-case words + BERT's special tokens: enough for a tokenizer that really splits captions.
 SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
-    w for w in ("a an the of in on with and or to stream game gaming call duty fps shooter live irl chat music "
+    w for w in ("a an the of in on with and or to stream game gaming call duty fps shooter live irl chat "
+                "music "
                 "cooking travel news sports fight fighting weapon gun blood police crowd street night camera "
                 "mobile phone pc console streamer history strikes clean reported title category device "
                 "viewers just chatting art painting dog cat walk city park car race kitchen recipe beach "
                 "mountain tour concert dance piano guitar talk show podcast review unboxing tech build craft "
                 "morning evening friends family fun chill relax study quiet loud violent safe real fake "
                 "scene red blue green box").split()]
+
+
+def free_port() -> int:
+    """A port free now, for a test's own server or rendezvous (nothing holds it until the caller binds)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _tiny_bert(directory, hidden: int, heads: int):

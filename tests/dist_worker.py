@@ -9,20 +9,23 @@ from pathlib import Path
 
 import torch
 
-from mgn import checkpoint, distributed
-from mgn.checkpoint import TrainState
+from mgn import distributed
+from mgn.checkpoint import store
+from mgn.checkpoint.store import TrainState
 from mgn.config import Config, ModelConfig, TrainConfig
-from mgn.objectives import build_objective
-from mgn.engine import build_engine
+from mgn.model.objectives import build_objective
+from mgn.train.engine import build_engine
 from tests.conftest import calibrate_batchnorm
 
 MICRO_BATCH = 4
 
 
 def tiny_config(text_model: str) -> Config:
-    return Config(model=ModelConfig(image_model="mobileone_s0", image_size=64, text_model=text_model, seq_len=16,
+    return Config(model=ModelConfig(image_model="mobileone_s0", image_size=64, text_model=text_model,
+                                    seq_len=16,
                                     fusion_dim=32, attention_heads=2),
-                  train=TrainConfig(micro_batch=MICRO_BATCH, grad_clip=0.0, warmup_steps=1, label_smoothing=0.0))
+                  train=TrainConfig(micro_batch=MICRO_BATCH, grad_clip=0.0, warmup_steps=1,
+                                    label_smoothing=0.0))
 
 
 def global_batch(seed: int, world_size: int) -> dict:
@@ -83,7 +86,7 @@ def main(out_dir: Path, text_model: str) -> None:
 
     # 3. Checkpoint round trip: save, train on, load, and check weights, optimizer and schedule are back.
     state = TrainState(step=4, epoch=0, batch_in_epoch=4)
-    tag = checkpoint.save(engine, out_dir / "ckpt", state, cfg.to_dict(), keep_last=2, rank=world.rank,
+    tag = store.save(engine, out_dir / "ckpt", state, cfg.to_dict(), keep_last=2, rank=world.rank,
                           world_size=world.world_size)
     saved = {"params": flat_params(engine.module), "lr": [g["lr"] for g in engine.optimizer.param_groups],
              "sched": engine.lr_scheduler.state_dict()["last_epoch"],
@@ -93,7 +96,7 @@ def main(out_dir: Path, text_model: str) -> None:
     engine.backward(engine(**batch, label=labels).loss)
     engine.step()
     record["moved_after_save"] = not torch.equal(saved["params"], flat_params(engine.module))
-    loaded_state = checkpoint.load(engine, out_dir / "ckpt", tag, rank=world.rank, world_size=world.world_size)
+    loaded_state = store.load(engine, out_dir / "ckpt", tag, rank=world.rank, world_size=world.world_size)
     record["restored"] = {
         "params": torch.equal(saved["params"], flat_params(engine.module)),
         "lr": saved["lr"] == [g["lr"] for g in engine.optimizer.param_groups],

@@ -79,7 +79,8 @@ class SlurmCluster:
                 return value
             if time.monotonic() > deadline:
                 what = what() if callable(what) else what
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{self.diagnostics()}", pytrace=False)
+                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{self.diagnostics()}",
+                            pytrace=False)
             time.sleep(interval)
 
     def wait_job(self, job_id: str, timeout: float) -> dict[str, str]:
@@ -105,7 +106,8 @@ class SlurmCluster:
         pids = []
         for environ in Path("/proc").glob("[0-9]*/environ"):
             try:
-                env = dict(item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                env = dict(item.split("=",
+                                      1) for item in environ.read_bytes().decode(errors="replace").split("\0")
                            if "=" in item)
             except OSError:
                 continue

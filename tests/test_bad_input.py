@@ -1,10 +1,11 @@
-"""A bad flag, input file or --ckpt path gets one line naming it and what is allowed, exit code 2, no traceback
-(issue 27, parts 5 and 6), from every entry point: train.py, evaluate.py, benchmark.py, compare.py and
-`python -m mgn.shards` (mgn/cli.py).
+"""A bad flag, input file or --ckpt path gets one line naming it and what is allowed, exit code 2, no
+traceback (issue 27, parts 5 and 6), from every entry point: train.py, evaluate.py, benchmark.py, compare.py
+and `python -m mgn.shards` (mgn/cli.py).
 
 The flag tables run the real scripts (subprocesses: what a user sees); flag errors answer before torch loads,
 so each case takes a fraction of a second. The --ckpt table calls the entry points' `main` in this process
-(each case would cost a torch import as a subprocess); the `slow` tests repeat the key cases as real processes.
+(each case would cost a torch import as a subprocess); the `slow` tests repeat the key cases as real
+processes.
 """
 import dataclasses
 import importlib.util
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def env() -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_RANK",
                                                                       "MASTER_", "MGN_"))}
     return clean | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -44,12 +46,13 @@ def the_line(prog: str, code: int, stdout: str, stderr: str) -> str:
     return lines[0]
 
 
-# --- every config field has a check ---------------------------------------------------------------------------
+# --- every config field has a check
+# ---------------------------------------------------------------------------
 
 # One bad value per field and a fragment of the message it must give. A new field fails
 # `test_every_config_field_is_checked_or_exempt` until it has a row here or in EXEMPT.
 BAD_VALUES = {
-    "model.image_model": ("resnet50", "model.image_model='resnet50': expected one of ['mobileone_s0'"),
+    "model.image_model": ("resnet_nope", "model.image_model='resnet_nope': not a timm model name"),
     "model.image_size": (0, "model.image_size=0 must be >= 32"),
     "model.seq_len": (15, "model.seq_len=15 is not a perfect square"),
     "model.freeze_text": ("yes", "model.freeze_text='yes': expected true or false"),
@@ -73,6 +76,7 @@ BAD_VALUES = {
     "data.max_image_pixels": (0, "data.max_image_pixels=0 must be >= 1"),
     "data.max_caption_bytes": (0, "data.max_caption_bytes=0 must be >= 1"),
     "data.max_member_bytes": (0, "data.max_member_bytes=0 must be >= 1"),
+    "data.max_sample_bytes": (0, "data.max_sample_bytes=0 must be >= 1"),
     "data.text_blocks": (7, "data.text_blocks=7: expected a string"),
     "train.seed": (-1, "train.seed=-1 must be in [0, 2147483647]"),
     "train.epochs": (-1, "train.epochs=-1 must be >= 1"),
@@ -93,6 +97,11 @@ BAD_VALUES = {
     "train.zero_stage": (3, "train.zero_stage=3: expected one of [0, 1, 2]"),
     "train.device": ("tpu", "train.device='tpu': expected one of ['auto', 'cuda', 'cpu']"),
     "train.precision": ("fp16", "train.precision='fp16': expected one of"),
+    "model.image_mean": ("0.5,0.5", "model.image_mean='0.5,0.5': expected three comma-separated numbers"),
+    "model.image_std": ("0.5,0,0.5", "model.image_std='0.5,0,0.5': expected three comma-separated numbers, "
+                                     "one per "
+                                      "RGB channel (e.g. 0.5,0.5,0.5), each > 0"),
+    "data.batch_form": ("fp16", "data.batch_form='fp16': expected one of ['auto', 'uint8', 'float']"),
     "train.sync_batchnorm": (1, "train.sync_batchnorm=1: expected true or false"),
     "train.deterministic": ("on", "train.deterministic='on': expected true or false"),
     "train.dist_timeout_s": (0, "train.dist_timeout_s=0 must be >= 1"),
@@ -108,14 +117,18 @@ BAD_VALUES = {
 }
 
 # Fields any value of the right type may fill; what names a file is checked where the file is, when a run
-# starts (mgn/cli.py check_training_inputs; train.init_from by mgn/artifacts.py check_init_from): TRAIN_FLAGS.
+# starts (mgn/train/inputs.py check_training_inputs; train.init_from by mgn/checkpoint/read.py
+# check_init_from): TRAIN_FLAGS.
 EXEMPT = {
-    "model.text_model": "a hub name or a folder: a missing folder or package is checked at start (TRAIN_FLAGS)",
+    "model.text_model": "a hub name or a folder: a missing folder or package is checked at start "
+                        "(TRAIN_FLAGS)",
     "model.image_pretrained": "'' | 'hub' | a weights file: the file is checked at start (TRAIN_FLAGS)",
-    "data.train_shards": "a pattern: it must match shards at start, or name the synthetic writer's (TRAIN_FLAGS)",
+    "data.train_shards": "a pattern: it must match shards at start, or name the synthetic writer's "
+                         "(TRAIN_FLAGS)",
     "data.test_shards": "a pattern: as data.train_shards",
     "train.output_dir": "any folder; created at start",
-    "train.init_from": "a path: read and checked against the run at start, before a run folder exists (CKPT_CASES)",
+    "train.init_from": "a path: read and checked against the run at start, before a run folder exists "
+                       "(CKPT_CASES)",
 }
 
 
@@ -127,8 +140,9 @@ def all_fields() -> list[str]:
 def test_every_config_field_is_checked_or_exempt():
     fields = set(all_fields())
     assert not set(BAD_VALUES) & set(EXEMPT)
-    assert fields - set(BAD_VALUES) - set(EXEMPT) == set(), "a config field without a check: add it to validate, " \
-                                                           "then to BAD_VALUES (or to EXEMPT, with the reason)"
+    assert fields - set(BAD_VALUES) - set(EXEMPT) == set(), ("a config field without a check: add it to "
+                                                             "validate, then to BAD_VALUES (or to EXEMPT, "
+                                                             "with the reason)")
     assert set(BAD_VALUES) | set(EXEMPT) <= fields  # no row for a field that is gone
 
 
@@ -147,7 +161,8 @@ def test_every_preset_is_valid():
         preset_config(name)
 
 
-# --- train.py: the reviewer's flags and more, as a user runs them --------------------------------------------
+# --- train.py: the reviewer's flags and more, as a user runs them
+# --------------------------------------------
 
 TRAIN_FLAGS = [
     (["--train.epochs", "-1"], "train.epochs=-1 must be >= 1"),
@@ -155,10 +170,12 @@ TRAIN_FLAGS = [
     (["--train.grad_accum", "0"], "train.grad_accum=0 must be >= 1"),
     (["--model.seq_len", "15"], "model.seq_len=15 is not a perfect square"),
     (["--model.num_classes", "1"], "model.num_classes=1 must be >= 2"),
-    (["--model.image_model", "resnet_nope"], "model.image_model='resnet_nope': expected one of"),
+    (["--model.image_model", "mobilone_s4"], "model.image_model='mobilone_s4': not a timm model name; did "
+                                              "you mean mobileone_s4"),
     (["--objective.name", "nope"], "objective.name='nope': expected one of"),
     (["--train.zero_stage", "3"], "train.zero_stage=3: expected one of [0, 1, 2]"),
-    (["--data.train_shards", "/nonexistent/x-*.tar"], "data.train_shards='/nonexistent/x-*.tar': no shards match"),
+    (["--data.train_shards", "/nonexistent/x-*.tar"], "data.train_shards='/nonexistent/x-*.tar': no shards "
+                                                      "match"),
     (["--data.train_shards", "/nonexistent/x-*.tar", "--data.synthetic_samples", "0"],
      "data.train_shards='/nonexistent/x-*.tar': no shards match (expected existing .tar shards"),
     (["--data.num_workers", "-2"], "data.num_workers=-2 must be >= 0"),
@@ -167,7 +184,8 @@ TRAIN_FLAGS = [
     (["--train.lr_image", "nan"], "train.lr_image=nan: expected a finite number"),
     (["--model.seq_len", "1024"], "model.seq_len=1024: must be <= 512"),
     (["--model.text_model", "/nonexistent/bert"], "model.text_model='/nonexistent/bert': no such folder"),
-    (["--model.image_pretrained", "/nonexistent/w.pth"], "model.image_pretrained='/nonexistent/w.pth': no such file"),
+    (["--model.image_pretrained", "/nonexistent/w.pth"], "model.image_pretrained='/nonexistent/w.pth': no "
+                                                         "such file"),
     (["--train.init_from", "/nonexistent/run"], "train.init_from='/nonexistent/run': no such file or folder"),
     (["--train.resume", "/nonexistent/run"], "train.resume='/nonexistent/run': no such file or folder"),
     (["--config", "/nonexistent/config.json"], "--config='/nonexistent/config.json': no such file"),
@@ -195,18 +213,21 @@ def test_a_config_file_that_is_not_a_config_is_one_line(tmp_path):
 
 OTHER_FLAGS = [
     (["evaluate.py", "--ckpt", "x", "--batch-size", "0"], "--batch-size=0: must be >= 1"),
-    (["evaluate.py", "--ckpt", "x", "--target-precision", "1.5"], "--target-precision=1.5: must be in (0, 1]"),
+    (["evaluate.py", "--ckpt", "x", "--target-precision", "1.5"],
+     "--target-precision=1.5: must be in (0, 1]"),
     (["evaluate.py", "--ckpt", "x", "--num-workers", "-1"], "--num-workers=-1: must be >= 0"),
     (["benchmark.py", "--iters", "0"], "--iters=0: must be >= 1"),
     (["benchmark.py", "--device", "tpu"], "--device='tpu': expected auto, cpu, cuda or cuda:N"),
-    (["benchmark.py", "--model", "resnet50"], "--model='resnet50': expected one of"),
+    (["benchmark.py", "--model", "resnet_nope"], "--model='resnet_nope': not a timm model name"),
     (["benchmark.py", "--batch-sizes", "8,x"], "--batch-sizes='8,x': expected comma-separated whole numbers"),
     (["benchmark.py", "--image-size", "0"], "--image-size=0: must be >= 32"),
     (["compare.py", "--dry-run", "--seeds", "0"], "--seeds=0: must be >= 1"),
     (["compare.py", "--dry-run", "--train.epochs", "0"], "train.epochs=0 must be >= 1"),
-    (["compare.py", "--dry-run", "--train-shards", "/nonexistent/x-*.tar", "--test-shards", "/nonexistent/y-*.tar"],
+    (["compare.py", "--dry-run", "--train-shards", "/nonexistent/x-*.tar", "--test-shards",
+      "/nonexistent/y-*.tar"],
      "--train-shards='/nonexistent/x-*.tar': no shards match"),
-    (["compare.py", "--dry-run", "--pretrained", "/nonexistent/w.pth"], "--pretrained='/nonexistent/w.pth': no such"),
+    (["compare.py", "--dry-run", "--pretrained", "/nonexistent/w.pth"], "--pretrained='/nonexistent/w.pth': "
+                                                                        "no such"),
     (["-m", "mgn.shards", "--synthetic", "--image-size", "0"], "--image-size=0: must be >= 32"),
     (["-m", "mgn.shards", "--synthetic", "--cue-strength", "5"], "--cue-strength=5.0 must be in [0, 1]"),
 ]
@@ -240,19 +261,20 @@ def test_help_and_flag_errors_answer_before_torch_loads(argv):
     assert result.stderr.strip().splitlines()[-1] == "no torch", result.stderr[-2000:]
 
 
-# --- bad --ckpt paths: evaluate.py, benchmark.py, train.init_from ----------------------------------------------
+# --- bad --ckpt paths: evaluate.py, benchmark.py, train.init_from
+# ----------------------------------------------
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> Path:
-    """A valid exported student in a runs folder (no training: tests/test_security.py's `_student`), and bad paths
-    made from it."""
+    """A valid exported student in a runs folder (no training: tests/test_security.py's `_student`), and bad
+    paths made from it."""
     import timm
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mgn.export import export_student
-    from mgn.model import ImageClassifier
+    from mgn.model.export import export_student
+    from mgn.model.networks import ImageClassifier
     from tests.conftest import calibrate_batchnorm
     from tests.test_security import _student
 
@@ -279,7 +301,13 @@ def ckpts(tmp_path_factory) -> Path:
         meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     other = json.loads(meta["config.json"])
     other["model"]["image_model"] = "mobileone_s1"  # S0 weights, a config that builds an S1
-    save_file(weights, str(root / "other-config.safetensors"), metadata={**meta, "config.json": json.dumps(other)})
+    save_file(weights, str(root / "other-config.safetensors"), metadata={**meta,
+                                                                         "config.json": json.dumps(other)})
+    resized = json.loads(meta["config.json"])
+    # exported for 64 px: evaluated and timed at 96 px it scored other numbers
+    resized["model"]["image_size"] = 96
+    save_file(weights, str(root / "other-size.safetensors"), metadata={**meta,
+                                                                       "config.json": json.dumps(resized)})
     three = preset_config("tiny", {"objective": {"name": "baseline"}, "model": {"num_classes": 3}})
     torch.manual_seed(0)
     student = ImageClassifier(three.model)
@@ -292,7 +320,8 @@ CKPT_CASES = [  # (path under the fixture, fragment of the one line)
     ("nowhere", "no such file or folder (expected a run folder"),
     ("empty", "no checkpoint found here, the folder is empty (expected a run folder"),
     ("runs/starting", "a run folder without a checkpoint or exported student yet"),
-    ("runs-new", ("a folder of runs; its newest, {root}/runs-new/starting (named by {root}/runs-new/latest), holds "
+    ("runs-new", ("a folder of runs; its newest, {root}/runs-new/starting (named by {root}/runs-new/latest), "
+                  "holds "
                   "no usable checkpoint")),
     ("runs-nolink", ("a folder of runs, not a run (2 run folders: good, starting); pass one of them, e.g. "
                      "{root}/runs-nolink/good")),
@@ -301,6 +330,7 @@ CKPT_CASES = [  # (path under the fixture, fragment of the one line)
     ("truncated.safetensors", "the file is truncated, corrupt or not a student artifact"),
     ("timm.safetensors", "a safetensors file, but not an MGN student"),
     ("other-config.safetensors", "The checkpoint comes from another model config"),
+    ("other-size.safetensors", "export.json says input=[3, 64, 64] but the embedded config says [3, 96, 96]"),
 ]
 
 
@@ -312,7 +342,8 @@ def load_entry(name: str):
 
 
 @pytest.mark.parametrize("where,fragment", CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
-def test_a_bad_ckpt_is_one_line_naming_the_path_in_evaluate_and_benchmark(ckpts, where, fragment, tmp_path, capsys):
+def test_a_bad_ckpt_is_one_line_naming_the_path_in_evaluate_and_benchmark(ckpts, where, fragment, tmp_path,
+                                                                          capsys):
     path = ckpts / where
     fragment = fragment.format(root=ckpts)
     for prog, argv in (("evaluate.py", ["--ckpt", str(path), "--out", str(tmp_path / "eval")]),
@@ -325,7 +356,8 @@ def test_a_bad_ckpt_is_one_line_naming_the_path_in_evaluate_and_benchmark(ckpts,
 
 
 INIT_CASES = [c for c in CKPT_CASES if c[0] not in ("runs-new",)] + [
-    ("runs", ("a folder of runs, not a run; its newest (the one {root}/runs/latest names) is {root}/runs/good: "
+    ("runs", ("a folder of runs, not a run; its newest (the one {root}/runs/latest names) is "
+              "{root}/runs/good: "
               "pass that run folder")),
     ("three/student.safetensors", "has 3 classes, this run 2: pass --train.init_parts image_encoder"),
 ]
@@ -338,22 +370,25 @@ def test_a_bad_init_from_is_one_line_before_the_run_starts(ckpts, where, fragmen
     path = ckpts / where
     train = load_entry("train")
     argv = ["--preset", "tiny", "--train.epochs", "1", "--objective.name", "baseline",
-            "--data.train_shards", str(tmp_path / "shards" / "train-*.tar"),  # the synthetic writer's: not read
+            # the synthetic writer's: not read
+            "--data.train_shards", str(tmp_path / "shards" / "train-*.tar"),
             "--data.test_shards", str(tmp_path / "shards" / "test-*.tar"),
             "--train.output_dir", str(tmp_path / "runs"), "--train.init_from", str(path)]
     code = run_command("train.py", lambda: train.main(argv))
     out, err = capsys.readouterr()
     line = the_line("train.py", code, out, err)
-    assert line.startswith(f"train.py: error: train.init_from='{path}'") and fragment.format(root=ckpts) in line, line
+    assert (line.startswith(f"train.py: error: train.init_from='{path}'")
+            and fragment.format(root=ckpts) in line), line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "shards").exists()  # nothing started
 
 
 def test_a_runs_folder_stands_for_its_latest_run_and_says_so(ckpts):
-    from mgn.artifacts import load_checkpoint
-    from mgn.checkpoint_paths import resolve
+    from mgn.checkpoint.read import load_checkpoint
+    from mgn.checkpoint.paths import resolve
 
     notes = []
-    assert resolve(ckpts / "runs", notes) == ("artifact", ckpts / "runs" / "good" / "student" / "student.safetensors")
+    assert resolve(ckpts / "runs", notes) == ("artifact",
+                                              ckpts / "runs" / "good" / "student" / "student.safetensors")
     assert notes == [(f"{ckpts / 'runs'} is a folder of runs: took its newest run, {ckpts / 'runs' / 'good'} "
                       f"(named by {ckpts / 'runs' / 'latest'})")]
     assert resolve(ckpts / "runs" / "latest") == resolve(ckpts / "runs" / "good")  # the link itself, too
@@ -362,14 +397,16 @@ def test_a_runs_folder_stands_for_its_latest_run_and_says_so(ckpts):
     assert "took its newest run" in loaded.notes[0]
 
 
-# --- as real processes ----------------------------------------------------------------------------------------
+# --- as real processes
+# ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_evaluate_py_on_the_runs_folder_evaluates_its_latest_run(ckpts, tmp_path):
-    from mgn.shards import write_synthetic
+    from mgn.data.writer import write_synthetic
 
     write_synthetic(tmp_path / "shards", samples=40, image_size=64, seed=0)
-    result = cli("evaluate.py", "--ckpt", str(ckpts / "runs"), "--shards", str(tmp_path / "shards" / "test-*.tar"),
+    result = cli("evaluate.py", "--ckpt", str(ckpts / "runs"), "--shards",
+                 str(tmp_path / "shards" / "test-*.tar"),
                  "--num-workers", "0", "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"note: {ckpts / 'runs'} is a folder of runs: took its newest run, {ckpts / 'runs' / 'good'}" \
@@ -380,10 +417,12 @@ def test_evaluate_py_on_the_runs_folder_evaluates_its_latest_run(ckpts, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("argv,where", [
     (["evaluate.py"], "runs-nolink"), (["benchmark.py", "--tiny"], "truncated.safetensors"),
-    (["train.py", "--preset", "tiny", "--train.epochs", "1", "--train.init_from"], "other-config.safetensors")])
+    (["train.py", "--preset", "tiny", "--train.epochs", "1", "--train.init_from"],
+     "other-config.safetensors")])
 def test_a_bad_ckpt_in_a_real_process_is_one_line(ckpts, argv, where, tmp_path):
     flag = [] if argv[0] == "train.py" else ["--ckpt"]
-    out = ["--train.output_dir", str(tmp_path / "runs")] if argv[0] == "train.py" else ["--out", str(tmp_path / "o")]
+    out = ["--train.output_dir", str(tmp_path / "runs")] if argv[0] == "train.py" else ["--out",
+                                                                                        str(tmp_path / "o")]
     result = cli(*argv, *flag, str(ckpts / where), *out)
     line = the_line(argv[0], result.returncode, result.stdout, result.stderr)
     assert str(ckpts / where) in line
@@ -392,16 +431,42 @@ def test_a_bad_ckpt_in_a_real_process_is_one_line(ckpts, argv, where, tmp_path):
 
 @pytest.mark.slow
 def test_each_rank_of_a_two_rank_run_prints_its_one_line(tmp_path):
-    """Under torchrun every rank checks its own flags and prints its line; torchrun then reports the failed ranks
-    in its own block (its traceback of the launcher, not of the ranks). The first rank to exit makes torchrun stop
-    the other (SIGTERM), which may not have printed yet: every rank that exited with 2 printed the line, a rank
-    stopped by torchrun may have, and no line says anything else."""
+    """Under torchrun every rank checks its own flags and prints its line; torchrun then reports the failed
+    ranks in its own block (its traceback of the launcher, not of the ranks). The first rank to exit makes
+    torchrun stop the other (SIGTERM), which may not have printed yet: every rank that exited with 2 printed
+    the line, a rank stopped by torchrun may have, and no line says anything else."""
     result = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                  "--preset", "tiny", "--train.output_dir", str(tmp_path / "runs"), "--data.num_workers", "-2")
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
-    exited_with_2 = len(re.findall(r"exitcode +: 2 \(pid", result.stderr))  # torchrun's block, a line per rank
+    # torchrun's block, a line per rank
+    exited_with_2 = len(re.findall(r"exitcode +: 2 \(pid", result.stderr))
     assert 1 <= exited_with_2 <= len(lines) <= 2, result.stderr[-3000:]
     assert set(lines) == {"train.py: error: data.num_workers=-2 must be >= 0"}, result.stderr[-3000:]
     assert result.returncode != 0
     frames = re.findall(r'File "([^"]+)"', result.stdout + result.stderr)
     assert not [f for f in frames if "/mgn/" in f or f.endswith("train.py") and "torch" not in f], frames
+
+
+def test_the_error_line_is_one_write_so_two_ranks_lines_never_merge(monkeypatch):
+    """CI once read `train.py: error: ...>= 0train.py: error: ...>= 0`: under PYTHONUNBUFFERED `print` wrote
+    each rank's text and its newline separately and the two ranks' writes interleaved. One write of under
+    PIPE_BUF bytes reaches a pipe whole."""
+    import io
+
+    from mgn.cli import run_command
+
+    class Recorded(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+    stream = Recorded()
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def bad():
+        raise ValueError("data.num_workers=-2 must be >= 0")
+
+    assert run_command("train.py", bad) == 2
+    assert stream.writes == ["train.py: error: data.num_workers=-2 must be >= 0\n"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgn import timing
-from mgn.benchmark import (
+from mgn.bench import timing
+from mgn.bench.latency import (
     BenchmarkError,
     Settings,
     device_defaults,
@@ -21,11 +21,11 @@ from mgn.benchmark import (
     run,
     tiny_settings,
 )
-from mgn.benchmark_models import check_equivalence, prepare
-from mgn.benchmark_report import PLAIN_FUSED, STUDENT_FUSED, STUDENT_UNFUSED
+from mgn.bench.models import check_equivalence, prepare
+from mgn.bench.report import PLAIN_FUSED, STUDENT_FUSED, STUDENT_UNFUSED
 from mgn.config import Config, ModelConfig
-from mgn.export import export_student
-from mgn.timing import summary_stats
+from mgn.model.export import export_student
+from mgn.bench.timing import summary_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,20 +62,24 @@ def test_tiny_cpu_run_writes_valid_json_with_the_equivalence_check(tmp_path, cap
         assert entry["throughput"][0]["batch"] == 4 and entry["throughput"][0]["images_per_s"] > 0
         assert entry["flops_per_image"] > 0 and entry["fraction_of_matmul_peak_batch1"] > 0
     # the fused network does fewer FLOPs (MobileOne-S0 has 4 training-time branches); same FLOPs as plain timm
-    assert report["models"][STUDENT_FUSED]["flops_per_image"] == report["models"][PLAIN_FUSED]["flops_per_image"]
-    assert report["models"][STUDENT_UNFUSED]["flops_per_image"] > 2 * report["models"][STUDENT_FUSED]["flops_per_image"]
+    assert (report["models"][STUDENT_FUSED]["flops_per_image"]
+            == report["models"][PLAIN_FUSED]["flops_per_image"])
+    assert (report["models"][STUDENT_UNFUSED]["flops_per_image"]
+            > 2 * report["models"][STUDENT_FUSED]["flops_per_image"])
     assert report["ratios"]["student_over_plain_p50"] > 0 and report["ratios"]["unfused_over_fused_p50"] > 0
     assert report["matmul_peak"]["gflops"] > 0
     env, settings = report["environment"], report["settings"]
     assert env["torch"] == torch.__version__ and env["timm"] and env["device_type"] == "cpu"
-    assert settings["torch_threads"] == env["torch_threads"] == 1 and settings["timer"].startswith("time.perf_counter")
+    assert (settings["torch_threads"] == env["torch_threads"] == 1
+            and settings["timer"].startswith("time.perf_counter"))
     assert report["model"]["variant"] == "mobileone_s0" and report["model"]["image_size"] == 64
     # end to end from a host batch, and ms/img at the largest batch beside the paper's throughput figure
     e2e = report["end_to_end"]
     assert e2e["model"] == STUDENT_FUSED and not e2e["pinned"] and set(e2e["inputs"]) == {"uint8", "float"}
     for entry in e2e["inputs"].values():
         assert entry["latency_ms_batch1"]["n"] == 12 and entry["throughput"][0]["batch"] == 4
-        assert entry["throughput"][0]["model_only_ms_per_batch_p50"] > 0 and entry["throughput"][0]["ms_per_img"] > 0
+        assert (entry["throughput"][0]["model_only_ms_per_batch_p50"] > 0
+                and entry["throughput"][0]["ms_per_img"] > 0)
     big = report["largest_batch"]
     point = report["models"][STUDENT_FUSED]["throughput"][0]
     assert big["batch"] == 4 and big["ms_per_img"] == point["ms_per_img"] == point["ms_per_batch_p50"] / 4
@@ -91,14 +95,16 @@ def test_gpu_defaults_and_the_fp32_tf32_switches_without_a_gpu():
     on_cpu = device_defaults(Settings(), cpu)
     assert on_cpu.batch_sizes == (8, 32) and on_cpu.matmul_size == 2048 and on_cpu.throughput_iters == 10
     on_gpu = device_defaults(Settings(), cuda)
-    assert on_gpu.batch_sizes[-2:] == (256, 512) and on_gpu.matmul_size >= 8192 and on_gpu.throughput_iters == 20
+    assert on_gpu.batch_sizes[-2:] == (256,
+                                       512) and on_gpu.matmul_size >= 8192 and on_gpu.throughput_iters == 20
     assert device_defaults(Settings(batch_sizes=(64,)), cuda).batch_sizes == (64,)  # explicit wins
     assert has_tf32_row(on_gpu, cuda) and not has_tf32_row(on_gpu, cpu)
     assert not has_tf32_row(dataclasses.replace(on_gpu, precision="bf16"), cuda)
     assert not has_tf32_row(dataclasses.replace(on_gpu, compile=True), cuda)
     assert "TF32 off" in math_used(on_gpu, cuda, {}) and "tf32" in math_used(on_gpu, cuda, {})
 
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
     with timing.cuda_math(cpu) as used:  # nothing changes on CPU
         assert used["tf32_matmul"] is None and torch.backends.cudnn.allow_tf32 == saved[2]
     seen = []
@@ -126,7 +132,8 @@ def test_end_to_end_from_uint8_normalises_as_the_host_does():
     from_uint8, from_float = seen
     assert from_uint8.shape == from_float.shape == (2, 3, 8, 8) and from_uint8.is_contiguous(
         memory_format=torch.channels_last)
-    torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=1e-5)  # same pixels, same normalisation
+    # same pixels, same normalisation
+    torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=1e-5)
 
 
 def test_refuses_to_time_a_train_mode_or_unfused_model():
@@ -145,7 +152,7 @@ def test_a_broken_fusion_stops_the_run_before_timing(monkeypatch):
         models.fused.encoder.stem.reparam_conv.weight.mul_(1.5)
     eq = check_equivalence(models, rtol=1e-4)
     assert not eq["fused_vs_unfused"]["ok"] and eq["fused_vs_unfused"]["relative"] > 1e-3
-    monkeypatch.setattr("mgn.benchmark.prepare", lambda **kwargs: models)
+    monkeypatch.setattr("mgn.bench.latency.prepare", lambda **kwargs: models)
     with pytest.raises(BenchmarkError, match="outputs disagree before timing"):
         run(tiny_settings(Settings(device="cpu")), variant="mobileone_s0", image_size=64, quiet=True)
 
@@ -172,7 +179,8 @@ def test_latency_summary_statistics():
 
 
 def run_script(tmp_path: Path, name: str, *args: str) -> dict:
-    """A standalone benchmark script's JSON, from a run in `tmp_path` (its relative paths, e.g. shards, land there)."""
+    """A standalone benchmark script's JSON, from a run in `tmp_path` (its relative paths, e.g. shards, land
+    there)."""
     out = tmp_path / f"{name}.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
                    check=True, cwd=tmp_path, timeout=300, capture_output=True)
@@ -184,7 +192,8 @@ def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
     """The standalone benchmark scripts call the loader's internals; this keeps them in step with it."""
     # stored token ids, tokens, and precomputed caption blocks (data.text_blocks), in alternating epochs
     loader = run_script(tmp_path, "loader_throughput", "--samples", "256", "--workers", "1", "--epochs", "3",
-                        "--bare-seconds", "0.3", "--captions", "ids", "tokens", "blocks", "--block-shape", "32,2,2")
+                        "--bare-seconds", "0.3", "--captions", "ids", "tokens", "blocks", "--block-shape",
+                        "32,2,2")
     assert loader["images"] == 256 and loader["bare"]["samples_per_s"] > 0
     assert loader["captions"] == ["ids", "tokens", "blocks"]
     assert [(run["captions"], run["workers"], run["samples"]) for run in loader["loader"]] == [
@@ -198,7 +207,8 @@ def test_the_loader_and_resume_benchmarks_run_and_write_their_figures(tmp_path):
 @pytest.mark.slow
 def test_the_train_step_benchmark_times_a_bare_pytorch_step_beside_the_engines(tmp_path):
     """benchmarks/train_step.py builds the trainer's engines itself; a tiny run keeps it in step with them."""
-    step = run_script(tmp_path, "train_step", "--preset", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1",
+    step = run_script(tmp_path, "train_step", "--preset", "tiny", "--steps", "1", "--rounds", "1", "--warmup",
+                      "1",
                       "--workers", "0", "--components")
     assert list(step["step_s"])[:3] == ["baseline", "bare", "guided"] and min(step["step_s"].values()) > 0
     assert step["guided_blocks_over_baseline"] == step["step_s"]["guided_blocks"] / step["step_s"]["baseline"]
@@ -211,7 +221,8 @@ def test_the_train_step_benchmark_times_a_bare_pytorch_step_beside_the_engines(t
 
 def test_a_lead_is_confirmed_on_the_fresh_seeds_alone(tmp_path):
     """benchmarks/confirm_seeds.py: the rows of the other seeds do not enter the figures."""
-    accuracy = {("baseline", 0): 0.50, ("tram", 0): 0.70, ("baseline", 1): 0.50, ("tram", 1): 0.60,  # looked at
+    # looked at
+    accuracy = {("baseline", 0): 0.50, ("tram", 0): 0.70, ("baseline", 1): 0.50, ("tram", 1): 0.60,
                 ("baseline", 2): 0.60, ("tram", 2): 0.61, ("baseline", 3): 0.60, ("tram", 3): 0.59,  # fresh
                 ("baseline", 4): 0.60, ("tram", 4): 0.60}
     rows = [{"setting": "clean/standin", "arm": arm, "seed": seed, "student": {"accuracy": value}}

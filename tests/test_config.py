@@ -36,7 +36,7 @@ def test_config_file_round_trip(tmp_path):
     (["--objective.name", "teacher"], "objective.name='teacher'"),
     (["--model.attention", "cross"], "model.attention='cross'"),
     (["--train.zero_stage", "3"], "train.zero_stage=3"),
-    (["--model.image_model", "resnet50"], "model.image_model='resnet50'"),
+    (["--model.image_model", "resnet_nope"], "model.image_model='resnet_nope'"),
     (["--model.seq_len", "50"], "model.seq_len=50 is not a perfect square"),
     (["--model.fusion_dim", "30", "--model.attention_heads", "4"], "divisible"),
     (["--train.log_every", "0"], "train.log_every=0 must be >= 1"),
@@ -55,7 +55,8 @@ def test_unknown_keys_in_a_config_file_are_rejected(tmp_path):
 
 
 def test_zero_means_never_for_periodic_checkpoints_and_keep_all():
-    cfg = parse("--train.ckpt_every", "0", "--train.keep_last", "0", "--train.resume", "auto", "--train.run_name", "a")
+    cfg = parse("--train.ckpt_every", "0", "--train.keep_last", "0", "--train.resume", "auto",
+                "--train.run_name", "a")
     assert (cfg.train.ckpt_every, cfg.train.keep_last, cfg.train.resume) == (0, 0, "auto")
 
 
@@ -67,13 +68,15 @@ def test_help_is_fast_and_shows_the_presets_defaults_descriptions_and_choices():
 
     root = Path(__file__).resolve().parents[1]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--help"], cwd=root, capture_output=True,
+    result = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--help"], cwd=root,
+                            capture_output=True,
                             text=True, timeout=60)
     elapsed = time.perf_counter() - start
     assert result.returncode == 0 and elapsed < 10, elapsed  # torch & co. are not imported before parsing
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "defaults of --preset tiny" in text
     assert "Default: 'mobileone_s0'" in text and "Default: 64" in text  # the tiny preset's, not the paper's
-    assert "{baseline,guided,distill,tram,attention_transfer,oracle_attention,oracle_teacher}" in "".join(text.split())
+    assert ("{baseline,guided,distill,tram,attention_transfer,oracle_attention,oracle_caption,oracle_teacher}"
+            in "".join(text.split()))
     assert "{token,pool}" in text
     assert "cross-modality map" in text  # a description, from the dataclass field

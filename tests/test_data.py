@@ -14,12 +14,12 @@ import webdataset as wds
 from PIL import Image
 
 from mgn.config import PACKAGED_MINILM, DataConfig, resolve_text_model
-from mgn import decode, tokens
-from mgn.data import eval_loader, train_loader
-from mgn.tokens import tokenize
-from mgn.epoch_plan import worker_quotas
-from mgn.shard_sets import expand_shards, read_sizes
-from mgn.tar import tar_files
+from mgn.data import decode, tokens
+from mgn.data.loader import eval_loader, train_loader
+from mgn.data.tokens import tokenize
+from mgn.data.epoch_plan import worker_quotas
+from mgn.io.shard_sets import expand_shards, read_sizes
+from mgn.io.tar import tar_files
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADER_ARGS = dict(image_size=16, mean=MEAN, std=STD, tokenizer_name=None, seq_len=8, batch_size=4)
@@ -56,7 +56,8 @@ def _uneven(folder: Path, counts=(37, 11, 5), prefix="train") -> list[str]:
 
 def _cfg(folder: Path, prefix="train", **kw) -> DataConfig:
     pattern = str(folder / f"{prefix}-*.tar")
-    return DataConfig(train_shards=pattern, test_shards=pattern, shuffle_buffer=kw.pop("shuffle_buffer", 16), **kw)
+    return DataConfig(train_shards=pattern, test_shards=pattern, shuffle_buffer=kw.pop("shuffle_buffer", 16),
+                      **kw)
 
 
 def _train_keys(cfg, rank=0, world_size=1, seed=0, epoch=0, **kw) -> list[list[str]]:
@@ -143,8 +144,8 @@ def test_ranks_are_balanced_by_samples_not_shards(tmp_path, workers):
     loader = train_loader(cfg, **{**LOADER_ARGS, "batch_size": 8}, rank=0, world_size=2, seed=0, epoch=0)
     assert loader.balance == {"repeated_fraction": 0.0, "unseen_fraction": 0.0}
     uneven = train_loader(cfg, **{**LOADER_ARGS, "batch_size": 10}, rank=0, world_size=3, seed=0, epoch=0)
-    # 272 samples fill 10 batches of 3 ranks x 10 = 300 places: the 28 missing from the last global batch repeat
-    # (the documented bound: less than one global batch), and none is left out.
+    # 272 samples fill 10 batches of 3 ranks x 10 = 300 places: the 28 missing from the last global batch
+    # repeat (the documented bound: less than one global batch), and none is left out.
     assert uneven.balance == {"repeated_fraction": 28 / 300, "unseen_fraction": 0.0}
 
 
@@ -152,10 +153,12 @@ def test_ranks_are_balanced_by_samples_not_shards(tmp_path, workers):
 def test_resume_skips_raw_samples_and_continues_with_the_same_batches(tmp_path, workers, monkeypatch):
     _uneven(tmp_path, (23, 17, 9))
     cfg = _cfg(tmp_path, num_workers=workers)
-    full = [(b["key"], b["image"]) for b in train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=3, epoch=1)]
+    full = [(b["key"], b["image"]) for b in train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=3,
+                                                         epoch=1)]
     decoded = []
     original = decode.Decoder.decode
-    monkeypatch.setattr(decode.Decoder, "decode", lambda self, sample, rng=None: decoded.append(1) or original(
+    monkeypatch.setattr(decode.Decoder, "decode", lambda self, sample,
+                        rng=None: decoded.append(1) or original(
         self, sample, rng))
     for skip in (1, 5, len(full) - 1):
         decoded.clear()
@@ -198,7 +201,8 @@ def test_train_order_is_reproducible_and_changes_with_the_epoch(tmp_path):
 
 def test_fewer_shards_than_ranks_still_feed_every_rank(tmp_path):
     keys = _uneven(tmp_path, (6, 6))
-    seen = [k for rank in range(3) for batch in _train_keys(_cfg(tmp_path, num_workers=1), rank=rank, world_size=3)
+    seen = [k for rank in range(3) for batch in _train_keys(_cfg(tmp_path, num_workers=1), rank=rank,
+                                                            world_size=3)
             for k in batch]
     assert len(seen) == 12 and Counter(seen) == Counter(keys)
 
@@ -243,7 +247,8 @@ def test_fast_tokenize_matches_the_transformers_wrapper(which, seq_len, request,
     np.testing.assert_array_equal(mask, expected["attention_mask"])
     assert mask[3].all() and mask[1].sum() == 2  # truncated to the full length; empty = [CLS] [SEP]
 
-    monkeypatch.setattr(tokens, "_fixed_length_backend", lambda *args: None)  # a tokenizer with no Rust backend
+    # a tokenizer with no Rust backend
+    monkeypatch.setattr(tokens, "_fixed_length_backend", lambda *args: None)
     slow_ids, slow_mask = tokenize(name, seq_len, CAPTIONS)
     np.testing.assert_array_equal(slow_ids, ids)
     np.testing.assert_array_equal(slow_mask, mask)
@@ -278,7 +283,7 @@ def _broken_shards(folder: Path) -> dict[str, int]:
     good = [_sample(f"g{i}") for i in range(12)]
     corrupt = [_sample("c0"), _sample("c1", jpg=b"\xff\xd8\xff\xe0 not really a jpeg"), _sample("c2"),
                _sample("c3", jpg=_jpeg()[:60])]  # garbage, and a JPEG cut short
-    duplicate = [_sample("d0"), _sample("d1"), _sample("d0", txt=b"impostor"), _sample("d2", txt=None)]
+    duplicate = [_sample("d0"), _sample("d1"), _sample("d0", txt=b"impostor"), _sample("d2", cls=None)]
     truncated = [_sample(f"t{i}") for i in range(10)]
     _write(folder, {"test-000000.tar": good, "test-000001.tar": corrupt, "test-000002.tar": duplicate,
                     "test-000003.tar": truncated})
@@ -317,11 +322,12 @@ def test_training_over_bad_shards_still_yields_full_epochs(tmp_path):
     loader = train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=0, epoch=0)
     batches = [b["key"] for b in loader]
     assert len(batches) == len(loader) == 8 and all(len(b) == 4 for b in batches)  # ceil(30 / 4)
-    assert sum(loader.skipped().values()) >= 5 and not any(k in ("c1", "c3", "d2") for b in batches for k in b)
+    assert sum(loader.skipped().values()) >= 5 and not any(k in ("c1", "c3",
+                                                                 "d2") for b in batches for k in b)
 
 
 def test_synthetic_shards_feed_the_reader(tmp_path):
-    from mgn.shards import write_synthetic
+    from mgn.data.writer import write_synthetic
 
     write_synthetic(tmp_path, samples=200, image_size=32, seed=0, max_samples=40)
     cfg = DataConfig(train_shards=str(tmp_path / "train-{000000..000004}.tar"),
@@ -335,7 +341,47 @@ def test_synthetic_shards_feed_the_reader(tmp_path):
 
 
 def test_a_worker_whose_samples_never_decode_stops_the_run_instead_of_hanging(tmp_path):
-    _write(tmp_path, {"train-000000.tar": [_sample(f"bad{i}", jpg=b"<html>not an image</html>") for i in range(6)]})
+    _write(tmp_path, {"train-000000.tar": [_sample(f"bad{i}",
+                                                   jpg=b"<html>not an image</html>") for i in range(6)]})
     cfg = _cfg(tmp_path, num_workers=0, max_skip_fraction=1.0)
     with pytest.raises(RuntimeError, match="not one sample of this worker's range decodes"):
         list(train_loader(cfg, **LOADER_ARGS, rank=0, world_size=1, seed=0, epoch=0))
+
+
+def test_members_the_run_does_not_read_never_reach_the_shuffle_buffer(tmp_path):
+    # A 50 MB member beside each image was held by every shuffle buffer slot: 1.40 -> 1.73 GB for ten samples.
+    from mgn.data.loader import SampleLimits, _read_pieces, _Stats
+    from mgn.data.epoch_plan import Piece
+
+    video = b"\0" * (2 << 20)
+    _write(tmp_path, {"train-000000.tar": [_sample(f"s{i}", mp4=video, json=b"{}") for i in range(6)]})
+    decoder = decode.Decoder(16, MEAN, STD, None, 8, train=True)
+    read = list(_read_pieces([Piece(str(tmp_path / "train-000000.tar"), 0, 6)], _Stats(), repeat=False,
+                             shuffle_buffer=4, seed="s", limits=SampleLimits(64 << 20, 16 << 20),
+                             keep=decoder.reads))
+    assert [s["__key__"] for s in sorted(read, key=lambda s: s["__key__"])] == [f"s{i}" for i in range(6)]
+    assert all(set(s) == {"__key__", "__url__", "__index__", "__pass__", "jpg", "txt", "cls"} for s in read)
+
+
+def test_a_sample_over_the_byte_cap_is_skipped_and_counted(tmp_path):
+    big = _jpeg(size=(600, 600))
+    _write(tmp_path, {"test-000000.tar": [_sample("small"), _sample("big", jpg=big), _sample("small2")]})
+    cfg = DataConfig(test_shards=str(tmp_path / "test-*.tar"), num_workers=0, max_skip_fraction=0.5,
+                     max_sample_bytes=len(big) // 2)
+    loader = eval_loader(cfg, **LOADER_ARGS, rank=0, world_size=1)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert keys == ["small", "small2"] and sum(loader.skipped().values()) == 1
+    assert "over data.max_sample_bytes" in loader._report()
+
+
+def test_passing_over_members_keeps_the_samples_as_they_were(tmp_path):
+    from mgn.io.tar import tar_samples
+
+    _write(tmp_path, {"a.tar": [_sample("x", mp4=b"v" * 1000), {"__key__": "only-video", "mp4": b"v"},
+                                _sample("y")]})
+    with open(tmp_path / "a.tar", "rb") as f:
+        everything = list(tar_samples(f))
+    with open(tmp_path / "a.tar", "rb") as f:
+        kept = list(tar_samples(f, keep=lambda ext: ext != "mp4"))
+    assert [s["__key__"] for s in kept] == [s["__key__"] for s in everything] == ["x", "only-video", "y"]
+    assert kept[0] == {k: v for k, v in everything[0].items() if k != "mp4"}

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgn.distributed import detect_world, first_host, free_port, slurm_port
-from mgn.objectives import build_objective
+from mgn.distributed import detect_world, first_host, slurm_port
+from mgn.model.objectives import build_objective
+from tests.conftest import free_port
 from tests.dist_worker import MICRO_BATCH, global_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,8 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 
 
 def base_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                    "LOCAL_RANK",
                                                                      "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -24,7 +26,8 @@ def base_env() -> dict:
 
 
 def run_torchrun(out: Path, text_model: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER),
            str(out), text_model]
     result = subprocess.run(cmd, env=base_env(), cwd=ROOT, timeout=240, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -96,7 +99,8 @@ def test_one_rank_skips_deepspeeds_gradient_all_reduce_and_keeps_the_gradient(re
     assert r0["backward_allreduce"]  # two ranks average their gradients
     env = base_env() | dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path), text_model], env=env, cwd=ROOT, timeout=240,
+    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path), text_model], env=env, cwd=ROOT,
+                          timeout=240,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     alone = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -122,7 +126,8 @@ def test_checkpoint_restores_weights_optimizer_schedule_and_position(records):
     (r0, r1), _ = records
     for record in (r0, r1):
         assert record["moved_after_save"]
-        assert record["restored"] == {"params": True, "lr": True, "sched": True, "exp_avg": True, "state": True}
+        assert record["restored"] == {"params": True, "lr": True, "sched": True, "exp_avg": True,
+                                      "state": True}
 
 
 # --- rank detection, no processes needed ---------------------------------------------------------------
@@ -136,7 +141,8 @@ def test_world_from_slurm_variables():
 
 def test_batch_script_shell_is_not_a_rank():
     """Inside sbatch but outside srun there is no step: run single-process instead of waiting for peers."""
-    world = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1"})
+    world = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1",
+                          "SLURM_JOB_NODELIST": "n1"})
     assert (world.world_size, world.source) == (1, "single")
 
 
@@ -145,6 +151,29 @@ def test_launcher_variables_win_over_slurm():
            "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
     world = detect_world(env)
     assert (world.rank, world.world_size, world.master_addr, world.master_port) == (1, 2, "n1", 1234)
+
+
+ONE_PROCESS_GROUP = """
+import socket, sys, torch.distributed as dist
+from mgn import distributed
+held = socket.socket()
+held.bind(("0.0.0.0", int(sys.argv[1])))
+held.listen()
+distributed.init_distributed(distributed.detect_world(), 60, "cpu")
+print(dist.get_world_size(), dist.get_rank())
+"""
+
+
+@pytest.mark.parametrize("variables", [{}, {"RANK": "0", "WORLD_SIZE": "1"}],
+                         ids=["single", "launcher of one"])
+def test_a_one_process_run_needs_no_port_even_where_its_master_port_is_taken(variables):
+    # CI failed four tests with EADDRINUSE: one process rendezvoused over TCP on a port something else held
+    port = free_port()
+    done = subprocess.run([sys.executable, "-c", ONE_PROCESS_GROUP, str(port)], cwd=ROOT, timeout=120,
+                          env=base_env() | variables | {"MASTER_PORT": str(port)}, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["1", "0"]
 
 
 @pytest.mark.parametrize("nodelist,first", [("n1", "n1"), ("n[1-2]", "n1"), ("gpu[07-09,12],cpu1", "gpu07"),

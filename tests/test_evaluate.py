@@ -19,19 +19,22 @@ import numpy as np
 import pytest
 import torch
 
-from mgn.artifacts import load_checkpoint
-from mgn.checkpoint import CheckpointError
-from mgn.checkpoint_paths import resolve
+from mgn.config import preset_config
+
+from mgn.checkpoint.read import load_checkpoint
+from mgn.checkpoint.store import CheckpointError
+from mgn.checkpoint.paths import resolve
 from mgn.config import Config
-from mgn.evaluate import Predictions, format_table, merge, predict, run, summarize
-from mgn.metrics import classification_metrics
+from mgn.eval.evaluate import Predictions, format_table, merge, predict, run, summarize
+from mgn.eval.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 64  # the tiny preset's image size
 
 
 def train(workdir: Path, name: str, *flags: str) -> Path:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_",
                                                                      "SLURM_"))}
     # a few tiny steps: one thread is enough, and far faster when other jobs share the two cores
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -63,7 +66,8 @@ def labelled_batches(n_batches: int = 3, batch: int = 8, seed: int = 0, with_tex
     out = []
     for b in range(n_batches):
         label = torch.randint(0, 2, (batch,), generator=g)
-        image = torch.randn(batch, 3, IMAGE, IMAGE, generator=g) * 0.8 + (label.float() - 0.5).view(-1, 1, 1, 1)
+        image = torch.randn(batch, 3, IMAGE, IMAGE, generator=g) * 0.8 + (label.float() - 0.5).view(-1, 1, 1,
+                                                                                                    1)
         item = {"image": image, "label": label, "key": [f"s{seed}-{b}-{i}" for i in range(batch)]}
         if with_text:
             item["input_ids"] = torch.randint(1000, 5000, (batch, 16), generator=g)
@@ -81,7 +85,8 @@ def evaluate_quietly(path, shards: str, out: Path, **kwargs) -> dict:
 
 
 def student_probs(path, **kwargs) -> np.ndarray:
-    preds = predict(load_checkpoint(path, **kwargs), labelled_batches(with_text=False), device=torch.device("cpu"))
+    preds = predict(load_checkpoint(path, **kwargs), labelled_batches(with_text=False),
+                    device=torch.device("cpu"))
     return preds.student
 
 
@@ -102,34 +107,41 @@ def test_all_checkpoint_kinds_give_identical_student_metrics(runs, test_shards, 
     assert kinds == ["zero", "deepspeed", "student", "student"]
     reference = reports["ZeRO-2, consolidated by zero_to_fp32 (run folder)"]
     assert reference["samples"] == 24 and reference["checkpoint"]["zero_stage"] == 2
-    check = reference["fusion_check"]  # deployed (fused) vs training-time (unfused) student on the first batch
-    assert check["prediction_agreement"] == 1.0 and check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
+    # deployed (fused) vs training-time (unfused) student on the first batch
+    check = reference["fusion_check"]
+    assert check["prediction_agreement"] == 1.0 and check["max_abs_diff"] <= 1e-4 * max(1.0,
+                                                                                        check["max_abs_logit"])
     for name, report in reports.items():
         for key, value in reference["student"].items():
-            assert report["student"][key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), \
-                (name, key)
+            assert report["student"][key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float)
+                                              else value), (name, key)
     # stronger than equal metrics: equal probabilities, sample by sample
     probs = [student_probs(path, **kw) for path, kw in ways.values()]
     for other in probs[1:]:
         np.testing.assert_allclose(other, probs[0], atol=1e-5)
     # a ZeRO-0 (module states only) guided run and its artifact agree the same way
-    np.testing.assert_allclose(student_probs(z0 / "checkpoints" / "latest"), student_probs(z0 / "student"), atol=1e-5)
+    np.testing.assert_allclose(student_probs(z0 / "checkpoints" / "latest"), student_probs(z0 / "student"),
+                               atol=1e-5)
     assert load_checkpoint(z0).kind == "deepspeed"
 
 
 @pytest.mark.slow
 def test_teacher_and_student_on_the_same_samples(runs, test_shards, tmp_path, capsys):
     out = tmp_path / "eval"
-    report = run(runs / "runs" / "guided-z0", shards=test_shards, teacher=True, target_precision=0.5, out_dir=out,
+    report = run(runs / "runs" / "guided-z0", shards=test_shards, teacher=True, target_precision=0.5,
+                 out_dir=out,
                  tensorboard=tmp_path / "tb", num_workers=0)
     printed = capsys.readouterr().out
-    assert "recall at precision >= 0.5" in printed and "kept" in printed and "confusion matrix, teacher" in printed
+    assert ("recall at precision >= 0.5" in printed and "kept" in printed
+            and "confusion matrix, teacher" in printed)
     saved = json.loads((out / "eval.json").read_text())
     assert saved["checkpoint"]["kind"] == "deepspeed" and saved["samples"] == report["samples"] == 24
-    assert set(saved["student"]) >= {"accuracy", "precision", "recall", "f1", "auroc", "pr_auc", "confusion_matrix",
+    assert set(saved["student"]) >= {"accuracy", "precision", "recall", "f1", "auroc", "pr_auc",
+                                     "confusion_matrix",
                                      "recall_at_precision", "threshold_at_precision"}
     assert saved["teacher"]["samples"] == saved["student"]["samples"]
-    assert saved["kept"]["accuracy"] == pytest.approx(saved["student"]["accuracy"] / saved["teacher"]["accuracy"])
+    assert saved["kept"]["accuracy"] == pytest.approx(saved["student"]["accuracy"]
+                                                      / saved["teacher"]["accuracy"])
     # the guided forward also returns the unfused student's logits: every sample checked against the fused one
     assert saved["fusion_check"]["samples"] == 24 and saved["fusion_check"]["prediction_agreement"] == 1.0
     assert (out / "pr_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -139,22 +151,26 @@ def test_teacher_and_student_on_the_same_samples(runs, test_shards, tmp_path, ca
 @pytest.mark.slow
 def test_distributed_evaluation_matches_one_process(runs, tmp_path):
     """torchrun, 2 ranks over gloo: each reads its shards, rank 0 merges; same samples, same metrics."""
-    from mgn.shards import write_synthetic
+    from mgn.data.writer import write_synthetic
 
-    write_synthetic(tmp_path / "shards", samples=120, image_size=IMAGE, seed=3, max_samples=8)  # 3 test shards
+    # 3 test shards
+    write_synthetic(tmp_path / "shards", samples=120, image_size=IMAGE, seed=3, max_samples=8)
     shards = str(tmp_path / "shards" / "test-*.tar")
     single = evaluate_quietly(runs / "runs" / "baseline-z2", shards, tmp_path / "one")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "evaluate.py"), "--ckpt", str(runs / "runs" / "baseline-z2"), "--shards", shards,
            "--target-precision", "0.5", "--num-workers", "0", "--out", str(tmp_path / "two")]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert two["world_size"] == 2 and two["samples"] == single["samples"] > 16
     for key, value in single["student"].items():  # other thread counts sum in another order: 1e-4, not 1e-6
-        assert two["student"][key] == (pytest.approx(value, abs=1e-4) if isinstance(value, float) else value), key
+        assert two["student"][key] == (pytest.approx(value, abs=1e-4) if isinstance(value,
+                                                                                    float) else value), key
 
 
 @pytest.mark.slow
@@ -169,12 +185,14 @@ def test_teacher_needs_a_guided_training_checkpoint(runs):
 def test_resolve_accepts_every_way_of_pointing_at_a_checkpoint(runs):
     z2 = runs / "runs" / "baseline-z2"
     tag = tag_of(z2)
-    for path in (z2, z2 / "checkpoints", z2 / "checkpoints" / "latest", tag, tag / "mp_rank_00_model_states.pt"):
+    for path in (z2, z2 / "checkpoints", z2 / "checkpoints" / "latest", tag,
+                 tag / "mp_rank_00_model_states.pt"):
         assert resolve(path) == ("tag", tag), path
     assert resolve(z2 / "student") == ("artifact", z2 / "student" / "student.safetensors")
 
 
-# --- clear errors --------------------------------------------------------------------------------------------
+# --- clear errors
+# --------------------------------------------------------------------------------------------
 
 def copy_run(runs: Path, name: str, dst: Path) -> Path:
     shutil.copytree(runs / "runs" / name, dst)
@@ -213,7 +231,8 @@ def test_corrupt_checkpoints(tmp_path, runs):
 
 @pytest.mark.slow
 def test_a_run_folder_whose_latest_tag_is_damaged_is_read_from_the_newest_intact_tag(tmp_path, runs, caplog):
-    # The same verified finder as a resume (mgn.checkpoint.newest_intact_tag): a warning, then the older tag.
+    # The same verified finder as a resume (mgn.checkpoint.store.newest_intact_tag): a warning, then the older
+    # tag.
     run_dir = copy_run(runs, "guided-z0", tmp_path / "damaged-latest")
     damaged = tag_of(run_dir)
     states = damaged / "mp_rank_00_model_states.pt"
@@ -239,7 +258,8 @@ def test_checkpoint_from_another_model_config(tmp_path, runs):
     (run_dir / "config.json").unlink()
     _rewrite_config(tag_of(run_dir) / "mp_rank_00_model_states.pt", image_model="mobileone_s1")
     with pytest.raises(CheckpointError, match="comes from another model config") as info:
-        load_checkpoint(tag_of(run_dir))  # the tag named: its manifest no longer matches, a run folder falls back
+        # the tag named: its manifest no longer matches, a run folder falls back
+        load_checkpoint(tag_of(run_dir))
     assert "model.image_model='mobileone_s1'" in str(info.value) and "of another shape" in str(info.value)
     # The checkpoint was copied into a run whose config.json describes another model.
     run_dir = copy_run(runs, "guided-z0", tmp_path / "other-run")
@@ -295,7 +315,8 @@ def test_command_line_entry_reports_errors_without_a_traceback(tmp_path, capsys)
     assert err.startswith("evaluate.py: error:") and "no such file or folder" in err
 
 
-# --- pieces ------------------------------------------------------------------------------------------------------
+# --- pieces
+# ------------------------------------------------------------------------------------------------------
 
 def test_merge_drops_samples_read_twice_by_padded_ranks():
     a = Predictions(keys=["x", "y"], labels=np.array([0, 1]), student=np.array([[0.9, 0.1], [0.2, 0.8]]),
@@ -320,8 +341,10 @@ def test_table_shows_student_teacher_and_kept():
 class _CaptionReader(torch.nn.Module):
     """A teacher that ignores the image: class = parity of the first caption token; an empty caption -> 0."""
 
+    cfg = preset_config("tiny")  # what caption_reliance reads the image normalisation from
+
     def predict(self, image, input_ids, attention_mask):
-        from mgn.objectives import Prediction
+        from mgn.model.objectives import Prediction
 
         cls = (input_ids[:, 0] % 2) * attention_mask[:, 0]
         logits = torch.nn.functional.one_hot(cls, 2).float()
@@ -329,7 +352,7 @@ class _CaptionReader(torch.nn.Module):
 
 
 def test_caption_reliance_of_a_teacher_that_only_reads_captions():
-    from mgn.evaluate import caption_reliance
+    from mgn.eval.evaluate import caption_reliance
 
     batches = labelled_batches(n_batches=3, batch=8)
     for b in batches:  # the caption gives the label away: the first token's parity

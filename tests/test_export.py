@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mgn.config import Config, ModelConfig
-from mgn.artifacts import read_student
-from mgn.export import export_student, fuse_student, unfused_modules
-from mgn.model import ImageClassifier
+from mgn.checkpoint.read import read_student
+from mgn.model.export import export_student, fuse_student, unfused_modules
+from mgn.model.networks import ImageClassifier
 from tests.conftest import calibrate_batchnorm
 
 
@@ -48,7 +48,8 @@ def test_a_student_trained_with_syncbatchnorm_exports_like_the_plain_one(student
     with torch.no_grad():
         exported = read_student(export_student(synced, cfg, tmp_path, formats=("safetensors",)))[0](x)
     torch.testing.assert_close(exported, fuse_student(student)(x), rtol=1e-5, atol=1e-5)
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # the trained model is untouched
+    # the trained model is untouched
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
 
 
 def test_artifact_round_trip_carries_config_and_matches(student_and_config, tmp_path):

@@ -7,18 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgn.artifacts import init_student
-from mgn.checkpoint import CheckpointError
+from mgn.checkpoint.read import init_student
+from mgn.checkpoint.store import CheckpointError
 from mgn.config import preset_config
-from mgn.export import fuse_student, unfuse_into
-from mgn.model import ImageClassifier
+from mgn.model.export import fuse_student, unfuse_into
+from mgn.model.networks import ImageClassifier
 from tests.conftest import calibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(workdir: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_",
                                                                      "SLURM_"))}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -76,7 +77,8 @@ def test_run_folder_zero2_tag_and_student_artifact_give_identical_weights(zero2_
         assert torch.equal(fused["artifact"][key], value) and torch.equal(fused["program"][key], value), key
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(students["artifact"].eval()(x), students["run"].eval()(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(students["artifact"].eval()(x), students["run"].eval()(x), rtol=1e-4,
+                                   atol=1e-4)
 
 
 @pytest.mark.slow
@@ -100,7 +102,8 @@ def test_image_encoder_only_keeps_a_fresh_head_and_a_class_mismatch_is_refused(z
 
 @pytest.mark.slow
 def test_train_py_starts_a_run_from_another_runs_weights(zero2_run):
-    result = train(zero2_run, "second-stage", "--objective.name", "baseline", "--train.init_from", "runs/donor",
+    result = train(zero2_run, "second-stage", "--objective.name", "baseline", "--train.init_from",
+                   "runs/donor",
                    "--train.init_parts", "image_encoder")
     assert "MGN: initialised image_encoder from" in result.stdout and "runs/donor" in result.stdout
     assert (zero2_run / "runs" / "second-stage" / "student" / "student.safetensors").exists()

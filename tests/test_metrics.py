@@ -1,13 +1,14 @@
-"""mgn.metrics on a hand-made prediction set: the values worked out by hand, and scikit-learn's own."""
+"""mgn.eval.metrics on a hand-made prediction set: the values worked out by hand, and scikit-learn's own."""
 import math
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mgn.metrics import classification_metrics, recall_at_precision
+from mgn.eval.metrics import classification_metrics, recall_at_precision
 
-# Ten samples, positive = 1. At the argmax (score > 0.5): TP 4 (idx 4,5,7,8), FP 1 (idx 3), FN 1 (idx 6), TN 4.
+# Ten samples, positive = 1. At the argmax (score > 0.5): TP 4 (idx 4,5,7,8), FP 1 (idx 3), FN 1 (idx 6), TN
+# 4.
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
 SCORES = np.array([0.10, 0.40, 0.35, 0.80, 0.90, 0.65, 0.45, 0.70, 0.55, 0.20])
 PROBS = np.stack([1 - SCORES, SCORES], axis=1)
@@ -22,7 +23,8 @@ def test_binary_metrics_match_hand_computation():
     assert m["f1"] == pytest.approx(4 / 5)
     # AUROC = share of (positive, negative) pairs ranked correctly: 5 + 4 + 4 + 4 + 4 of 25
     assert m["auroc"] == pytest.approx(21 / 25)
-    # average precision: mean precision at each positive, in score order .90 .70 .65 .55 .45 -> 1, 2/3, 3/4, 4/5, 5/6
+    # average precision: mean precision at each positive, in score order .90 .70 .65 .55 .45 -> 1, 2/3, 3/4,
+    # 4/5, 5/6
     assert m["pr_auc"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 5 + 5 / 6) / 5)
 
 
@@ -72,7 +74,8 @@ def test_multiclass_is_macro_averaged_like_scikit_learn():
     assert m["recall"] == pytest.approx(skm.recall_score(labels, preds, average="macro"))
     assert m["f1"] == pytest.approx(skm.f1_score(labels, preds, average="macro"))
     assert m["auroc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr"))
-    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(np.eye(3)[labels], probs, average="macro"))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(np.eye(3)[labels], probs,
+                                                                    average="macro"))
     assert np.array(m["confusion_matrix"]).shape == (3, 3) and "recall_at_precision" not in m  # binary only
 
 

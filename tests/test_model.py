@@ -4,8 +4,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgn.config import PACKAGED_MINILM, Config, ModelConfig, ObjectiveConfig, validate
-from mgn.model import ImageClassifier, PoolAttention, TokenAttention
-from mgn.objectives import Guided, build_objective
+from mgn.model.networks import ImageClassifier, PoolAttention, TokenAttention
+from mgn.model.objectives import Guided, build_objective
 
 
 def tiny(text_model: str, **overrides) -> ModelConfig:
@@ -96,7 +96,8 @@ def test_token_attention_rows_sum_to_one_and_mix_image_values(position):
     assert torch.allclose(spatial.sum(), torch.tensor(1.0))
     assert spatial.flatten().argmax().item() == position
     assert attended.shape == values.shape
-    assert torch.allclose(attended.mean(dim=(2, 3)), (values * spatial.unsqueeze(1)).sum(dim=(2, 3)), atol=1e-6)
+    assert torch.allclose(attended.mean(dim=(2, 3)), (values * spatial.unsqueeze(1)).sum(dim=(2, 3)),
+                          atol=1e-6)
 
 
 def test_uniform_attention_reduces_to_the_student():
@@ -123,7 +124,8 @@ def test_frozen_text_encoder_gets_no_gradients_and_stays_in_eval():
     model = guided(tiny(PACKAGED_MINILM, freeze_text=True)).train()
     assert not model.guide.text.model.training
     ids, mask = captions(4, 16)
-    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids, attention_mask=mask).loss.backward()
+    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids,
+          attention_mask=mask).loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.guide.text.parameters())
 
 
@@ -131,7 +133,8 @@ def test_unfrozen_text_encoder_is_trained():
     model = guided(tiny(PACKAGED_MINILM, freeze_text=False)).train()
     assert model.guide.text.model.training
     ids, mask = captions(4, 16)
-    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids, attention_mask=mask).loss.backward()
+    model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]), input_ids=ids,
+          attention_mask=mask).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.guide.text.parameters())
 
 
@@ -189,3 +192,22 @@ def test_unfrozen_text_is_never_cached():
     text = guided(tiny(PACKAGED_MINILM, freeze_text=False, text_cache=100)).guide.text
     text(*captions(2, 16))
     assert text.cache_size == 0 and len(text.cache) == 0
+
+
+def test_the_text_encoders_prepared_mask_changes_nothing_but_the_wait():
+    # transformers reads a 2-D mask's values on the host (a GPU sync every step); the prepared 4-D mask gives
+    # the same encodings, and an empty caption (caption dropout) stays finite and zero.
+    from mgn.config import preset_config
+    from mgn.model.networks import TextBlockEncoder
+
+    encoder = TextBlockEncoder(preset_config("tiny").model).eval()
+    ids = torch.randint(1000, 2000, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, 10:] = 0
+    mask[2] = 0
+    with torch.no_grad():
+        plain = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        prepared = encoder.model(input_ids=ids, attention_mask=encoder.prepared_mask(mask)).last_hidden_state
+        blocks = encoder.encode(ids, mask)
+    assert torch.equal(plain[:2], prepared[:2])
+    assert torch.isfinite(blocks).all() and not blocks[2].any()

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgn.config import OBJECTIVES, preset_config
-from mgn.export import fuse_student
-from mgn.objectives import REGISTRY, box_map, build_objective, feature_map, map_distance
-from mgn.objectives import objective as register
+from mgn.model.export import fuse_student
+from mgn.model.objectives import REGISTRY, box_map, build_objective, feature_map, map_distance
+from mgn.model.objectives import objective as register
 from tests.conftest import calibrate_batchnorm
 
 LABELS = torch.tensor([0, 1, 1, 0])
@@ -29,10 +29,11 @@ def batch(seed: int = 0) -> dict:
             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
 
 
-# the controls' ground truth: the deciding splat's box in the crop, the Bayes posterior
-GROUND_TRUTH = {"cue_box": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9],
-                                         [0.6, 0.0, 0.9, 0.3]]),
-                "posterior": torch.tensor([0.1, 0.9, 0.7, 0.4])}
+# the controls' ground truth: the deciding splat's body in the crop, the Bayes posterior, the caption's label
+GROUND_TRUTH = {"splat_box": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9],
+                                           [0.6, 0.0, 0.9, 0.3]]),
+                "posterior": torch.tensor([0.1, 0.9, 0.7, 0.4]),
+                "caption_label": torch.tensor([1.0, 0.0, 1.0, 1.0])}
 
 
 def step_inputs(model) -> dict:
@@ -61,8 +62,11 @@ def test_the_registry_is_the_configs_list_of_objectives_and_refuses_a_name_decla
         register("typo")(type("Typo", (), {}))
     with pytest.raises(ValueError, match="'tram' is registered twice"):
         register("tram")(type("Tram2", (), {}))
-    assert [n for n, info in OBJECTIVES.items() if info.control] == ["oracle_attention", "oracle_teacher"]
-    assert not any(REGISTRY[n].uses_captions for n in ("baseline", "oracle_attention", "oracle_teacher"))
+    assert [n for n, info in OBJECTIVES.items() if info.control] == ["oracle_attention", "oracle_caption",
+                                                                     "oracle_teacher"]
+    assert [n for n, info in OBJECTIVES.items() if info.control and not info.reachable] == ["oracle_teacher"]
+    assert not any(REGISTRY[n].uses_captions for n in ("baseline", "oracle_attention", "oracle_caption",
+                                                       "oracle_teacher"))
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -156,10 +160,19 @@ def test_oracle_attention_pulls_the_encoder_towards_the_box_and_skips_a_box_the_
     backward_term(model, "attention_mse")
     assert grads_of(model.student.encoder) and not grads_of(model.student.head)
     inputs = step_inputs(model)
-    inputs["cue_box"] = torch.zeros(4, 4)  # every box cut away: no term, no gradient from it
+    inputs["splat_box"] = torch.zeros(4, 4)  # every box cut away: no term, no gradient from it
     model.zero_grad(set_to_none=True)
     term = model(**inputs).terms["attention_mse"]
     assert term.item() == 0.0
+
+
+def test_oracle_caption_learns_the_label_the_caption_gives_not_the_stored_one():
+    model = objective("oracle_caption")
+    inputs = step_inputs(model)
+    out = model(**inputs)
+    expected = model.cross_entropy(out.logits, inputs["caption_label"].long())  # the arms' own CE
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.equal(inputs["caption_label"].long(), inputs["label"])  # the stored label plays no part
 
 
 def test_oracle_teacher_is_labels_and_the_generators_posterior_as_soft_targets():
@@ -172,7 +185,8 @@ def test_oracle_teacher_is_labels_and_the_generators_posterior_as_soft_targets()
     expected = 0.75 * F.cross_entropy(logits, LABELS, label_smoothing=model.smoothing) + 0.25 * soft
     torch.testing.assert_close(out.loss, expected)
     with pytest.raises(ValueError, match="num_classes must be 2"):
-        build_objective(preset_config("tiny", {"objective": {"name": "oracle_teacher"}, "model": {"num_classes": 3}}))
+        build_objective(preset_config("tiny", {"objective": {"name": "oracle_teacher"},
+                                               "model": {"num_classes": 3}}))
 
 
 def test_caption_dropout_one_means_the_guided_path_sees_empty_captions_in_training():
@@ -185,7 +199,8 @@ def test_caption_dropout_one_means_the_guided_path_sees_empty_captions_in_traini
         dropped = model.guided(embedding, inputs["input_ids"], inputs["attention_mask"]).logits
         model.caption_dropout = 0.0
         given = model.guided(embedding, inputs["input_ids"], inputs["attention_mask"]).logits
-        empty = model.guided(embedding, inputs["input_ids"], torch.zeros_like(inputs["attention_mask"])).logits
+        empty = model.guided(embedding, inputs["input_ids"],
+                             torch.zeros_like(inputs["attention_mask"])).logits
     assert not torch.allclose(given, empty, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(dropped, empty)
 

@@ -2,8 +2,8 @@
 import pytest
 
 from mgn.config import preset_config
-from mgn.objectives import build_objective
-from mgn.engine import param_groups
+from mgn.model.objectives import build_objective
+from mgn.train.engine import param_groups
 
 
 @pytest.mark.parametrize("freeze_text", [False, True])
@@ -26,7 +26,9 @@ def test_text_image_and_head_parameters_land_in_their_own_groups(bert32, freeze_
     heads = ("student.head.", "guide.fusion.", "guide.attention.")
     assert {part_of[n] for n in part_of if n.startswith(heads)} == {"head"}
     assert lr_of["text" if not freeze_text else "image"] == (1e-5 if not freeze_text else 1e-3)
-    assert lr_of["head"] == 2e-3 and all(not g.endswith("_no_decay") or lr_of[g] == lr_of[g[:-9]] for g in lr_of)
+    assert lr_of["head"] == 2e-3 and all(not g.endswith("_no_decay") or lr_of[g] == lr_of[g[:-9]]
+                                         for g in lr_of)
 
     baseline = build_objective(preset_config("tiny", {"objective": {"name": "baseline"}}))
-    assert {g["name"] for g in param_groups(baseline, cfg)} == {"image", "image_no_decay", "head", "head_no_decay"}
+    assert {g["name"] for g in param_groups(baseline, cfg)} == {"image", "image_no_decay", "head",
+                                                                "head_no_decay"}

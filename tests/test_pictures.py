@@ -1,8 +1,9 @@
-"""The attention picture: image beside map, a fixed scale where uniform attention is neutral, labels and caption."""
+"""The attention picture: image beside map, a fixed scale where uniform attention is neutral, labels and
+caption."""
 import numpy as np
 import torch
 
-from mgn.pictures import COLOUR_MAP, AttentionSample, attention_figure, samples_from_batch
+from mgn.eval.pictures import COLOUR_MAP, AttentionSample, attention_figure, samples_from_batch
 
 
 def _samples(n: int, attention) -> list[AttentionSample]:
@@ -38,10 +39,16 @@ def test_uniform_attention_is_drawn_in_the_neutral_colour_and_a_hot_spot_is_not(
 
 
 def test_samples_from_batch_undo_normalisation_and_name_classes():
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    from mgn.data.decode import ModelInputs
+
+    inputs = ModelInputs((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
     images = torch.zeros(2, 3, 8, 8)  # normalised zeros = the mean colour
+    # the same colour, as a GPU run's batch holds it
+    pixels = torch.full((2, 8, 8, 3), 128, dtype=torch.uint8)
+    assert np.allclose(inputs.display(pixels, limit=6), 128 / 255)
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    samples = samples_from_batch(images, torch.full((2, 2, 2), 0.25), torch.tensor([1, 0]), logits, logits.flip(1),
-                                 ["a", "b"], mean, std, ["non_violent", "violent"])
+    samples = samples_from_batch(inputs.display(images, limit=6), torch.full((2, 2, 2), 0.25),
+                                 torch.tensor([1, 0]),
+                                 logits, logits.flip(1), ["a", "b"], ["non_violent", "violent"])
     assert np.allclose(samples[0].image, 0.5) and samples[0].label == "violent"
     assert (samples[0].teacher, samples[0].student, samples[1].caption) == ("non_violent", "violent", "b")

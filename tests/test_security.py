@@ -21,10 +21,10 @@ from PIL import Image
 import benchmark
 import evaluate
 from mgn.config import preset_config
-from mgn.export import export_student
-from mgn.model import ImageClassifier
-from mgn.manifest import read_manifest
-from mgn.shards import write_shards
+from mgn.model.export import export_student
+from mgn.model.networks import ImageClassifier
+from mgn.io.manifest import read_manifest
+from mgn.data.writer import write_shards
 from tests.conftest import calibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,8 @@ def test_a_pt2_with_a_pickled_weight_is_refused_by_every_entry_point(tmp_path, c
     assert "pickles" in capsys.readouterr().err and not marker.exists()
     assert benchmark.main(["--ckpt", str(hostile), "--tiny", "--out", str(tmp_path / "b.json")]) == 2
     assert "--trust-checkpoint" in capsys.readouterr().err and not marker.exists()
-    result = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--train.output_dir", str(tmp_path),
+    result = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--train.output_dir",
+                             str(tmp_path),
                              "--train.init_from", str(hostile)], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "--trust-checkpoint" in result.stdout + result.stderr
@@ -104,14 +105,16 @@ except ImportError:
 with safe_open({str(path)!r}, framework="pt") as f:
     model_cfg = json.loads(f.metadata()["config.json"])["model"]
     weights = {{k.removeprefix("encoder."): f.get_tensor(k) for k in f.keys()}}
-model = reparameterize_model(timm.create_model(model_cfg["image_model"], num_classes=model_cfg["num_classes"]).eval())
+model = reparameterize_model(timm.create_model(model_cfg["image_model"], \
+num_classes=model_cfg["num_classes"]).eval())
 model.load_state_dict(weights)
 with torch.no_grad():
     out = model(torch.from_numpy(numpy.load({str(tmp_path / 'images.npy')!r})))
 numpy.save({str(tmp_path / 'out.npy')!r}, out.numpy())
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-4, atol=1e-4)
@@ -119,14 +122,16 @@ numpy.save({str(tmp_path / 'out.npy')!r}, out.numpy())
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory) -> Path:
-    from mgn.shards import write_synthetic
+    from mgn.data.writer import write_synthetic
 
     work = tmp_path_factory.mktemp("zero2")
     write_synthetic(work / "shards", samples=120, image_size=64, seed=0, max_samples=40)
     result = subprocess.run(
-        [sys.executable, "train.py", "--preset", "tiny", "--objective.name", "baseline", "--train.zero_stage", "2",
+        [sys.executable, "train.py", "--preset", "tiny", "--objective.name", "baseline", "--train.zero_stage",
+         "2",
          "--data.train_shards", str(work / "shards" / "train-*.tar"), "--data.test_shards",
-         str(work / "shards" / "test-*.tar"), "--data.synthetic_samples", "0", "--train.output_dir", str(work),
+         str(work / "shards" / "test-*.tar"), "--data.synthetic_samples", "0", "--train.output_dir",
+         str(work),
          "--train.run_name", "z2", "--train.eval_every", "-1"], cwd=ROOT, capture_output=True, text=True,
         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -134,21 +139,23 @@ def zero2_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_zero_folder_with_a_crafted_optimizer_file_is_never_unpickled_without_trust(zero2_run, tmp_path, capsys):
+def test_a_zero_folder_with_a_crafted_optimizer_file_is_never_unpickled_without_trust(zero2_run, tmp_path,
+                                                                                      capsys):
     run = tmp_path / "z2"
     shutil.copytree(zero2_run / "z2", run)
     marker = tmp_path / "marker"
     optimizer = next((run / "checkpoints").glob("step_*/*optim_states.pt"))
     torch.save(_Payload(marker), optimizer)  # torch's own zip format, as DeepSpeed writes it
-    # The crafted tag itself is named: through the run folder a reader would pass over it (its manifest no longer
-    # matches) for an intact one, and the hostile file would never be in reach.
+    # The crafted tag itself is named: through the run folder a reader would pass over it (its manifest no
+    # longer matches) for an intact one, and the hostile file would never be in reach.
     tag = optimizer.parent
     shards = str(zero2_run / "shards" / "test-*.tar")
     assert evaluate.main(["--ckpt", str(tag), "--shards", shards, "--out", str(tmp_path / "eval")]) == 0
     assert "read from the module states" in capsys.readouterr().out and not marker.exists()
     assert benchmark.main(["--ckpt", str(tag), "--tiny", "--out", str(tmp_path / "b.json")]) == 0
     assert not marker.exists()
-    evaluate.main(["--ckpt", str(tag), "--shards", shards, "--out", str(tmp_path / "eval2"), "--trust-checkpoint"])
+    evaluate.main(["--ckpt", str(tag), "--shards", shards, "--out", str(tmp_path / "eval2"),
+                   "--trust-checkpoint"])
     assert marker.exists()  # consolidation unpickles the optimizer shards: the file really is hostile
 
 
@@ -159,7 +166,8 @@ def test_a_resume_folder_outside_the_run_needs_trust(zero2_run, tmp_path):
     shutil.copytree(zero2_run / "z2" / "checkpoints", outside)
     states = next(outside.glob("step_*/mp_rank_00_model_states.pt"))
     torch.save(_Payload(marker), states)
-    args = [sys.executable, "train.py", "--preset", "tiny", "--objective.name", "baseline", "--train.zero_stage", "2",
+    args = [sys.executable, "train.py", "--preset", "tiny", "--objective.name", "baseline",
+            "--train.zero_stage", "2",
             "--data.train_shards", str(zero2_run / "shards" / "train-*.tar"), "--data.test_shards",
             str(zero2_run / "shards" / "test-*.tar"), "--data.synthetic_samples", "0", "--train.output_dir",
             str(tmp_path), "--train.run_name", "new", "--train.resume", str(outside)]
@@ -183,7 +191,7 @@ def _manifest(folder: Path, rows: list[dict]) -> Path:
 
 
 def _stored(out: Path) -> dict[str, dict]:
-    from mgn.tar import tar_samples
+    from mgn.io.tar import tar_samples
 
     samples = {}
     for shard in sorted(out.glob("*.tar")):
@@ -207,20 +215,23 @@ def test_manifest_paths_outside_the_data_root_are_rejected_and_the_rest_written(
             {"id": "absolute", "image": str(secret / "private.jpg"), "caption": "c", "label": "a"},
             {"id": "symlink", "image": "link.jpg", "caption": "c", "label": "a"}]
     out = tmp_path / "out"
-    card = write_shards(read_manifest(_manifest(data, rows)), out, labels=["a"], source="test", data_root=data,
+    card = write_shards(read_manifest(_manifest(data, rows)), out, labels=["a"], source="test",
+                        data_root=data,
                         test_fraction=0.0)
     rejects = _rejects(out)
     assert set(rejects) == {"dots", "absolute", "symlink"}
-    assert all(r["kind"] == "outside_root" and "outside the data root" in r["reason"] for r in rejects.values())
+    assert all(r["kind"] == "outside_root" and "outside the data root" in r["reason"]
+               for r in rejects.values())
     assert list(_stored(out)) == ["good"] and card["rejected"]["by_kind"] == {"outside_root": 3}
-    allowed = write_shards(read_manifest(_manifest(data, rows)), tmp_path / "allowed", labels=["a"], source="test",
+    allowed = write_shards(read_manifest(_manifest(data, rows)), tmp_path / "allowed", labels=["a"],
+                           source="test",
                            data_root=None, test_fraction=0.0)
     assert allowed["rejected"]["rows"] == 0
 
 
 def test_a_member_named_dot_dot_is_read_without_writing_outside(tmp_path):
     from mgn.config import DataConfig
-    from mgn.data import eval_loader
+    from mgn.data.loader import eval_loader
 
     inside = tmp_path / "shards"
     inside.mkdir()
@@ -234,7 +245,8 @@ def test_a_member_named_dot_dot_is_read_without_writing_outside(tmp_path):
     (inside / "sizes.json").write_text('{"test-000000.tar": 1}')
     before = sorted(p.name for p in tmp_path.iterdir())
     loader = eval_loader(DataConfig(test_shards=str(inside / "test-*.tar"), num_workers=0), image_size=16,
-                         mean=(0.5,) * 3, std=(0.5,) * 3, tokenizer_name=None, seq_len=4, batch_size=2, rank=0,
+                         mean=(0.5,) * 3, std=(0.5,) * 3, tokenizer_name=None, seq_len=4, batch_size=2,
+                         rank=0,
                          world_size=1)
     assert [k for b in loader for k in b["key"]] == ["../evil"]  # a dictionary key, never a path
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -263,7 +275,8 @@ def test_hostile_images_get_their_documented_outcome_quickly(tmp_path):
     assert rejects["huge"]["kind"] == "too_large" and "13000x13000" in rejects["huge"]["reason"]
     grey = np.asarray(Image.open(io.BytesIO(stored["sixteen"]["jpg"])).convert("L")).mean()
     assert 120 < grey < 136  # scaled, not clipped to white
-    assert b"SECRET" not in stored["gps"]["jpg"] and not Image.open(io.BytesIO(stored["gps"]["jpg"])).getexif()
+    assert (b"SECRET" not in stored["gps"]["jpg"]
+            and not Image.open(io.BytesIO(stored["gps"]["jpg"])).getexif())
     kept = tmp_path / "kept"
     write_shards(read_manifest(_manifest(data, rows[2:])), kept, labels=["a"], source="test", data_root=data,
                  test_fraction=0.0, keep_original=True)
@@ -287,49 +300,64 @@ def test_a_ten_megabyte_caption_is_cut_and_recorded_and_the_other_rows_survive(t
             writer.writerows(rows)
     out = tmp_path / "out"
     start = time.perf_counter()
-    card = write_shards(read_manifest(manifest), out, labels=["a"], source="test", data_root=data, test_fraction=0.0)
+    card = write_shards(read_manifest(manifest), out, labels=["a"], source="test", data_root=data,
+                        test_fraction=0.0)
     assert time.perf_counter() - start < 10
     stored = _stored(out)
     assert len(stored["long"]["txt"]) == 4096 and stored["fine"]["txt"] == b"ok"
-    assert json.loads(stored["long"]["json"])["caption_truncated_from_bytes"] == len(rows[0]["caption"].strip())
+    assert (json.loads(stored["long"]["json"])["caption_truncated_from_bytes"]
+            == len(rows[0]["caption"].strip()))
     assert card["captions_truncated"] == 1
 
 
 def test_a_csv_cell_beyond_the_field_limit_is_a_rejected_row_with_its_line(tmp_path):
-    from mgn.manifest import MAX_CSV_FIELD
+    from mgn.io.manifest import MAX_CSV_FIELD
 
     data = tmp_path / "data"
     data.mkdir()
     _jpeg(data / "x.jpg")
     manifest = data / "manifest.csv"
-    manifest.write_text("id,image,caption,label\n" f"huge,x.jpg,{'a' * (MAX_CSV_FIELD + 10)},a\n" "fine,x.jpg,ok,a\n")
+    manifest.write_text("id,image,caption,label\n" f"huge,x.jpg,{'a' * (MAX_CSV_FIELD + 10)},a\n"
+                        "fine,x.jpg,ok,a\n")
     out = tmp_path / "out"
-    card = write_shards(read_manifest(manifest), out, labels=["a"], source="test", data_root=data, test_fraction=0.0)
+    card = write_shards(read_manifest(manifest), out, labels=["a"], source="test", data_root=data,
+                        test_fraction=0.0)
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 1 and rejects[0]["line"] == 2 and "field larger than field limit" in rejects[0]["reason"]
+    assert (len(rejects) == 1 and rejects[0]["line"] == 2
+            and "field larger than field limit" in rejects[0]["reason"])
     assert list(_stored(out)) == ["fine"] and card["splits"]["train"]["samples"] == 1
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def _one_shard(folder: Path, samples: list[tuple[str, str, bytes, bytes]]) -> str:
+    """A test shard written by another tool, of (key, image extension, image, caption) samples, all of class
+    0; returns its pattern."""
+    folder.mkdir()
+    with tarfile.open(folder / "test-000000.tar", "w") as tar:
+        for key, ext, image, caption in samples:
+            for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", caption), (f"{key}.cls", b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "sizes.json").write_text(json.dumps({"test-000000.tar": len(samples)}))
+    return str(folder / "test-*.tar")
 
 
 def test_the_reader_caps_pixels_before_decoding_and_captions_before_tokenizing(tmp_path):
     from mgn.config import PACKAGED_MINILM, DataConfig, resolve_text_model
-    from mgn.data import eval_loader
+    from mgn.data.loader import eval_loader
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    huge = io.BytesIO()
-    Image.new("1", (13000, 13000), 1).save(huge, format="PNG")
-    small = io.BytesIO()
-    Image.new("RGB", (16, 16), (9, 9, 9)).save(small, format="JPEG")
-    samples = [("huge", huge.getvalue(), b"c"), ("long", small.getvalue(), b"fight " * 1_750_000),
-               ("fine", small.getvalue(), b"ok")]
-    with tarfile.open(shards / "test-000000.tar", "w") as tar:
-        for key, image, caption in samples:
-            for ext, data in ((".png" if key == "huge" else ".jpg", image), (".txt", caption), (".cls", b"0")):
-                info = tarfile.TarInfo(key + ext)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (shards / "sizes.json").write_text('{"test-000000.tar": 3}')
-    cfg = DataConfig(test_shards=str(shards / "test-*.tar"), num_workers=0, max_skip_fraction=0.5)
+    huge = _encoded(Image.new("1", (13000, 13000), 1), "PNG")
+    small = _encoded(Image.new("RGB", (16, 16)), "JPEG")
+    shards = _one_shard(tmp_path / "shards", [("huge", "png", huge, b"c"),
+                                              ("long", "jpg", small, b"fight " * 1_750_000),
+                                              ("fine", "jpg", small, b"ok")])
+    cfg = DataConfig(test_shards=shards, num_workers=0, max_skip_fraction=0.5)
     start = time.perf_counter()
     loader = eval_loader(cfg, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
                          tokenizer_name=resolve_text_model(PACKAGED_MINILM), seq_len=16, batch_size=4, rank=0,
@@ -337,3 +365,41 @@ def test_the_reader_caps_pixels_before_decoding_and_captions_before_tokenizing(t
     keys = [k for batch in loader for k in batch["key"]]
     assert time.perf_counter() - start < 10
     assert keys == ["long", "fine"] and sum(loader.skipped().values()) == 1
+
+
+def test_an_empty_image_a_thin_strip_and_control_characters_are_rejected_with_their_line_and_what_is_wrong(
+        tmp_path):
+    """The probe: a 0-byte image was rejected as `<_io.BytesIO object at 0x...>`; a 60000 x 1 PNG and a
+    caption holding NUL bytes were written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _jpeg(data / "good.jpg")
+    (data / "empty.jpg").write_bytes(b"")
+    Image.new("L", (60000, 1)).save(data / "strip.png")
+    rows = [{"id": "good", "image": "good.jpg", "caption": "two lines\r\nand\ta tab", "label": "a"},  # line 1
+            {"id": "empty", "image": "empty.jpg", "caption": "c", "label": "a"},  # line 2
+            {"id": "strip", "image": "strip.png", "caption": "c", "label": "a"},  # line 3
+            {"id": "nul", "image": "good.jpg", "caption": "fine\x00\x00print", "label": "a"}]  # line 4
+    out = tmp_path / "out"
+    card = write_shards(read_manifest(_manifest(data, rows)), out, labels=["a"], source="test",
+                        data_root=data, test_fraction=0.0)
+    rejects = _rejects(out)
+    assert {k: (r["line"], r["kind"], r["reason"]) for k, r in rejects.items()} == {
+        "empty": (2, "unreadable_image", "unreadable image: an empty file (0 bytes)"),
+        "strip": (3, "too_thin", "image too thin: 60000x1: its sides are more than 50 to 1 apart (the cap is "
+                                 "1:50)"),
+        "nul": (4, "control_characters", "caption holds the control character U+0000 at character 5 "
+                                         "(allowed: tab and line breaks)")}
+    assert list(_stored(out)) == ["good"] and card["splits"]["train"]["samples"] == 1
+
+
+def test_the_reader_skips_and_counts_an_image_past_the_aspect_cap_and_keeps_square_ones(tmp_path):
+    from mgn.config import DataConfig
+    from mgn.data.loader import eval_loader
+
+    strip, square = _encoded(Image.new("L", (60000, 1)), "PNG"), _encoded(Image.new("RGB", (16, 16)), "JPEG")
+    shards = _one_shard(tmp_path / "shards", [("strip", "png", strip, b"c"), ("fine", "jpg", square, b"c")])
+    loader = eval_loader(DataConfig(test_shards=shards, num_workers=0, max_skip_fraction=0.5), image_size=16,
+                         mean=(0.5,) * 3, std=(0.5,) * 3, tokenizer_name=None, seq_len=4, batch_size=2,
+                         rank=0, world_size=1)
+    assert [k for batch in loader for k in batch["key"]] == ["fine"] and sum(loader.skipped().values()) == 1

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,11 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgn import shards, synthetic, tokens
+from mgn import shards
+from mgn.data import writer
+from mgn.data import tokens
+from mgn.io import synthetic
 from mgn.config import PACKAGED_MINILM, DataConfig
-from mgn.data import eval_loader
-from mgn.manifest import read_folder, read_manifest
-from mgn.shard_sets import expand_shards, read_sizes
+from mgn.data.loader import eval_loader
+from mgn.io.manifest import read_folder, read_manifest
+from mgn.io.shard_sets import expand_shards, read_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,23 +75,28 @@ def test_manifest_round_trip(tmp_path):
     images = tmp_path / "img"
     images.mkdir()
     rows = [
-        {"id": "a.1", "image": str(_image(images / "a.jpg", seed=1)), "caption": "first frame", "label": "violent",
+        {"id": "a.1", "image": str(_image(images / "a.jpg", seed=1)), "caption": "first frame",
+         "label": "violent",
          "split": "train", "game": "x"},
-        {"id": "b", "image": "img/b.png", "caption": "second", "label": "non_violent", "split": "train", "game": "y"},
-        {"id": "c", "image": "img/c.png", "caption": "third, grey", "label": "violent", "split": "test", "game": ""},
+        {"id": "b", "image": "img/b.png", "caption": "second", "label": "non_violent", "split": "train",
+         "game": "y"},
+        {"id": "c", "image": "img/c.png", "caption": "third, grey", "label": "violent", "split": "test",
+         "game": ""},
     ]
     _image(images / "b.png", mode="RGBA", seed=2)
     _image(images / "c.png", mode="L", seed=3)
     out = tmp_path / "shards"
-    card = shards.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
+    card = writer.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
                                labels=["non_violent", "violent"], source="test", max_samples=1)
-    assert card["splits"]["train"] == {"samples": 2, "shards": 2, "per_label": {"non_violent": 1, "violent": 1}}
+    assert card["splits"]["train"] == {"samples": 2, "shards": 2, "per_label": {"non_violent": 1,
+                                                                                "violent": 1}}
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 1, "train-000001.tar": 1,
                                                            "test-000000.tar": 1}
     listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True, text=True,
                              check=True).stdout.split()
-    ids_field = card["token_ids"]["field"]  # the caption's token ids for the loader (mgn/tokens.py)
-    assert listing == ["a_1.cls", f"a_1.{ids_field}", "a_1.jpg", "a_1.json", "a_1.txt"]  # dots would break keys
+    ids_field = card["token_ids"]["field"]  # the caption's token ids for the loader (mgn/data/tokens.py)
+    # dots would break keys
+    assert listing == ["a_1.cls", f"a_1.{ids_field}", "a_1.jpg", "a_1.json", "a_1.txt"]
     assert card["token_ids"] == {"tokenizer": PACKAGED_MINILM, "field": tokens.field_name(PACKAGED_MINILM)}
 
     stored = {k: v for p in sorted(out.glob("*.tar")) for k, v in _tar_samples(p).items()}
@@ -117,14 +127,14 @@ def test_jsonl_manifest_seeded_split_and_reencoding(tmp_path):
              "label": "1" if i % 2 else "0"} for i in range(40)]
     manifest = _manifest(tmp_path, rows, "m.jsonl")
     out = tmp_path / "s"
-    card = shards.write_shards(read_manifest(manifest), out, labels=["0", "1"], source="t",
+    card = writer.write_shards(read_manifest(manifest), out, labels=["0", "1"], source="t",
                                image_size=50, test_fraction=0.3, seed=1, workers=2)
     n_test = card["splits"]["test"]["samples"]
     assert 3 <= n_test <= 25 and card["splits"]["train"]["samples"] + n_test == 40
     sample = next(iter(_tar_samples(out / "train-000000.tar").values()))
     assert Image.open(io.BytesIO(sample["jpg"])).size == (100, 50)  # shorter side re-encoded to 50
     again = tmp_path / "s2"
-    shards.write_shards(read_manifest(manifest), again, labels=["0", "1"], source="t", image_size=50,
+    writer.write_shards(read_manifest(manifest), again, labels=["0", "1"], source="t", image_size=50,
                         test_fraction=0.3, seed=1)
     assert (again / "sizes.json").read_text() == (out / "sizes.json").read_text()
 
@@ -138,7 +148,7 @@ def test_folder_layout(tmp_path):
         (folder / f"{name}.txt").write_text(f"a {label}")
     rows, labels = read_folder(root)
     assert labels == ["cat", "dog"]
-    card = shards.write_shards(rows, tmp_path / "out", labels=labels, source="folder")
+    card = writer.write_shards(rows, tmp_path / "out", labels=labels, source="folder")
     assert card["splits"]["test"]["per_label"] == {"cat": 0, "dog": 1}
     assert set(_read_all(tmp_path / "out", "train")) == {"cat_x", "dog_y"}
 
@@ -156,17 +166,18 @@ def test_rejects_each_kind_of_bad_row(tmp_path):
         {"id": "ok", "image": str(good), "caption": "again", "label": "violent"},       # line 7
     ]
     out = tmp_path / "out"
-    card = shards.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
+    card = writer.write_shards(read_manifest(_manifest(tmp_path, rows)), out,
                                labels=["non_violent", "violent"], source="t", test_fraction=0.0)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["kind"]) for r in rejects] == [
-        (3, "missing_file"), (4, "unreadable_image"), (5, "empty_caption"), (6, "unknown_label"), (7, "duplicate_id")]
+        (3, "missing_file"), (4, "unreadable_image"), (5, "empty_caption"), (6, "unknown_label"), (7,
+                                                                                                   "duplicate_id")]
     assert "nowhere.jpg" in rejects[0]["reason"] and "line 2" in rejects[4]["reason"]
     assert card["rejected"]["rows"] == 5 and card["splits"]["train"]["samples"] == 1
     assert list(_tar_samples(out / "train-000000.tar")) == ["ok"]  # bad rows left no files behind
 
-    with pytest.raises(shards.BadRowError, match=r"manifest.csv:3: missing file"):
-        shards.write_shards(read_manifest(_manifest(tmp_path, rows)), tmp_path / "strict",
+    with pytest.raises(writer.BadRowError, match=r"manifest.csv:3: missing file"):
+        writer.write_shards(read_manifest(_manifest(tmp_path, rows)), tmp_path / "strict",
                             labels=["non_violent", "violent"], source="t", strict=True)
     assert not list((tmp_path / "strict").glob("*.tar"))
 
@@ -182,7 +193,7 @@ def test_interrupted_writer_leaves_no_complete_looking_shard(tmp_path, monkeypat
     monkeypatch.setattr(synthetic, "render", render_then_die)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        shards.write_synthetic(out, samples=500, image_size=32, seed=0, max_samples=64)
+        writer.write_synthetic(out, samples=500, image_size=32, seed=0, max_samples=64)
     assert list(out.iterdir()) == []  # finished shards of a failed run are removed too
 
 
@@ -210,16 +221,71 @@ def test_killed_writer_leaves_only_whole_shards(tmp_path):
 
 
 def test_existing_shards_are_not_silently_mixed(tmp_path):
-    shards.write_synthetic(tmp_path, samples=20, image_size=32, seed=0)
+    writer.write_synthetic(tmp_path, samples=20, image_size=32, seed=0)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        shards.write_synthetic(tmp_path, samples=20, image_size=32, seed=0)
-    shards.write_synthetic(tmp_path, samples=10, image_size=32, seed=0, overwrite=True)
+        writer.write_synthetic(tmp_path, samples=20, image_size=32, seed=0)
+    writer.write_synthetic(tmp_path, samples=10, image_size=32, seed=0, overwrite=True)
     assert sum(json.loads((tmp_path / "sizes.json").read_text()).values()) == 10
+
+
+def _disk_with_room(room: int):
+    """`open` for the writer's shard files as on a disk with `room` bytes left: past them a write fails as a
+    full disk's does, with no file named."""
+    left = [room]
+
+    class Filling(io.FileIO):
+        def write(self, data) -> int:
+            if len(data) > left[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            left[0] -= len(data)
+            return super().write(data)
+
+    return lambda path, mode: io.BufferedWriter(Filling(path, mode))
+
+
+def test_a_full_disk_removes_every_partial_file_names_the_file_and_a_rerun_is_not_refused(
+        tmp_path, monkeypatch, capsys):
+    """The probe without a real full disk: both splits' files open when the disk fills. Before, closing the
+    first one raised again, so its partial file stayed and the other split's writer was never aborted."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer, "open", _disk_with_room(100_000), raising=False)
+    argv = ["--synthetic", "--out", str(out), "--samples", "200", "--image-size", "32", "--workers", "1",
+            "--tokenizer", "none"]
+    assert shards.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"python -m mgn.shards: error: {out}/.")
+    assert ".tar.partial: No space left on device (its file system has " in error and "MB free" in error
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    assert shards.main(argv) == 0  # nothing left that would refuse the same command
+
+
+def test_the_writer_on_a_full_tmpfs_leaves_it_empty_with_one_line(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:100]})")
+    try:
+        command = [sys.executable, "-m", "mgn.shards", "--synthetic", "--out", str(small / "demo"),
+                   "--workers", "1", "--tokenizer", "none", "--samples"]
+        full = subprocess.run([*command, "1000"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert full.returncode == 2
+        assert full.stderr.startswith(f"python -m mgn.shards: error: {small / 'demo'}/.")
+        assert "No space left on device (its file system has 2.0 MB free" in full.stderr  # all free again
+        assert full.stderr.count("\n") == 1  # one line, no "Exception ignored ... tarfile" after it
+        assert list((small / "demo").iterdir()) == []
+        again = subprocess.run([*command, "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_cli_synthetic_demo_layout(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "mgn.shards", "--synthetic", "--out", str(out), "--samples", "600",
+    result = subprocess.run([sys.executable, "-m", "mgn.shards", "--synthetic", "--out", str(out),
+                             "--samples", "600",
                              "--image-size", "48", "--seed", "0", "--max-samples-per-shard", "64"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -246,8 +312,8 @@ def _synthetic(n=400, **knobs) -> list[synthetic.SyntheticSample]:
 
 def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    shards.write_synthetic(a, samples=120, image_size=32, seed=7, max_samples=50)
-    shards.write_synthetic(b, samples=120, image_size=32, seed=7, max_samples=50, workers=2)
+    writer.write_synthetic(a, samples=120, image_size=32, seed=7, max_samples=50)
+    writer.write_synthetic(b, samples=120, image_size=32, seed=7, max_samples=50, workers=2)
     for path in sorted(a.glob("*.tar")):
         assert path.read_bytes() == (b / path.name).read_bytes()
     c = _synthetic(30, seed=8)
@@ -263,7 +329,8 @@ def _caption_only_accuracy(samples) -> float:
     test = [s for s in samples if s.split == "test"] + train[-200:]
     train = train[:-200]
     vec = CountVectorizer().fit([s.caption for s in train])
-    model = LogisticRegression(max_iter=500).fit(vec.transform([s.caption for s in train]), [s.label for s in train])
+    model = LogisticRegression(max_iter=500).fit(vec.transform([s.caption for s in train]),
+                                                 [s.label for s in train])
     return model.score(vec.transform([s.caption for s in test]), [s.label for s in test])
 
 

@@ -39,7 +39,7 @@ JOB_TIMEOUT_S = 300  # a whole job, restarts included; far above the ~1-2 min th
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Shards shared by every run here (at least one per rank), and a folder for the runs."""
-    from mgn.shards import write_synthetic
+    from mgn.data.writer import write_synthetic
 
     root = tmp_path_factory.mktemp("slurm-runs")
     write_synthetic(root / "shards", samples=320, image_size=64, seed=0, max_samples=32)
@@ -47,9 +47,11 @@ def work(tmp_path_factory) -> Path:
 
 
 def train_args(work: Path, *extra: str) -> list[str]:
-    """train.py flags shared by every run, so step counts compare. The test cluster allocates GPUs (gres) on nodes
-    without CUDA: the run must say it trains on the CPU on purpose (a GPU job without CUDA is refused otherwise)."""
-    return ["--preset", "tiny", "--train.device", "cpu", "--data.train_shards", str(work / "shards" / "train-*.tar"),
+    """train.py flags shared by every run, so step counts compare. The test cluster allocates GPUs (gres) on
+    nodes without CUDA: the run must say it trains on the CPU on purpose (a GPU job without CUDA is refused
+    otherwise)."""
+    return ["--preset", "tiny", "--train.device", "cpu", "--data.train_shards",
+            str(work / "shards" / "train-*.tar"),
             "--data.test_shards", str(work / "shards" / "test-*.tar"), "--data.synthetic_samples", "0",
             "--train.log_every", "1", "--train.output_dir", str(work / "runs"), *extra]
 
@@ -58,7 +60,8 @@ def submit_train_sh(cluster: SlurmCluster, work: Path, name: str, *sbatch: str) 
     """sbatch slurm/train.sh as a user would (logs in the run dir); returns (job id, run dir)."""
     run_dir = work / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    job_id = cluster.sbatch(f"--job-name={name}", *SBATCH_WORLD, "--time=10", f"--output={run_dir}/slurm-%j.out",
+    job_id = cluster.sbatch(f"--job-name={name}", *SBATCH_WORLD, "--time=10",
+                            f"--output={run_dir}/slurm-%j.out",
                             f"--error={run_dir}/slurm-%j.err", *sbatch, "slurm/train.sh", *train_args(work))
     return job_id, run_dir
 
@@ -78,11 +81,14 @@ def wait_for_line(cluster: SlurmCluster, path: Path, pattern: str, job_id: str, 
         match = re.search(pattern, read(path)[start:], re.MULTILINE)  # written just before the end?
         if not match:
             info = cluster.job(job_id)
-            pytest.fail(f"job {job_id} ended ({info.get('JobState')}, restarts {info.get('Restarts')}) before "
-                        f"/{pattern}/ appeared in {path}\n--- log tail ---\n{read(path)[-3000:]}", pytrace=False)
+            pytest.fail(f"job {job_id} ended ({info.get('JobState')}, restarts {info.get('Restarts')}) "
+                        "before "
+                        f"/{pattern}/ appeared in {path}\n--- log tail ---\n{read(path)[-3000:]}",
+                        pytrace=False)
         return match
 
-    return cluster.wait_until(found, timeout, lambda: f"/{pattern}/ in {path}\n--- log tail ---\n{read(path)[-2000:]}")
+    return cluster.wait_until(found, timeout, lambda: f"/{pattern}/ in {path}\n--- log tail "
+                                                      f"---\n{read(path)[-2000:]}")
 
 
 def steps_of(run_dir: Path) -> int:
@@ -126,7 +132,8 @@ def test_sbatch_two_nodes_four_ranks_complete_with_checkpoint_and_tensorboard(re
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_steps(slurm_cluster, work, reference):
+def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_steps(slurm_cluster, work,
+                                                                                     reference):
     """USR2 to one rank on the other node: all ranks agree, save, rank 0 requeues, the job resumes.
     Then `scontrol requeue` from outside (SIGTERM to the tasks): save, stop, Slurm restarts it, resume."""
     cluster = slurm_cluster
@@ -140,16 +147,19 @@ def test_sbatch_signal_requeues_itself_and_outside_requeue_resumes_to_the_same_s
         os.kill(pid, signal.SIGUSR2)
     second_start = wait_for_line(cluster, out, rf"MGN slurm: job {job_id} 'requeued' start 2 ", job_id).end()
     first_stop = read(out)[:second_start]
-    assert "stop requested by signal" in first_stop and "requeueing Slurm job" in first_stop, first_stop[-3000:]
+    assert ("stop requested by signal" in first_stop
+            and "requeueing Slurm job" in first_stop), first_stop[-3000:]
     resumed = wait_for_line(cluster, out, r"MGN: resumed from \S+/step_(\d+)", job_id, start=second_start)
     assert int(resumed.group(1)) >= 3
 
-    wait_for_line(cluster, out, rf"\[rank 0\] MGN: step {int(resumed.group(1)) + 2}/", job_id, start=second_start)
+    wait_for_line(cluster, out, rf"\[rank 0\] MGN: step {int(resumed.group(1)) + 2}/", job_id,
+                  start=second_start)
     cluster.run("scontrol", "requeue", job_id)
     third_start = wait_for_line(cluster, out, rf"MGN slurm: job {job_id} 'requeued' start 3 ", job_id).end()
     second_stop = read(out)[second_start:third_start]
     assert "stop requested by signal" in second_stop, second_stop[-3000:]
-    resumed_again = wait_for_line(cluster, out, r"MGN: resumed from \S+/step_(\d+)", job_id, start=third_start)
+    resumed_again = wait_for_line(cluster, out, r"MGN: resumed from \S+/step_(\d+)", job_id,
+                                  start=third_start)
     assert int(resumed_again.group(1)) > int(resumed.group(1))
 
     info = cluster.wait_job(job_id, JOB_TIMEOUT_S)
@@ -182,7 +192,12 @@ def test_submit_py_gives_each_rank_its_cpus_through_srun_too(tmp_path, sbatch_sc
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_cluster, work, reference):
+def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_cluster, work, reference,
+                                                                          monkeypatch):
+    # sbatch exports the submitting shell's environment: rank variables left there (CI's had MASTER_PORT) once
+    # made submitit refuse to export the job's own, and every rank failed at its start
+    monkeypatch.setenv("MASTER_PORT", "54243")
+    monkeypatch.setenv("RANK", "0")
     submit = load_submit_module()
     args = submit.build_parser().parse_args([
         "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "10",
@@ -193,10 +208,12 @@ def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_
         rank0_log = cfg.run_dir / "submitit" / f"{job.job_id}_0_log.out"
         wait_for_line(slurm_cluster, rank0_log, r"\[rank 0\] MGN: step 3/", job.job_id)
         job._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
-        restarted = slurm_cluster.wait_until(lambda: slurm_cluster.job(job.job_id).get("Restarts") == "1", 120,
+        restarted = slurm_cluster.wait_until(lambda: slurm_cluster.job(job.job_id).get("Restarts") == "1",
+                                             120,
                                              f"submitit job {job.job_id} to requeue")
         assert restarted
-        slurm_cluster.wait_until(lambda: job.done(force_check=True), JOB_TIMEOUT_S, f"submitit job {job.job_id}",
+        slurm_cluster.wait_until(lambda: job.done(force_check=True), JOB_TIMEOUT_S, "submitit job "
+                                                                                    f"{job.job_id}",
                                  interval=2)
         results = job.results()  # done: returns at once
     finally:

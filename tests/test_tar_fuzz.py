@@ -1,4 +1,5 @@
-"""Shards from anywhere cannot crash a run: seeded fuzzing of the tar reader, the training loader and evaluate.py.
+"""Shards from anywhere cannot crash a run: seeded fuzzing of the tar reader, the training loader and
+evaluate.py.
 
 Every case is a damaged copy of one small valid shard written by the project's own writer (32 px synthetic
 images): byte flips, truncations, headers with valid checksums claiming huge, negative or malformed sizes,
@@ -21,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from mgn.config import DataConfig, preset_config
-from mgn.data import build_loader
-from mgn.shards import write_synthetic
-from mgn.tar import MAX_MEMBER_BYTES, ShardError, tar_files, tar_samples
+from mgn.data.loader import build_loader
+from mgn.data.writer import write_synthetic
+from mgn.io.tar import MAX_MEMBER_BYTES, ShardError, tar_files, tar_samples
 
 SEED = 27
 FUZZ_CASES = 1000
@@ -36,7 +37,8 @@ SHARD = "fuzz/train-000000.tar"
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    """Synthetic shards of 6-7 samples (cls, jpg, json, txt each: no stored token ids), written by mgn.shards."""
+    """Synthetic shards of 6-7 samples (cls, jpg, json, txt each: no stored token ids), written by
+    mgn.shards."""
     out = tmp_path_factory.mktemp("valid")
     write_synthetic(out, samples=24, image_size=32, seed=0, max_samples=8, tokenizer=None)
     return out
@@ -72,7 +74,8 @@ def archive(parts: list[bytes]) -> bytes:
 
 
 def base256(n: int) -> bytes:
-    """GNU base-256 size field: 0x80 then 11 bytes for n >= 0; two's complement over 12 bytes (0xff...) below."""
+    """GNU base-256 size field: 0x80 then 11 bytes for n >= 0; two's complement over 12 bytes (0xff...)
+    below."""
     return b"\x80" + n.to_bytes(11, "big") if n >= 0 else (n % (1 << 96)).to_bytes(12, "big")
 
 
@@ -109,7 +112,8 @@ def crafted(members: list[tuple[bytes, bytes]]) -> dict[str, bytes]:
         "negative size (octal '-1')": at(jpg, header(name, b"-1") + data, drop=1),
         "pax header of 1 TiB": at(jpg, header(b"PaxHeader/x", base256(TIB), b"x")),
         "pax record of absurd length": at(jpg, pax(b"99999999999999999999999 path=x.jpg\n")),
-        "GNU long name, not UTF-8": at(jpg, member(b"././@LongLink", b"syn0000001/\xff" * 30 + b".jpg\0", b"L")),
+        "GNU long name, not UTF-8": at(jpg, member(b"././@LongLink", b"syn0000001/\xff" * 30 + b".jpg\0",
+                                                   b"L")),
         "GNU long name of 1 TiB": at(jpg, header(b"././@LongLink", base256(TIB), b"L")),
         "a file named x.__key__": at(jpg, member(b"syn0000001.__key__", b"\xff")),
         "cut mid-member": archive(plain)[: 512 * 6 + 700],
@@ -146,7 +150,8 @@ def test_the_crafted_cases_end_as_documented(members):
     cases = crafted(members)
     outcome = {name: read_all(data) for name, data in cases.items()}
     keys = {name: [s["__key__"] for s in got] for name, got in outcome.items() if isinstance(got, list)}
-    errors = {name: str(got).split(": ", 1)[1] for name, got in outcome.items() if isinstance(got, ShardError)}
+    errors = {name: str(got).split(": ", 1)[1] for name, got in outcome.items() if isinstance(got,
+                                                                                              ShardError)}
     assert keys["latin-1 name"][1] == "caf\\xe9_1" and len(keys["latin-1 name"]) == 7
     assert "syn\\xff0000001" in keys["pax path with a stray byte"]
     assert "syn0000001/\\xff" * 30 in keys["GNU long name, not UTF-8"]
@@ -163,7 +168,8 @@ def test_the_crafted_cases_end_as_documented(members):
         "GNU long name of 1 TiB": f"size field claims 1,099,511,627,776 bytes, {over}",
         "cut mid-member": "size field claims 271 bytes, only 188 are left in the file",
     }
-    assert str(outcome["size 1 TiB (base-256)"]).startswith(f"{SHARD}, header at byte 6,144 (member 'syn0000001.jpg')")
+    assert str(outcome["size 1 TiB (base-256)"]).startswith(f"{SHARD}, header at byte 6,144 (member "
+                                                            "'syn0000001.jpg')")
     stream = read_all(cases["cut mid-member"], seekable=False)  # a pipe: the short read is the error
     assert str(stream).endswith("(member 'syn0000000.json'): cut short: 188 of the member's 271 bytes")
 
@@ -203,7 +209,8 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         return data[:rng.randrange(len(data))]
     if kind == "junk":
         return data[:where] + rng.randbytes(rng.choice([1, 100, 512, 1500])) + data[where:]
-    name = rng.choice([b"a.jpg", b"\xff\xfe.cls", b"x/y.txt", b"noext", b"a.__key__", b"caf\xe9.jpg", b"", b"a\nb.jpg"])
+    name = rng.choice([b"a.jpg", b"\xff\xfe.cls", b"x/y.txt", b"noext", b"a.__key__", b"caf\xe9.jpg", b"",
+                       b"a\nb.jpg"])
     size = rng.choice([0, 1, 511, 512, 5000, CAP, CAP + 1, 10 * CAP, TIB, GIB, -1, -TIB])
     field = base256(size) if size < 0 or size > 1 << 33 or rng.random() < 0.3 else size
     if rng.random() < 0.1:
@@ -283,14 +290,16 @@ def test_a_worker_left_with_no_readable_sample_stops_with_the_reason(members, tm
     (tmp_path / "train-000000.tar").write_bytes(crafted(members)["cut mid-member"])
     (tmp_path / "sizes.json").write_text('{"train-000000.tar": 7}')
     error = train_outcome(str(tmp_path / "train-*.tar"), max_skip_fraction=0.9)
-    assert error.startswith(f"no readable samples in ['{tmp_path / 'train-000000.tar'}']") and "\n" not in error
-    assert error.endswith("(member 'syn0000000.json'): size field claims 271 bytes, only 188 are left in the file)")
+    assert (error.startswith(f"no readable samples in ['{tmp_path / 'train-000000.tar'}']")
+            and "\n" not in error)
+    assert error.endswith("(member 'syn0000000.json'): size field claims 271 bytes, only 188 are left in the "
+                          "file)")
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
     """An exported tiny student (no training): enough for evaluate.py to read shards with."""
-    from mgn.export import export_student
+    from mgn.model.export import export_student
     from tests.test_security import _student
 
     out = tmp_path_factory.mktemp("student")
@@ -304,7 +313,8 @@ def test_evaluate_completes_or_prints_one_error_line(members, written, student, 
 
     for index, (name, data) in enumerate(crafted(members).items()):
         pattern = shard_folder(tmp_path / str(index), written, data, "test")
-        code = evaluate.main(["--ckpt", str(student), "--shards", pattern, "--num-workers", "0", "--device", "cpu",
+        code = evaluate.main(["--ckpt", str(student), "--shards", pattern, "--num-workers", "0", "--device",
+                              "cpu",
                               "--out", str(tmp_path / f"out{index}")])
         out, err = capsys.readouterr()
         if code == 0:

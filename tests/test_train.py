@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mgn.monitor import tensorboard_dir
-from mgn.shards import write_synthetic
+from mgn.run_paths import RunPaths
+from mgn.data.writer import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def shards(tmp_path_factory):
 
 
 def env() -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_RANK",
                                                                       "MASTER_"))}
     return clean | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -75,19 +76,22 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     run = tmp_path / "guided"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] > 0 and summary["world_size"] == 1
-    assert "MGN: done step=" in result.stdout and str(run / "student" / "student.safetensors") in result.stdout
-    assert str(run / "student_best" / "student.safetensors") in result.stdout  # both students, with accuracies
+    assert ("MGN: done step=" in result.stdout
+            and str(run / "student" / "student.safetensors") in result.stdout)
+    # both students, with accuracies
+    assert str(run / "student_best" / "student.safetensors") in result.stdout
     for path in ("config.json", "train.log", "checkpoints/latest", "student/student.safetensors",
                  "student/student.pt2", "student_best/student.safetensors", "metrics.csv", "attention"):
         assert (run / path).exists(), path
     assert json.loads((run / "config.json").read_text())["objective"]["name"] == "guided"
-    steps = scalars(tensorboard_dir(run))
+    steps = scalars(RunPaths(run).tensorboard)
     for tag in ("train/loss", "train/samples_per_s", "train/data_wait_fraction", "train/peak_memory_mb",
                 "lr/image", "lr/head", "eval/student_accuracy", "eval/student_auroc", "eval/teacher_accuracy",
                 "eval/student_precision", "eval/student_recall", "eval/student_f1"):
         assert tag in steps, tag
     assert "attention/cross_modality" in steps["__images__"]
-    # What a newcomer reads: terms, accuracy, time per step and ETA in the log; metrics.csv; the picture; latest.
+    # What a newcomer reads: terms, accuracy, time per step and ETA in the log; metrics.csv; the picture;
+    # latest.
     step_line = next(line for line in result.stdout.splitlines() if "MGN: step 2/" in line)
     for field in ("loss", "guided_ce", "student_ce", "acc", "s/step", "ETA", "samples/s", "data wait"):
         assert field in step_line, field
@@ -102,7 +106,8 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     for tag in ("train/accuracy", "train/guided_ce", "train/student_ce", "train/seconds_per_step",
                 "captions/train_truncated_share"):
         assert tag in steps, tag
-    # The tiny preset's seq_len 16 cuts every synthetic caption (25-33 tokens): counted, said, kept (mgn/captions.py).
+    # The tiny preset's seq_len 16 cuts every synthetic caption (25-33 tokens): counted, said, kept
+    # (mgn/data/captions.py).
     train = summary["captions"]["train"]
     assert (train["captions"], train["truncated"], train["seq_len_to_fit"]) == (272, 272, 36)
     assert "MGN: captions: train 272 of 272 cut at seq_len 16" in result.stdout
@@ -116,25 +121,27 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     must drop the rewritten steps (purge_step), and a fresh start in the used folder is refused."""
     import math
 
-    from mgn.shard_sets import expand_shards, read_sizes
+    from mgn.io.shard_sets import expand_shards, read_sizes
 
     args = train_args(shards, tmp_path, "base", "--objective.name", "baseline", "--train.epochs", "2",
                       "--train.grad_accum", "4", "--train.log_every", "1", "--train.ckpt_every", "4",
                       "--train.keep_last", "0")
-    first = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    first = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "base"
     micro_batches = math.ceil(sum(read_sizes(expand_shards(str(shards / "train-*.tar"))).values()) / 8)
     total = 2 * (micro_batches // 4)
     assert micro_batches % 4 and f"{micro_batches // 4} updates per epoch, {total} total" in first.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == total
-    steps = scalars(tensorboard_dir(run))
+    steps = scalars(RunPaths(run).tensorboard)
     assert "eval/student_accuracy" in steps and "eval/teacher_accuracy" not in steps
     assert steps["train/loss"] == list(range(1, total + 1))
-    wait = scalar_values(tensorboard_dir(run), "train/data_wait_fraction")
+    wait = scalar_values(RunPaths(run).tensorboard, "train/data_wait_fraction")
     assert all(0 <= w <= 1 for w in wait), wait
 
-    again = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    again = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=400)
     assert again.returncode != 0 and "already holds a run with checkpoints" in again.stdout + again.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{total:08d}"
 
@@ -146,11 +153,12 @@ def test_baseline_with_accumulation_then_a_rewound_resume_keeps_one_point_per_st
     assert f"resumed from {run / 'checkpoints' / f'step_{rewind:08d}'}" in resumed.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == total
     # steps 9.. written twice, kept once
-    assert scalars(tensorboard_dir(run))["train/loss"] == list(range(1, total + 1))
+    assert scalars(RunPaths(run).tensorboard)["train/loss"] == list(range(1, total + 1))
 
 
 def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(shards, tmp_path):
-    """SIGUSR1 to one rank mid-run: all ranks save and exit 0; `--train.resume auto` finishes the run."""
+    """SIGUSR1 to one rank mid-run: all ranks save and stop (exit 4 outside Slurm, where nothing requeues the
+    run: mgn/cli.py); `--train.resume auto` finishes the run."""
     args = train_args(shards, tmp_path, "dist", "--train.epochs", "2", "--train.log_every", "1",
                       "--train.ckpt_every", "1000")
     first = subprocess.Popen(torchrun(*args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -166,25 +174,28 @@ def test_two_ranks_preempted_by_signal_then_resumed_finish_with_the_same_steps(s
     finally:
         first.kill()
     log = "".join(lines)
-    assert first.returncode == 0, log[-4000:]
+    # each rank exits 4 (stopped, mgn/cli.py); torchrun reports that and exits 1 itself
+    assert first.returncode != 0 and "exitcode: 4" in log and "exitcode: 1 " not in log, log[-4000:]
     assert "stop requested by signal" in log
     run = tmp_path / "dist"
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert stopped_at >= 3 and not (run / "summary.json").exists()
 
-    second = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(), capture_output=True,
+    second = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(),
+                            capture_output=True,
                             text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at:08d}'}" in second.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
 
-    reference = subprocess.run(torchrun(*train_args(shards, tmp_path, "ref", "--train.epochs", "2")), cwd=ROOT,
+    reference = subprocess.run(torchrun(*train_args(shards, tmp_path, "ref", "--train.epochs", "2")),
+                               cwd=ROOT,
                                env=env(), capture_output=True, text=True, timeout=400)
     assert reference.returncode == 0, reference.stdout[-3000:]
     assert summary["step"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["step"]
 
-    loss_steps = scalars(tensorboard_dir(run))["train/loss"]
+    loss_steps = scalars(RunPaths(run).tensorboard)["train/loss"]
     assert len(loss_steps) == len(set(loss_steps)), "a step was logged twice across the resume"
     assert loss_steps == sorted(loss_steps) and loss_steps[-1] == summary["step"]
 
@@ -200,7 +211,8 @@ def test_two_ranks_with_zero2_partition_the_optimizer_and_resume(shards, tmp_pat
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
     total = json.loads((run / "summary.json").read_text())["step"]
     rewind_to(run, 10)
-    resumed = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(), capture_output=True,
+    resumed = subprocess.run(torchrun(*args, "--train.resume", "auto"), cwd=ROOT, env=env(),
+                             capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {tag}" in resumed.stdout

@@ -1,5 +1,6 @@
-"""Shards read from URLs (mgn/shard_io.py): a real HTTP server on the loopback address and `pipe:` commands give the
-same batches as the same files on disk; a URL that cannot be opened stops the loader with one line naming it."""
+"""Shards read from URLs (mgn/io/sources.py): a real HTTP server on the loopback address and `pipe:` commands
+give the same batches as the same files on disk; a URL that cannot be opened stops the loader with one line
+naming it."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,6 @@ import gc
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgn import shard_io
+from mgn.io import sources
 from mgn.cli import run_command
 from mgn.config import preset_config
-from mgn.data import build_loader
-from mgn.shard_io import ShardOpenError, beside, open_shard, shard_name
-from mgn.shard_sets import class_names, expand_shards, read_sizes
-from mgn.shards import write_synthetic
-from mgn.tar import tar_samples
+from mgn.data.loader import build_loader
+from mgn.io.sources import ShardOpenError, beside, open_shard, shard_name
+from mgn.io.shard_sets import class_names, expand_shards, read_sizes
+from tests.conftest import free_port
+from mgn.data.writer import write_synthetic
+from mgn.io.tar import tar_samples
 
 TRAIN = "train-{000000..000001}.tar"
 
@@ -36,7 +37,8 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(folder, base URL): a synthetic set of two train shards and one test shard, served over HTTP from a thread."""
+    """(folder, base URL): a synthetic set of two train shards and one test shard, served over HTTP from a
+    thread."""
     folder = tmp_path_factory.mktemp("served")
     write_synthetic(folder, samples=48, image_size=32, seed=0, max_samples=24)  # train 21 + 20, test 7
     # a shard cut in the middle of a member, beside the sizes.json of the whole set: samples lost mid-stream
@@ -58,7 +60,8 @@ def served(tmp_path_factory):
 
 def _cfg(train: str, test: str | None = None, **data):
     return preset_config("tiny", {"objective": {"name": "baseline"},
-                                  "data": {"train_shards": train, "test_shards": test or train, "shuffle_buffer": 16,
+                                  "data": {"train_shards": train, "test_shards": test or train,
+                                           "shuffle_buffer": 16,
                                            **data}})
 
 
@@ -77,7 +80,8 @@ def _same(got, want) -> None:
 def test_url_specs_are_expanded_not_globbed_nor_stated(tmp_path):
     assert expand_shards("http://h/train-{000000..000001}.tar?v=1::pipe:cat /x/test-000000.tar") == [
         "http://h/train-000000.tar?v=1", "http://h/train-000001.tar?v=1", "pipe:cat /x/test-000000.tar"]
-    assert expand_shards("http://[::1]:8000/a-{0..1}.tar") == ["http://[::1]:8000/a-0.tar", "http://[::1]:8000/a-1.tar"]
+    assert expand_shards("http://[::1]:8000/a-{0..1}.tar") == ["http://[::1]:8000/a-0.tar",
+                                                               "http://[::1]:8000/a-1.tar"]
     (tmp_path / "a.tar").write_bytes(b"")
     (tmp_path / "list.txt").write_text("a.tar\nhttps://h/b.tar\n")
     assert expand_shards(str(tmp_path / "list.txt")) == [str(tmp_path / "a.tar"), "https://h/b.tar"]
@@ -88,7 +92,8 @@ def test_url_specs_are_expanded_not_globbed_nor_stated(tmp_path):
 
 def test_where_the_files_beside_a_url_shard_are():
     assert beside("https://h/d/train-000003.tar?X-Amz-Signature=s", "sizes.json") == "https://h/d/sizes.json"
-    assert beside("pipe:aws s3 cp s3://b/d/train-000003.tar -", "sizes.json") == "pipe:aws s3 cp s3://b/d/sizes.json -"
+    assert beside("pipe:aws s3 cp s3://b/d/train-000003.tar -",
+                  "sizes.json") == "pipe:aws s3 cp s3://b/d/sizes.json -"
     assert beside("pipe:cat train-000003.tar", "sizes.json") == "pipe:cat sizes.json"
     assert shard_name("pipe:aws s3 cp s3://b/d/train-000003.tar - | cat") == "train-000003.tar"
     assert shard_name("https://h/d/train-000003.tar?sig=1") == "train-000003.tar"
@@ -102,7 +107,8 @@ def test_sizes_and_labels_are_fetched_from_beside_the_url_shards(served):
     disk = read_sizes(expand_shards(str(folder / TRAIN)))
     assert read_sizes(shards) == {f"{url}/{Path(s).name}": n for s, n in disk.items()}
     assert read_sizes([f"pipe:cat {folder}/train-000001.tar"]) == {f"pipe:cat {folder}/train-000001.tar": 20}
-    assert class_names(f"{url}/test-000000.tar") == ["non_violent", "violent"] == class_names(str(folder / TRAIN))
+    assert class_names(f"{url}/test-000000.tar") == ["non_violent",
+                                                     "violent"] == class_names(str(folder / TRAIN))
     with open_shard(shards[0]) as f, open(folder / "train-000000.tar", "rb") as g:
         assert list(tar_samples(f)) == list(tar_samples(g))  # the raw samples, image bytes and all
 
@@ -110,7 +116,8 @@ def test_sizes_and_labels_are_fetched_from_beside_the_url_shards(served):
 # ---------------------------------------------------------------------------------------------- loaders
 
 def test_train_batches_from_http_and_pipe_equal_those_from_disk(served):
-    """Two ranks of two workers each: the pieces start and stop mid-shard, the streams drop and cut accordingly."""
+    """Two ranks of two workers each: the pieces start and stop mid-shard, the streams drop and cut
+    accordingly."""
     folder, url = served
     specs = {"disk": str(folder / TRAIN), "http": f"{url}/{TRAIN}", "pipe": f"pipe:cat {folder}/{TRAIN}"}
     for rank in (0, 1):
@@ -123,7 +130,8 @@ def test_train_batches_from_http_and_pipe_equal_those_from_disk(served):
         _same(got["http"], got["disk"])
         _same(got["pipe"], got["disk"])
     # a resume skips consumed batches as raw samples, from a stream as from a file
-    resumed = build_loader(_cfg(specs["http"], num_workers=2), "train", rank=1, world_size=2, epoch=1, skip_batches=1)
+    resumed = build_loader(_cfg(specs["http"], num_workers=2), "train", rank=1, world_size=2, epoch=1,
+                           skip_batches=1)
     _same(_batches(resumed), got["disk"][1:])
 
 
@@ -145,7 +153,8 @@ def test_samples_lost_mid_stream_are_counted_as_from_a_cut_file(served):
              # the whole shard's first bytes, then the command fails (a connection lost mid-transfer); its
              # sizes.json is the same command on {folder}/sizes.json, whole and with exit status 0
              "pipe": f"pipe:f={folder}/train-000000.tar; head -c {cut.stat().st_size} $f; "
-                     f"exit $(( $(wc -c < $f) > {cut.stat().st_size} ))::pipe:cat {folder}/cut/train-000001.tar"}
+                     f"exit $(( $(wc -c < $f) > {cut.stat().st_size} ))::pipe:cat "
+                     f"{folder}/cut/train-000001.tar"}
     skipped = {}
     for name, spec in specs.items():
         loader = build_loader(_cfg(spec, max_skip_fraction=0.9), "train")
@@ -156,12 +165,6 @@ def test_samples_lost_mid_stream_are_counted_as_from_a_cut_file(served):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _one_line_error(cfg, split="train") -> str:
     """What a user sees: the entry point's one line on stderr, exit code 2."""
@@ -180,8 +183,8 @@ def _one_line_error(cfg, split="train") -> str:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_shard_url_that_404s_stops_the_loader_with_one_line_naming_it(served, workers):
-    """In a loader worker too: the DataLoader re-raises it in the main process, still one line. Timed up to the
-    workers' exit: torch joins a worker whose iterator raised only after its 5 s status interval."""
+    """In a loader worker too: the DataLoader re-raises it in the main process, still one line. Timed up to
+    the workers' exit: torch joins a worker whose iterator raised only after its 5 s status interval."""
     _, url = served
     start = time.monotonic()
     line = _one_line_error(_cfg(f"{url}/gone/train-000000.tar", num_workers=workers))
@@ -192,16 +195,17 @@ def test_a_shard_url_that_404s_stops_the_loader_with_one_line_naming_it(served, 
 
 
 def test_a_host_that_refuses_stops_the_loader_with_one_line_naming_the_url(served):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     line = _one_line_error(_cfg(f"{url}/{TRAIN}"))
-    assert line.startswith(f"train.py: error: cannot open {url}/sizes.json: curl: (7) ")  # sizes.json comes first
+    # sizes.json comes first
+    assert line.startswith(f"train.py: error: cannot open {url}/sizes.json: curl: (7) ")
     assert "the loader needs this sizes.json" in line
     assert time.monotonic() - start < 20
 
 
 def test_a_silent_stream_stops_after_the_stall_limit_and_its_command_is_ended(monkeypatch, tmp_path):
-    monkeypatch.setattr(shard_io, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(sources, "STALL_SECONDS", 0.5)
     marker = tmp_path / "still-running"
     start = time.monotonic()
     with (pytest.raises(ShardOpenError, match=r"cannot open pipe:sleep 2; touch .*: no data for 0.5 s"),

@@ -4,16 +4,19 @@ import math
 import pytest
 
 from mgn.compare.arms import Arm
-from mgn.verdict import paired, reading, summarize, t_interval
-from mgn.verdict_report import markdown
+from mgn.compare.significance import paired, reading, summarize, t_interval
+from mgn.compare.tables import markdown
 
 ARMS = {name: Arm(name, f"about {name}", ()) for name in ("baseline", "guided", "tram")}
 
 
-def row(arm: str, seed: int, accuracy: float, auroc: float = 0.7, setting: str = "scarce/scratch", **extra) -> dict:
-    student = {"accuracy": accuracy, "precision": 0.5, "recall": 0.5, "f1": 0.5, "auroc": auroc, "pr_auc": 0.6}
+def row(arm: str, seed: int, accuracy: float, auroc: float = 0.7, setting: str = "scarce/scratch",
+        **extra) -> dict:
+    student = {"accuracy": accuracy, "precision": 0.5, "recall": 0.5, "f1": 0.5, "auroc": auroc,
+               "pr_auc": 0.6}
     start = {"student_sha256": f"init-{seed}", "first_batch_keys": [f"k{seed}"]}
-    return {"setting": setting, "arm": arm, "seed": seed, "student": student, "train_seconds": 10.0, "start": start,
+    return {"setting": setting, "arm": arm, "seed": seed, "student": student, "train_seconds": 10.0,
+            "start": start,
             **extra}
 
 
@@ -33,7 +36,8 @@ def test_paired_differences_use_only_seeds_both_arms_have_and_count_wins_ties_lo
     assert (p["wins"], p["ties"], p["losses"]) == (1, 1, 1)
     sd = math.sqrt(((0.02 + 0.01) ** 2 + 0.01 ** 2 + (-0.05 + 0.01) ** 2) / 2)
     half = 4.302653 * sd / math.sqrt(3)
-    assert p["mean"] == pytest.approx(-0.01) and p["ci95"] == pytest.approx((-0.01 - half, -0.01 + half), abs=1e-6)
+    assert p["mean"] == pytest.approx(-0.01) and p["ci95"] == pytest.approx((-0.01 - half, -0.01 + half),
+                                                                            abs=1e-6)
     assert p["reading"] == "no different"
 
 
@@ -53,7 +57,8 @@ def test_summary_table_and_finding_name_each_arm_and_the_baseline_reference():
                         reliance={"teacher_accuracy": 0.95, "swapped_caption_accuracy": 0.1,
                                   "empty_caption_accuracy": 0.5, "changed_by_swap": 0.85}))
         rows.append(row("tram", seed, 0.60 + 0.01 * seed + 0.02 + 0.001 * seed))
-    summary = summarize(rows, ARMS, ["scarce/scratch"], {"scarce/scratch": {"caption_only": {"accuracy": 0.8}}},
+    summary = summarize(rows, ARMS, ["scarce/scratch"],
+                        {"scarce/scratch": {"caption_only": {"accuracy": 0.8}}},
                         {"guided": {"latency_ratio": 1.01, "flops_equal": True}})
     arms = summary["settings"]["scarce/scratch"]["arms"]
     assert arms["guided"]["vs_baseline"]["accuracy"]["reading"] == "worse"
@@ -69,7 +74,7 @@ def test_summary_table_and_finding_name_each_arm_and_the_baseline_reference():
 
 
 def test_pairing_is_verified_seed_by_seed_and_a_mismatch_is_named():
-    from mgn.verdict import pairing
+    from mgn.compare.significance import pairing
 
     rows = [row(arm, seed, 0.6) for arm in ("baseline", "guided") for seed in range(3)]
     assert pairing(rows) == {"verified": True, "seeds": [0, 1, 2], "mismatches": []}

@@ -2,8 +2,8 @@
 
 Arms are data, not code, so that a user adds an arm without touching the runner, and every override is
 checked against the config schema (preset_config) when the file is read, before anything runs. An arm whose
-objective is a positive control (mgn/config.py OBJECTIVES, `control`) is one: it runs on synthetic data only and
-is marked as a control in every table.
+objective is a positive control (mgn/config.py OBJECTIVES, `control`) is one: it runs on synthetic data only
+and is marked as a control in every table.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Arm:
     about: str
     stages: tuple[Stage, ...]
     control: bool = False  # a positive control: trains on the synthetic generator's ground truth
+    reachable: bool = True  # a control some method could match (False: a bound, never a share's denominator)
 
 
 def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
@@ -50,10 +51,12 @@ def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
                 raise ValueError(f"arm {name!r} ({path or ARMS_FILE}): {error}") from error
             stages.append(Stage(overrides=raw, epochs_share=share))
         if abs(sum(s.epochs_share for s in stages) - 1.0) > 1e-6:
-            raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole budget)")
+            raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole "
+                             "budget)")
         names = [s.overrides.get("objective", {}).get("name", ObjectiveConfig().name) for s in stages]
         control = any(OBJECTIVES[name].control for name in names)
-        arms[name] = Arm(name, about, tuple(stages), control)
+        reachable = all(OBJECTIVES[name].reachable for name in names)
+        arms[name] = Arm(name, about, tuple(stages), control, reachable)
     if "baseline" not in arms:
         raise ValueError("the arms must include 'baseline': every other arm is compared with it")
     return arms

@@ -1,4 +1,5 @@
-"""One cell: train the arm's stages through mgn.train.run, then evaluate the final student (and the teacher).
+"""One cell: train the arm's stages through mgn.train.loop.run, then evaluate the final student (and the
+teacher).
 
 A cell runs in its own process: locally a fresh `python -m mgn.compare --run-cell SPEC RESULT` (spawned
 by spawn_cell with a fixed thread count, so one cell's DeepSpeed state, threads and memory never leak into
@@ -8,26 +9,32 @@ This file holds both sides of that process boundary: what the runner starts and 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import submitit
-import torch
 
-from mgn import distributed, preemption, train, verdict
-from mgn.artifacts import load_checkpoint
-from mgn.ceiling import ground_truth
+from mgn import distributed
+from mgn.compare import significance
+from mgn.train import loop, preemption, run_folder
+from mgn.checkpoint.read import load_checkpoint
+from mgn.eval.ceiling import ground_truth
 from mgn.compare.plan import Cell
 from mgn.config import Config
-from mgn.evaluate import caption_reliance, predict, summarize, test_batches
-from mgn.predictions import Predictions
+from mgn.run_paths import RunPaths
+from mgn.eval.evaluate import caption_reliance, predict, summarize, test_batches
+from mgn.eval.predictions import Predictions
 
 log = logging.getLogger("mgn")
 
@@ -51,12 +58,14 @@ def run_cell(spec: dict) -> dict | None:
     train_seconds = 0.0
     for cfg in configs:
         if _finished(cfg):
-            train_seconds += json.loads((cfg.run_dir / "summary.json").read_text()).get("train_seconds", 0.0)
+            train_seconds += json.loads(cfg.paths.summary.read_text()).get("train_seconds", 0.0)
             continue
         if distributed.detect_world().rank == 0:
+            # another process still trains this stage: touch nothing
+            run_folder.refuse_if_locked(cfg.paths.lock)
             set_aside_if_stale(cfg)
         distributed.barrier()
-        summary = train.run(cfg, keep_process_group=True)
+        summary = loop.run(cfg)
         if summary.get("preempted"):
             return summary
         train_seconds += summary["train_seconds"]
@@ -69,7 +78,7 @@ def run_cell(spec: dict) -> dict | None:
            "fingerprint": spec["fingerprint"], "train_seconds": round(train_seconds, 2),
            **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
                           spec.get("validation_shards") or None, keep_predictions=True),
-           "start": json.loads((configs[0].run_dir / "start.json").read_text()),
+           "start": json.loads(configs[0].paths.start.read_text()),
            "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
     return row
@@ -81,13 +90,13 @@ def set_aside_if_stale(cfg: Config) -> None:
     if _saved_config_matches(cfg) is False:
         aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_dir.rename(aside)
-        log.warning("MGN compare: %s was trained with another config; moved to %s, training this stage afresh",
-                    cfg.run_dir, aside)
+        log.warning("MGN compare: %s was trained with another config; moved to %s, "
+                    "training this stage afresh", cfg.run_dir, aside)
 
 
 def _saved_config_matches(cfg: Config) -> bool | None:
     """Whether the stage folder was written with this very config; None when it holds no config yet."""
-    saved = cfg.run_dir / "config.json"
+    saved = cfg.paths.config
     if not saved.exists():
         return None
     try:
@@ -99,7 +108,7 @@ def _saved_config_matches(cfg: Config) -> bool | None:
 def _finished(cfg: Config) -> bool:
     """A stage already done with this very config (a re-run skips it)."""
     try:
-        done = json.loads((cfg.run_dir / "summary.json").read_text())
+        done = json.loads(cfg.paths.summary.read_text())
     except (OSError, ValueError):
         return False
     return not done.get("preempted") and _saved_config_matches(cfg) is True
@@ -107,21 +116,24 @@ def _finished(cfg: Config) -> bool:
 
 def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards: str | None = None, *,
                  keep_predictions: bool = False) -> dict:
-    """The final checkpoint's student (fused, as deployed) on the test shards, once, and on the validation shards;
-    the guided teacher and its caption reliance from `teacher_run` (the last stage that read captions), if any.
+    """The final checkpoint's student (fused, as deployed) on the test shards, once, and on the validation
+    shards; the guided teacher and its caption reliance from `teacher_run` (the last stage that read
+    captions), if any.
 
     Per split: the metrics on the stored labels, the accuracy on the true labels where the generator's ground
-    truth knows them, and each sample's correctness (verdict.sample_record, for the sample-level test); with
-    `keep_predictions` every sample's key, labels and log-probabilities go to predictions-<split>.jsonl in the
-    run folder."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = verdict.METRICS
+    truth knows them, and each sample's correctness (significance.sample_record, for the sample-level test);
+    with `keep_predictions` every sample's key, labels and log-probabilities go to predictions-<split>.jsonl
+    in the run folder."""
+    metrics = significance.METRICS
     ckpt = load_checkpoint(student_run)
+    device = distributed.pick_device(ckpt.cfg.train.device)  # where the run trained, and in its batch form
     row: dict = {"per_sample": {}}
-    splits = {"test": ckpt.cfg.data.test_shards, **({"validation": validation_shards} if validation_shards else {})}
+    splits = {"test": ckpt.cfg.data.test_shards,
+              **({"validation": validation_shards} if validation_shards else {})}
     for split, shards in splits.items():
         data = dataclasses.replace(ckpt.cfg.data, test_shards=shards)
-        preds = predict(ckpt, test_batches(ckpt.cfg, data, False, batch_size=256), device=device)
+        preds = predict(ckpt, test_batches(ckpt.cfg, data, False, batch_size=256, device=device,
+                                           batch_form=ckpt.cfg.data.batch_form), device=device)
         report = summarize(preds, target_precision=None)
         truth = ground_truth(shards)
         true = np.array([truth[k]["true_label"] for k in preds.keys]) if truth else None
@@ -132,12 +144,13 @@ def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards:
             row.update(test_samples=scores.pop("samples"), **scores)
         else:
             row[split] = scores
-        row["per_sample"][split] = verdict.sample_record(preds.keys, preds.labels, preds.student, true)
+        row["per_sample"][split] = significance.sample_record(preds.keys, preds.labels, preds.student, true)
         if keep_predictions:
-            write_predictions(student_run / f"predictions-{split}.jsonl", preds, true)
+            write_predictions(RunPaths(student_run).predictions(split), preds, true)
     if teacher_run is not None:
         guided = load_checkpoint(teacher_run, teacher=True)
-        batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256)
+        batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256, device=device,
+                               batch_form=guided.cfg.data.batch_form)
         report = summarize(predict(guided, batches, device=device, teacher=True), target_precision=None)
         row["teacher"] = {k: report["teacher"][k] for k in metrics}
         row["reliance"] = caption_reliance(guided.objective, batches, device=device)
@@ -145,23 +158,27 @@ def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards:
 
 
 def write_predictions(path: Path, preds: Predictions, true: np.ndarray | None) -> None:
-    """One JSON line per sample: key, stored label, true label (when known), the student's log-probabilities (its
-    logits, up to a constant per sample)."""
+    """One JSON line per sample: key, stored label, true label (when known), the student's log-probabilities
+    (its logits, up to a constant per sample)."""
     logs = np.log(np.clip(preds.student, 1e-12, 1.0))
     with path.open("w") as f:
         for i, key in enumerate(preds.keys):
-            line = {"key": key, "label": int(preds.labels[i]), "log_probs": [round(float(v), 6) for v in logs[i]]}
+            line = {"key": key, "label": int(preds.labels[i]), "log_probs": [round(float(v),
+                                                                                   6) for v in logs[i]]}
             if true is not None:
                 line["true_label"] = int(true[i])
             f.write(json.dumps(line) + "\n")
 
 
 def code_version() -> str:
-    """The commit the runs were made with (and '+dirty' with uncommitted changes), for results.jsonl."""
+    """The commit the runs were made with (and '+dirty' with uncommitted changes to anything but the results
+    under benchmarks/results/, which the runs themselves write), for results.jsonl."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         return "unknown"
@@ -199,17 +216,69 @@ def spawn_training(cfg: Config, log_file: Path, threads: int) -> None:
 
 
 def _spawn(args: list[str], log_file: Path, threads: int) -> None:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_",
                                                                      "SLURM_"))}
     threads = threads or len(os.sched_getaffinity(0))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    returncode = run_child([sys.executable, "-m", "mgn.compare", *args], log_file, env)
+    if returncode != 0:
+        raise RuntimeError(f"exit status {returncode}; see {log_file}")
+
+
+def run_child(command: list[str], log_file: Path, env: dict[str, str] | None = None) -> int:
+    """`command`'s exit status, its output in `log_file`; nothing of it outlives the runner.
+
+    A cell left running by a dead runner would go on training while the same command, run again, trains the
+    same cell into the same folder. So the child runs in its own process group, which the runner kills
+    however its wait ends (an error, Ctrl-C), and on Linux the kernel kills the child when the runner dies
+    (even by SIGKILL; `_dies_with_runner`). In its own group the child no longer gets the terminal's
+    Ctrl-C: the runner passes it on (training saves at its next update and stops); a second Ctrl-C ends it
+    at once.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("w") as out:
-        result = subprocess.run([sys.executable, "-m", "mgn.compare", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"exit status {result.returncode}; see {log_file}")
+        # stdin: not the terminal, which would stop a background process group that reads it
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=env,
+                                 process_group=0, preexec_fn=_dies_with_runner(os.getpid()))
+        try:
+            _wait_passing_on_ctrl_c(child)
+        finally:  # however the wait ended, the whole group goes: the child and its children (loader workers)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    return child.returncode
+
+
+def _wait_passing_on_ctrl_c(child: subprocess.Popen) -> None:
+    """Until `child` exits, left unreaped (its process group id cannot be anyone else's before it is reaped);
+    a Ctrl-C is passed on to its group, which is then waited for again, and raised."""
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGINT)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        raise
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with_runner(runner: int) -> Callable[[], None] | None:
+    """What the child runs before it starts `command` (a subprocess preexec_fn), on Linux: ask the kernel for
+    SIGKILL when the runner's thread that started it ends, then check the runner has not died already."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL))
+        if os.getppid() != runner:  # the runner died before the line above: no signal would come
+            os._exit(1)
+
+    return arm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,5 +305,5 @@ def main_cell(spec_file: str, result_file: str) -> int:
 
 def main_train(raw: str) -> int:
     """`python -m mgn.compare --train-config JSON`: one plain training run (the stand-in's pretraining)."""
-    train.run(Config.from_dict(json.loads(raw)))
+    loop.run(Config.from_dict(json.loads(raw)))
     return 0

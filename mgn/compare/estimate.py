@@ -1,9 +1,10 @@
 """The plan as printed before anything runs, with how long the runs still to do will take.
 
 A study takes hours on the reference machine: the user sees the plan and its duration first (and `--dry-run`
-stops there). Where a setting's pilot is not complete yet, the plan shows the pilot and, as an upper bound, the
-arms at --max-seeds seeds that would follow if it passes. The estimate uses the rates measured by the runs already
-in results.jsonl, so it improves as a table fills; without any, a built-in rate of this project's machine.
+stops there). Where a setting's pilot is not complete yet, the plan shows the pilot and, as an upper bound,
+the arms at --max-seeds seeds that would follow if it passes. The estimate uses the rates measured by the runs
+already in results.jsonl, so it improves as a table fills; without any, a built-in rate of this project's
+machine.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from mgn.compare.plan import (
     standin_weights,
 )
 
-# MobileOne-S0, 64 px, 2 cores: s per training sample (captions or not), s per evaluated sample (student; the guided
-# teacher's evaluation and caption reliance read the test set four times more), s of start-up per stage
+# MobileOne-S0, 64 px, 2 cores: s per training sample (captions or not), s per evaluated sample (student; the
+# guided teacher's evaluation and caption reliance read the test set four times more), s of start-up per stage
 FALLBACK_RATE = {True: 0.0125, False: 0.009}
 EVAL_RATE, TEACHER_EVAL_RATE, STARTUP = 0.0025, 0.011, 20
 
@@ -31,14 +32,16 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
                   outcomes: dict[str, PilotOutcome], arms: dict[str, Arm]) -> str:
     base = options.base
     lines = [(f"MGN compare: {len(cells)} runs planned so far ({len(cells) - len(pending)} already in "
-              f"{options.out / 'results.jsonl'}), {base['train']['epochs']} epochs per arm, "
+              f"{options.out / 'results.jsonl'}), {base['train']['epochs']} epochs per arm, base "
               f"{base['model']['image_model']} at {base['model']['image_size']} px, captions of "
               f"{base['model']['seq_len']} tokens"), "  " + RULE]
     upper = []
     for name, setting in settings.items():
         mine = [c for c in cells if c.setting == setting]
         init = setting.image_pretrained or "random init"
-        lines.append(f"  {name:<22} train {setting.train_shards} ({setting.train_samples} samples), init {init}")
+        model = {**base["model"], **dict(setting.model)}
+        lines.append(f"  {name:<22} train {setting.train_shards} ({setting.train_samples} samples), init "
+                     f"{init}; {model['image_model']} at {model['image_size']} px")
         lines.append(f"  {'':<22} pilot: {line(outcomes[name])}")
         names = chosen_arms(options, arms, setting)
         if any(c.arm.name != "baseline" for c in mine):
@@ -47,13 +50,15 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
         elif options.pilot_only:
             lines.append(f"  {'':<22} arms: not now (--pilot)")
         elif outcomes[name].passed is None:
-            would = [Cell(setting, arms[a], seed, options.base) for a in names for seed in range(options.max_seeds)
+            would = [Cell(setting, arms[a], seed,
+                          options.base) for a in names for seed in range(options.max_seeds)
                      if a != "baseline" or seed >= options.pilot_seeds]
             upper += would
             lines.append(f"  {'':<22} arms after the pilot, if it passes: {', '.join(names)} x up to "
                          f"{options.max_seeds} seeds ({len(would)} runs)")
         else:
-            lines.append(f"  {'':<22} arms: none (the pilot did not pass; --ignore-pilot REASON runs them anyway)")
+            lines.append(f"  {'':<22} arms: none (the pilot did not pass; --ignore-pilot REASON runs them "
+                         "anyway)")
     if any(s.init in STANDINS for s in settings.values()):
         lines.append(f"  {STANDIN_NOTE}")
     standins = [i for i in {c.setting.init for c in pending + upper} if i in STANDINS
@@ -62,15 +67,16 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
     how = "Slurm jobs, run in parallel as the cluster allows" if options.slurm else "one after another"
     lines.append(f"  estimate: {seconds / 60:.0f} min for the {len(pending)} runs still to do"
                  f"{' and pretraining ' + ', '.join(sorted(standins)) if standins else ''} ({how})"
-                 + (f"; up to {estimate(upper, options) / 60:.0f} min more for the arms of settings whose pilot passes"
+                 + (f"; up to {estimate(upper, options) / 60:.0f} min more for the arms of settings whose "
+                    "pilot passes"
                     if upper else ""))
     return "\n".join(lines)
 
 
 def estimate(cells: list[Cell], options: Options) -> float:
     """Seconds: training samples x epochs at the rate measured in results.jsonl (or a built-in rate for this
-    project's 2-core reference machine), plus start-up and evaluation (validation and test, the guided teacher's
-    reliance); guided arms cost more per sample."""
+    project's 2-core reference machine), plus start-up and evaluation (validation and test, the guided
+    teacher's reliance); guided arms cost more per sample."""
     per_sample = {}
     for row in read_results(options.out / "results.jsonl"):
         per_sample.setdefault(row["arm"], []).append(row["train_seconds"] / row["train_samples_seen"])
@@ -78,27 +84,29 @@ def estimate(cells: list[Cell], options: Options) -> float:
     for cell in cells:
         configs = cell.stage_configs(options.work)
         rate = per_sample.get(cell.arm.name)
+        # the rates are the base image size's: a setting drawn larger costs its share more pixels
+        pixels = (configs[0].model.image_size / options.base["model"]["image_size"]) ** 2
         evaluated = _samples(cell.setting.test_shards) + _samples(cell.setting.validation_shards)
-        total += (samples_seen(cell, options.work) * (sum(rate) / len(rate) if rate else
-                                                       FALLBACK_RATE[configs[0].uses_captions])
-                  + STARTUP * len(configs) + EVAL_RATE * evaluated
-                  + (TEACHER_EVAL_RATE * _samples(cell.setting.test_shards) if any(c.uses_captions for c in configs)
-                     else 0))
+        total += (pixels * samples_seen(cell, options.work) * (sum(rate) / len(rate) if rate else
+                                                                FALLBACK_RATE[configs[0].uses_captions])
+                  + STARTUP * len(configs) + pixels * EVAL_RATE * evaluated
+                  + (pixels * TEACHER_EVAL_RATE * _samples(cell.setting.test_shards)
+                     if any(c.uses_captions for c in configs) else 0))
     return total
 
 
 def _samples(shards: str) -> int:
     """Samples of a shard pattern, from the synthetic sets' known layout or sizes.json; 1,000 when unknown."""
-    from mgn.shard_sets import expand_shards, read_sizes  # noqa: PLC0415
+    from mgn.io.shard_sets import expand_shards, read_sizes
 
     if not shards:
         return 0
     try:
         return sum(read_sizes(expand_shards(shards)).values())
     except (OSError, ValueError):
-        import braceexpand  # noqa: PLC0415
+        import braceexpand
 
-        from mgn.compare.plan import SHARD_SIZE  # noqa: PLC0415
+        from mgn.compare.plan import SHARD_SIZE
 
         count = sum(1 for part in shards.split("::") for _ in braceexpand.braceexpand(part))
         return SHARD_SIZE * count if "*" not in shards else 1000

@@ -18,7 +18,8 @@ from mgn.compare.cell import REPO, CellJob, cell_spec, spawn_cell
 from mgn.compare.ledger import append_result, read_results
 from mgn.compare.plan import Cell, Options, samples_seen
 
-SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+SLURM_FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                       "DEADLINE")
 
 
 def run_locally(pending: list[Cell], options: Options, results_file: Path) -> None:
@@ -26,7 +27,8 @@ def run_locally(pending: list[Cell], options: Options, results_file: Path) -> No
     failures = collect(_local_outcomes(pending, options), len(pending), options.work, results_file)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(failures[:5])}); their logs are in "
-                           f"{options.work / 'cells'}; the others are saved: re-run the same command to retry")
+                           f"{options.work / 'cells'}; the others are saved: "
+                           "re-run the same command to retry")
 
 
 def _local_outcomes(pending: list[Cell], options: Options) -> Iterator[tuple[Cell, dict | None, str]]:
@@ -52,7 +54,8 @@ def run_on_slurm(pending: list[Cell], options: Options, results_file: Path) -> N
     jobs = _submit_or_reattach(pending, options)
     failures = collect(_slurm_outcomes(jobs), len(jobs), options.work, results_file)
     if failures:
-        raise RuntimeError(f"{len(failures)} Slurm job(s) failed: {', '.join(failures[:5])}; their logs are under "
+        raise RuntimeError(f"{len(failures)} Slurm job(s) failed: {', '.join(failures[:5])}; their logs are "
+                           "under "
                            f"{options.work / 'slurm'}; re-run the same command to retry them")
 
 
@@ -76,7 +79,8 @@ def _submit_or_reattach(pending: list[Cell], options: Options) -> dict[submitit.
                                "folder": str(job.paths.folder),
                                "tasks": parameters["nodes"] * parameters["tasks_per_node"]})
         jobs[job] = cell
-    print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done re-attached "
+    print(f"MGN compare: {len(jobs) - attached} Slurm jobs submitted, {attached} already queued or done "
+          "re-attached "
           f"({', '.join(j.job_id for j in list(jobs)[:5])}{'...' if len(jobs) > 5 else ''})", flush=True)
     return jobs
 
@@ -102,15 +106,16 @@ def _slurm_outcomes(jobs: dict[submitit.Job, Cell]) -> Iterator[tuple[Cell, dict
     for job in submitit.helpers.as_completed(list(jobs)):
         try:
             row = next(r for r in job.results() if r)
-        except Exception as error:  # noqa: BLE001 - a failed job is reported, the others continue
+        except Exception as error:  # a failed job is reported, the others continue
             yield jobs[job], None, f" (job {job.job_id}): {error}"
             continue
         yield jobs[job], row, ""
 
 
-def collect(outcomes: Iterable[tuple[Cell, dict | None, str]], total: int, work: Path, results_file: Path) -> list[str]:
-    """The one loop of both executors: append each finished cell's row to results_file as it arrives and print a
-    progress line; a failed cell (row None; `failure` is what its line says after FAILED) is printed and
+def collect(outcomes: Iterable[tuple[Cell, dict | None, str]], total: int, work: Path,
+            results_file: Path) -> list[str]:
+    """The one loop of both executors: append each finished cell's row to results_file as it arrives and print
+    a progress line; a failed cell (row None; `failure` is what its line says after FAILED) is printed and
     skipped. Returns the keys of the failed cells."""
     started, failures = time.perf_counter(), []
     for number, (cell, row, failure) in enumerate(outcomes, 1):
@@ -147,9 +152,11 @@ def slurm_parameters(options: Options, cell: Cell) -> dict:
     srun gets --cpus-per-task explicitly: since Slurm 22.05 a step does not inherit it from the job's
     allocation, and each rank would get one CPU (slurm/train.sh passes it to srun too).
     """
-    s = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "partition": None, **options.slurm_args}
+    s = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "partition": None,
+         **options.slurm_args}
     parameters = dict(
-        name=f"mgn-compare-{cell.arm.name}-s{cell.seed}", nodes=s["nodes"], tasks_per_node=max(s["gpus_per_node"], 1),
+        name=f"mgn-compare-{cell.arm.name}-s{cell.seed}", nodes=s["nodes"],
+        tasks_per_node=max(s["gpus_per_node"], 1),
         cpus_per_task=s["cpus_per_task"], timeout_min=s["time"], slurm_partition=s["partition"],
         slurm_signal_delay_s=min(300, s["time"] * 30), slurm_additional_parameters={"requeue": True},
         slurm_srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={s['cpus_per_task']}"],

