@@ -213,6 +213,11 @@ class TrainConfig:
     ckpt_every: int = option(500, "updates between checkpoints; 0: only at the end (and on preemption)")
     keep_last: int = option(3, "checkpoints kept; 0: all")
     attention_images: int = option(4, "attention-map pictures written per run (0: none)")
+    export_formats: str = option("safetensors,pt2,onnx",
+                                 "the exported students' files, comma-separated: safetensors (always: "
+                                 "evaluate.py and benchmark.py read it), pt2 (torch.export), onnx. The graphs "
+                                 "take seconds per export on rank 0 while the other ranks wait: a new best "
+                                 "student is exported at every evaluation that beats the last")
     output_dir: str = option("runs", "folder that holds run folders")
     run_name: str = option("", "run folder name; '': derived from the time and the objective")
     resume: str = option("", "'': fresh run; 'auto': latest checkpoint of run_name; or a checkpoint path")
@@ -324,7 +329,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"train_shards": "shards/tiny/train-*.tar", "test_shards": "shards/tiny/test-*.tar",
                  "num_workers": 0, "shuffle_buffer": 100, "synthetic_samples": 320},
         "train": {"epochs": 1, "micro_batch": 8, "warmup_steps": 2, "log_every": 2, "ckpt_every": 10,
-                  "attention_images": 1, "dist_timeout_s": 120},
+                  "attention_images": 1, "dist_timeout_s": 120, "export_formats": "safetensors"},
     },
 }
 

@@ -187,6 +187,11 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"data.text_blocks={cfg.data.text_blocks!r} needs model.freeze_text=true: a text "
                          "encoder "
                          f"that trains changes its captions' blocks at every step")
+    formats = t.export_formats.split(",")
+    if "safetensors" not in formats or not set(formats) <= {"safetensors", "pt2", "onnx"}:
+        raise ValueError(f"train.export_formats={t.export_formats!r}: a comma-separated subset of "
+                         "safetensors,pt2,onnx that holds safetensors (the file evaluate.py and benchmark.py "
+                         "read)")
     name = Path(t.run_name)
     if t.run_name and (name.is_absolute() or ".." in name.parts or not name.parts):
         raise ValueError(f"train.run_name={t.run_name!r}: must be a folder name under train.output_dir "

@@ -110,6 +110,8 @@ BAD_VALUES = {
     "train.ckpt_every": (-1, "train.ckpt_every=-1 must be >= 0"),
     "train.keep_last": (-1, "train.keep_last=-1 must be >= 0"),
     "train.attention_images": (-1, "train.attention_images=-1 must be >= 0"),
+    "train.export_formats": ("pt2,onnx", "train.export_formats='pt2,onnx': a comma-separated subset of "
+                                         "safetensors,pt2,onnx that holds safetensors"),
     "train.run_name": ("../elsewhere", "train.run_name='../elsewhere': must be a folder name under"),
     "train.resume": ("auto", "train.resume=auto continues a named run"),
     "train.trust_checkpoint": ("no", "train.trust_checkpoint='no': expected true or false"),

@@ -50,8 +50,10 @@ def train(workdir: Path, name: str, *flags: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("train")
-    train(workdir, "baseline-z2", "--objective.name", "baseline", "--train.zero_stage", "2")
-    train(workdir, "guided-z0", "--objective.name", "guided", "--train.zero_stage", "0")
+    train(workdir, "baseline-z2", "--objective.name", "baseline", "--train.zero_stage", "2",
+          "--train.export_formats", "safetensors,pt2")
+    train(workdir, "guided-z0", "--objective.name", "guided", "--train.zero_stage", "0",
+          "--train.export_formats", "safetensors,pt2")  # its student.pt2 is read below
     return workdir
 
 

@@ -33,7 +33,8 @@ def train(workdir: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("init")
-    train(workdir, "donor", "--objective.name", "guided", "--train.zero_stage", "2")
+    train(workdir, "donor", "--objective.name", "guided", "--train.zero_stage", "2",
+          "--train.export_formats", "safetensors,pt2")  # the student.pt2 is a source below
     return workdir
 
 

@@ -70,7 +70,8 @@ def scalars(tb_dir: Path) -> dict[str, list[int]]:
 
 
 def test_single_process_guided_run_writes_everything(shards, tmp_path):
-    result = subprocess.run([sys.executable, *train_args(shards, tmp_path, "guided")], cwd=ROOT, env=env(),
+    result = subprocess.run([sys.executable, *train_args(shards, tmp_path, "guided", "--train.export_formats",
+                                                         "safetensors,pt2,onnx")], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "guided"
@@ -81,7 +82,8 @@ def test_single_process_guided_run_writes_everything(shards, tmp_path):
     # both students, with accuracies
     assert str(run / "student_best" / "student.safetensors") in result.stdout
     for path in ("config.json", "train.log", "checkpoints/latest", "student/student.safetensors",
-                 "student/student.pt2", "student_best/student.safetensors", "metrics.csv", "attention"):
+                 "student/student.pt2", "student/student.onnx", "student_best/student.safetensors",
+                 "student_best/student.pt2", "metrics.csv", "attention"):
         assert (run / path).exists(), path
     assert json.loads((run / "config.json").read_text())["objective"]["name"] == "guided"
     steps = scalars(RunPaths(run).tensorboard)

@@ -204,7 +204,7 @@ class Cell:
         configs = []
         for cfg in self.stage_configs(work):
             raw = cfg.to_dict()
-            for name in ("output_dir", "run_name", "init_from", "resume"):
+            for name in ("output_dir", "run_name", "init_from", "resume", "export_formats"):
                 raw["train"].pop(name)
             configs.append(raw)
         return hashlib.sha256(json.dumps([configs, self.setting.validation_shards], sort_keys=True).encode()

@@ -114,15 +114,17 @@ def unfused_modules(model: nn.Module) -> list[str]:
     return leftovers
 
 
-def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *, formats: tuple[str, ...] = (
-        "safetensors", "pt2", "onnx")) -> Path:
-    """Write the fused student to `out_dir`; returns the path of the deployable `student.safetensors`.
+def export_student(student: ImageClassifier, cfg: Config, out_dir: str | Path, *,
+                   formats: tuple[str, ...] | None = None) -> Path:
+    """Write the fused student to `out_dir` in `formats` (None: the run's train.export_formats); returns the
+    path of the deployable `student.safetensors`.
 
     student.safetensors: the fused weights, with the run's config and export facts in its metadata. It
     holds tensors only, so loading it runs no code: the loader rebuilds the network with timm, fuses it,
     and fills in the weights (mgn.checkpoint.store). student.pt2 (torch.export) and student.onnx carry their
     own graph; load them only from sources you trust (README, "Security").
     """
+    formats = formats or tuple(cfg.train.export_formats.split(","))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fused = fuse_student(student).float().cpu()
