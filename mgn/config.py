@@ -215,9 +215,9 @@ class TrainConfig:
     attention_images: int = option(4, "attention-map pictures written per run (0: none)")
     export_formats: str = option("safetensors,pt2,onnx",
                                  "the exported students' files, comma-separated: safetensors (always: "
-                                 "evaluate.py and benchmark.py read it), pt2 (torch.export), onnx. The graphs "
-                                 "take seconds per export on rank 0 while the other ranks wait: a new best "
-                                 "student is exported at every evaluation that beats the last")
+                                 "evaluate.py and benchmark.py read it), pt2 (torch.export), onnx. The "
+                                 "graphs take seconds per export on rank 0 while the other ranks wait: a new "
+                                 "best student is exported at every evaluation that beats the last")
     output_dir: str = option("runs", "folder that holds run folders")
     run_name: str = option("", "run folder name; '': derived from the time and the objective")
     resume: str = option("", "'': fresh run; 'auto': latest checkpoint of run_name; or a checkpoint path")
