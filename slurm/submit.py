@@ -112,8 +112,9 @@ def build_executor(cfg: Config, args: argparse.Namespace) -> submitit.AutoExecut
         slurm_additional_parameters={"requeue": True},
         slurm_srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={args.cpus_per_task}"],
         # the job imports mgn from this checkout wherever it was submitted from
-        slurm_setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}",
-                     f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.cpus_per_task}}}"],
+        # (OMP_NUM_THREADS is left to the user: unset, train.py gives a GPU rank's CPUs to its loader
+        # workers, mgn.distributed.set_threads)
+        slurm_setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
     if args.gpus_per_node:
         executor.update_parameters(gpus_per_node=args.gpus_per_node)

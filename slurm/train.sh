@@ -31,7 +31,8 @@
 #   MGN_REPO         directory with train.py (default: the submission directory)
 #   PYTHON           interpreter (default: python)
 #   MGN_MASTER_PORT  rendezvous port (default: 12000 + job id % 20000)
-#   OMP_NUM_THREADS  threads per rank (default: --cpus-per-task)
+#   OMP_NUM_THREADS  torch threads per rank (default, train.py's own rule: --cpus-per-task minus the
+#                    loader workers on a GPU, all of them on CPU nodes; this script does not set it)
 #
 #SBATCH --job-name=mgn
 #SBATCH --nodes=1
@@ -63,7 +64,6 @@ unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MGN_MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 train=("$PYTHON" -u "$REPO/train.py" --train.run_name "$SLURM_JOB_NAME" --train.resume auto "$@")
 echo "MGN slurm: job $SLURM_JOB_ID '$SLURM_JOB_NAME' start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date -Is)"

@@ -190,6 +190,36 @@ def test_submit_py_gives_each_rank_its_cpus_through_srun_too(tmp_path, sbatch_sc
     assert "--cpus-per-task=6" in srun.split() and "--kill-on-bad-exit=1" in srun.split()
 
 
+def test_the_launchers_leave_a_ranks_thread_count_to_train_py(tmp_path, sbatch_script):
+    """Both launchers once exported OMP_NUM_THREADS = --cpus-per-task, which train.py obeys before its own rule
+    (a GPU rank's CPUs minus its loader workers): 8 torch threads beside 6 workers on 8 CPUs. slurm/train.sh
+    runs here with stand-ins for srun and scontrol that record what a task would be started with."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/srun-args\nenv > {tmp_path}/task-env\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("SLURM_")}
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "mgn",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "8",
+            "SLURM_TASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "MGN_REPO": str(REPO)}
+    done = subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "--preset", "tiny"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--cpus-per-task=8" in (tmp_path / "srun-args").read_text().split()
+    task_env = dict(line.split("=", 1) for line in (tmp_path / "task-env").read_text().splitlines()
+                    if "=" in line)
+    assert "OMP_NUM_THREADS" not in task_env and task_env["SLURM_CPUS_PER_TASK"] == "8"
+
+    submit = load_submit_module()
+    args = submit.build_parser().parse_args(["--nodes", "1", "--gpus-per-node", "8", "--cpus-per-task", "8",
+                                             "--train.output_dir", str(tmp_path), "--train.run_name", "t"])
+    assert "OMP_NUM_THREADS" not in sbatch_script(submit.build_executor(submit.job_config(args), args))
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_submitit_job_interrupted_requeues_resumes_and_returns_its_result(slurm_cluster, work, reference,
