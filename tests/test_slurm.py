@@ -191,15 +191,16 @@ def test_submit_py_gives_each_rank_its_cpus_through_srun_too(tmp_path, sbatch_sc
 
 
 def test_the_launchers_leave_a_ranks_thread_count_to_train_py(tmp_path, sbatch_script):
-    """Both launchers once exported OMP_NUM_THREADS = --cpus-per-task, which train.py obeys before its own rule
-    (a GPU rank's CPUs minus its loader workers): 8 torch threads beside 6 workers on 8 CPUs. slurm/train.sh
+    """Both launchers once exported OMP_NUM_THREADS = --cpus-per-task, which train.py obeys before its own
+    rule (a GPU rank's CPUs minus its loader workers): 8 torch threads beside 6 workers on 8 CPUs. train.sh
     runs here with stand-ins for srun and scontrol that record what a task would be started with."""
     import subprocess
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")
-    (bin_dir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/srun-args\nenv > {tmp_path}/task-env\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/srun-args\n"
+                                  f"env > {tmp_path}/task-env\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("SLURM_")}
