@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("safe", "violent")
 
 
-def _jpeg(label: int, seed: int, size: int = 48) -> bytes:
+def _jpeg(label: int, seed: int, size: int = 48, fmt: str = "JPEG") -> bytes:
     """A photo-like image whose label is visible: red-ish for violent, blue-ish for safe."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
     pixels[..., 0 if label else 2] += 120
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    Image.fromarray(pixels).save(out, format=fmt, **({"quality": 90} if fmt != "PNG" else {}))
     return out.getvalue()
 
 
@@ -163,6 +163,31 @@ def test_index_adds_a_second_split_and_refuses_other_labels_or_a_set_it_did_not_
     (data / "dataset_card.json").write_text('{"labels": ["safe", "violent"], "created_by": "mgn.shards"}')
     ours = index(str(data / "test-*.tar"))
     assert ours.returncode == 2 and "not written by --index" in ours.stderr
+
+
+def test_png_and_webp_images_are_indexed_and_decoded_like_jpeg(tmp_path):
+    """img2dataset and webdataset users store png and webp as well as jpg; each is a sample's image."""
+    import webdataset as wds
+
+    from mgn.data.decode import Decoder
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    formats = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+    with wds.ShardWriter(str(data / "train-%06d.tar"), maxcount=100, verbose=0) as sink:
+        for i, (ext, fmt) in enumerate(formats.items()):
+            sink.write({"__key__": f"s{i}", ext: _jpeg(1, i, fmt=fmt), "txt": f"clip {i}", "cls": 1})
+    done = index(str(data / "*.tar"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((data / "dataset_card.json").read_text())["usable"] == 3
+    assert not (data / "rejects.jsonl").exists() or not (data / "rejects.jsonl").read_text().strip()
+    decoder = Decoder(32, (0.5,) * 3, (0.5,) * 3, None, 16, train=False)
+    for i, (ext, fmt) in enumerate(formats.items()):
+        crop = np.asarray(decoder.decode({"__key__": f"s{i}", "__url__": "train-000000.tar",
+                                          ext: _jpeg(1, i, fmt=fmt), "cls": b"1"})[1], dtype=np.float32)
+        channels = crop if crop.shape[0] == 3 else np.moveaxis(crop, -1, 0)
+        assert channels.shape == (3, 32, 32), (ext, crop.shape)
+        assert channels[0].mean() > channels[2].mean() + 0.2 * np.ptp(channels), ext  # red-ish: RGB, in order
 
 
 def test_keys_with_dots_that_fall_together_are_rejected_with_the_reason(tmp_path):

@@ -217,6 +217,21 @@ def test_a_folder_the_run_cannot_write_or_a_file_is_one_line_naming_the_flag(sha
         check_training_inputs(config(shards, locked, bert32))
 
 
+def test_train_py_given_a_file_for_the_blocks_folder_stops_with_one_line_before_its_run_folder(shards,
+                                                                                              tmp_path):
+    a_file = tmp_path / "blocks.txt"
+    a_file.write_text("not a folder")
+    done = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--data.train_shards",
+                           str(shards / "train-*.tar"), "--data.test_shards", str(shards / "test-*.tar"),
+                           "--data.synthetic_samples", "0", "--data.text_blocks", str(a_file),
+                           "--train.output_dir", str(tmp_path / "runs")], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert done.stderr.startswith(f"train.py: error: data.text_blocks='{a_file}': a file, not a folder")
+    assert not (tmp_path / "runs").exists() and a_file.read_text() == "not a folder"
+
+
 def test_blocks_that_cannot_be_written_stop_the_run_with_the_flag_named(shards, tmp_path, bert32,
                                                                         monkeypatch):
     cfg = config(shards, tmp_path / "blocks", bert32)
