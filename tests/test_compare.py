@@ -90,10 +90,12 @@ def test_settings_choose_and_order_the_plan_and_an_unknown_one_is_named(tmp_path
     cells = plan(options, load_arms(), chosen, {"decoys/standin-scene": 6, "clean/scratch": 5})
     # pilots
     assert [c.setting.name for c in cells[:10]] == ["decoys/standin-scene"] * 5 + ["clean/scratch"] * 5
-    # + controls
-    assert {c.arm.name for c in cells} == {"baseline", "tram", "oracle-attention", "oracle-caption",
-                                           "oracle-teacher"}
-    assert sum(c.setting.name == "decoys/standin-scene" for c in cells) == 6 * 5
+    # + controls (not oracle-caption: no label is flipped in either data set, so it would be the baseline)
+    assert {c.arm.name for c in cells} == {"baseline", "tram", "oracle-attention", "oracle-teacher"}
+    assert sum(c.setting.name == "decoys/standin-scene" for c in cells) == 6 * 4
+    # where labels are flipped, it runs: the caption's label is then not the stored one
+    noisy = choose_settings(settings_for(options), ["noisy/standin"])
+    assert "oracle-caption" in {c.arm.name for c in plan(options, load_arms(), noisy, {"noisy/standin": 5})}
     assert pilot_cells(options, load_arms(), chosen) == cells[:10]
     assert not list(tmp_path.iterdir())  # choosing writes nothing
     assert list(choose_settings(settings_for(options), None)) == ["clean/standin"]  # the default: ~90 min

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgn.compare.arms import Arm
-from mgn.config import Config, preset_config
+from mgn.config import OBJECTIVES, Config, ObjectiveConfig, preset_config
 from mgn.io.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
@@ -56,6 +56,11 @@ class DataSet:
     # judged on the generator's true labels (the pilot's accuracy and ceiling): where the stored ones are
     # noise that privileged information should see through
     true_labels: bool = False
+
+    @property
+    def noisy_labels(self) -> bool:
+        """Whether some stored labels are not the true ones (the generator's label_noise)."""
+        return dict(self.knobs).get("label_noise", 0.0) > 0
 
     @property
     def folder(self) -> str:
@@ -263,7 +268,16 @@ def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> lis
         chosen = [a for a in chosen if a not in controls]
     else:
         chosen += [a for a in controls if a not in chosen]
+        if not DATASETS[setting.data].noisy_labels:  # the caption's label is the stored one: a baseline again
+            chosen = [a for a in chosen if not learns_the_captions_label(arms[a])]
     return ["baseline", *[a for a in chosen if a != "baseline"]]
+
+
+def learns_the_captions_label(arm: Arm) -> bool:
+    """Whether the arm trains on the label the caption gives (oracle-caption): where no stored label is
+    flipped it is the stored label, so the arm is the baseline run again."""
+    return any(OBJECTIVES[stage.overrides.get("objective", {}).get("name", ObjectiveConfig().name)].reads
+               == ("caption_label",) for stage in arm.stages)
 
 
 def pilot_cells(options: Options, arms: dict[str, Arm], settings: dict[str, Setting]) -> list[Cell]:
