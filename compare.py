@@ -30,8 +30,8 @@ The bench (issue 26), on synthetic data written with the generator's ground trut
 - every table shows the image-only ceiling (the Bayes rule on the generator's ground truth) and each arm's
   distance to it, accuracy on true labels beside stored labels, worst-group accuracy with each arm's gain per
   group, two positive controls (oracle-attention: the splat's own box; oracle-caption: the labels informative
-  captions give, where stored labels are flipped) and one bound (oracle-teacher: the test posterior, which no method can reach); a setting can
-  judge the other arms only where a reachable control wins.
+  captions give, where stored labels are flipped) and one bound (oracle-teacher: the test posterior, which no
+  method can reach); a setting can judge the other arms only where a reachable control wins.
 - the pilot: the baseline alone at --pilot-seeds seeds, scored on the validation split, must sit 3 points
   below the ceiling with an SD of at most 1.5 points; only settings that pass run the other arms
   (--ignore-pilot REASON runs them anyway and the table prints the reason), at the seeds their spread needs to
