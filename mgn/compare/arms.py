@@ -21,6 +21,11 @@ class Stage:
     overrides: dict  # {section: {field: value}}
     epochs_share: float = 1.0
 
+    @property
+    def objective(self) -> str:
+        """The objective this stage trains (the config's default where the arm names none)."""
+        return self.overrides.get("objective", {}).get("name", ObjectiveConfig().name)
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -53,7 +58,7 @@ def load_arms(path: str | Path | None = None) -> dict[str, Arm]:
         if abs(sum(s.epochs_share for s in stages) - 1.0) > 1e-6:
             raise ValueError(f"arm {name!r}: the stages' epochs_share must add up to 1 (the arm's whole "
                              "budget)")
-        names = [s.overrides.get("objective", {}).get("name", ObjectiveConfig().name) for s in stages]
+        names = [stage.objective for stage in stages]
         control = any(OBJECTIVES[name].control for name in names)
         reachable = all(OBJECTIVES[name].reachable for name in names)
         arms[name] = Arm(name, about, tuple(stages), control, reachable)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgn.compare.arms import Arm
-from mgn.config import OBJECTIVES, Config, ObjectiveConfig, preset_config
+from mgn.config import OBJECTIVES, Config, preset_config
 from mgn.io.shard_sets import expand_shards, read_sizes
 
 SHARD_SIZE = 100  # synthetic samples per shard: data sizes are whole shards
@@ -276,8 +276,7 @@ def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> lis
 def learns_the_captions_label(arm: Arm) -> bool:
     """Whether the arm trains on the label the caption gives (oracle-caption): where no stored label is
     flipped it is the stored label, so the arm is the baseline run again."""
-    return any(OBJECTIVES[stage.overrides.get("objective", {}).get("name", ObjectiveConfig().name)].reads
-               == ("caption_label",) for stage in arm.stages)
+    return any(OBJECTIVES[stage.objective].reads == ("caption_label",) for stage in arm.stages)
 
 
 def pilot_cells(options: Options, arms: dict[str, Arm], settings: dict[str, Setting]) -> list[Cell]:
