@@ -1,5 +1,6 @@
 """Shared fixtures: no hub access, tiny text encoders built locally, realistic BatchNorm statistics."""
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +18,27 @@ SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
                 "mountain tour concert dance piano guitar talk show podcast review unboxing tech build craft "
                 "morning evening friends family fun chill relax study quiet loud violent safe real fake "
                 "scene red blue green box").split()]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """`small_tmpfs(size)`: a folder on a tmpfs of `size` (e.g. "2m"), unmounted after the test: a full disk
+    without filling the machine's. Skips where this process cannot mount one."""
+    mounted = []
+
+    def mount(size: str):
+        folder = tmp_path / "small"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:100]})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def free_port() -> int:

@@ -260,26 +260,18 @@ def test_a_full_disk_removes_every_partial_file_names_the_file_and_a_rerun_is_no
     assert shards.main(argv) == 0  # nothing left that would refuse the same command
 
 
-def test_the_writer_on_a_full_tmpfs_leaves_it_empty_with_one_line(tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:100]})")
-    try:
-        command = [sys.executable, "-m", "mgn.shards", "--synthetic", "--out", str(small / "demo"),
-                   "--workers", "1", "--tokenizer", "none", "--samples"]
-        full = subprocess.run([*command, "1000"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert full.returncode == 2
-        assert full.stderr.startswith(f"python -m mgn.shards: error: {small / 'demo'}/.")
-        assert "No space left on device (its file system has 2.0 MB free" in full.stderr  # all free again
-        assert full.stderr.count("\n") == 1  # one line, no "Exception ignored ... tarfile" after it
-        assert list((small / "demo").iterdir()) == []
-        again = subprocess.run([*command, "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0, again.stderr
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+def test_the_writer_on_a_full_tmpfs_leaves_it_empty_with_one_line(small_tmpfs):
+    small = small_tmpfs("2m")
+    command = [sys.executable, "-m", "mgn.shards", "--synthetic", "--out", str(small / "demo"),
+               "--workers", "1", "--tokenizer", "none", "--samples"]
+    full = subprocess.run([*command, "1000"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 2
+    assert full.stderr.startswith(f"python -m mgn.shards: error: {small / 'demo'}/.")
+    assert "No space left on device (its file system has 2.0 MB free" in full.stderr  # all free again
+    assert full.stderr.count("\n") == 1  # one line, no "Exception ignored ... tarfile" after it
+    assert list((small / "demo").iterdir()) == []
+    again = subprocess.run([*command, "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
 
 
 def test_cli_synthetic_demo_layout(tmp_path):
