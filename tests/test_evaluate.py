@@ -343,25 +343,30 @@ def test_table_shows_student_teacher_and_kept():
 class _CaptionReader(torch.nn.Module):
     """A teacher that ignores the image: class = parity of the first caption token; an empty caption -> 0."""
 
-    cfg = preset_config("tiny")  # what caption_reliance reads the image normalisation from
+    cfg = preset_config("tiny")  # what teacher_and_reliance reads the image normalisation from
 
-    def predict(self, image, input_ids, attention_mask):
+    def predict_captions(self, image, captions):
         from mgn.model.objectives import Prediction
 
-        cls = (input_ids[:, 0] % 2) * attention_mask[:, 0]
-        logits = torch.nn.functional.one_hot(cls, 2).float()
-        return Prediction(student=torch.zeros_like(logits), teacher=logits)
+        student = torch.zeros(len(image), 2)
+        outs = []
+        for caption in captions:
+            cls = (caption["input_ids"][:, 0] % 2) * caption["attention_mask"][:, 0]
+            outs.append(Prediction(student=student, teacher=torch.nn.functional.one_hot(cls, 2).float()))
+        return outs
 
 
 def test_caption_reliance_of_a_teacher_that_only_reads_captions():
-    from mgn.eval.evaluate import caption_reliance
+    from mgn.eval.evaluate import teacher_and_reliance
 
     batches = labelled_batches(n_batches=3, batch=8)
     for b in batches:  # the caption gives the label away: the first token's parity
         b["input_ids"][:, 0] = 1000 + b["label"]
     labels = torch.cat([b["label"] for b in batches])
-    result = caption_reliance(_CaptionReader(), batches, device=torch.device("cpu"))
-    assert result["samples"] == 24
+    preds, result = teacher_and_reliance(_CaptionReader(), batches, device=torch.device("cpu"))
+    assert result["samples"] == 24 and len(preds.keys) == 24
+    assert preds.labels.tolist() == labels.tolist()
+    assert (preds.teacher.argmax(1) == labels.numpy()).all()  # the own caption: the teacher's predictions
     assert result["teacher_accuracy"] == 1.0 and result["swapped_caption_accuracy"] == 0.0
     assert result["changed_by_swap"] == 1.0
     assert result["empty_caption_accuracy"] == pytest.approx((labels == 0).float().mean().item())

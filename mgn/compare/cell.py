@@ -33,7 +33,7 @@ from mgn.eval.ceiling import ground_truth
 from mgn.compare.plan import Cell
 from mgn.config import Config
 from mgn.run_paths import RunPaths
-from mgn.eval.evaluate import caption_reliance, predict, summarize, test_batches
+from mgn.eval.evaluate import predict, summarize, teacher_and_reliance, test_batches
 from mgn.eval.predictions import Predictions
 
 log = logging.getLogger("mgn")
@@ -151,9 +151,9 @@ def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards:
         guided = load_checkpoint(teacher_run, teacher=True)
         batches = test_batches(guided.cfg, guided.cfg.data, True, batch_size=256, device=device,
                                batch_form=guided.cfg.data.batch_form)
-        report = summarize(predict(guided, batches, device=device, teacher=True), target_precision=None)
+        teacher, row["reliance"] = teacher_and_reliance(guided.objective, batches, device=device)
+        report = summarize(teacher, target_precision=None)
         row["teacher"] = {k: report["teacher"][k] for k in metrics}
-        row["reliance"] = caption_reliance(guided.objective, batches, device=device)
     return row
 
 

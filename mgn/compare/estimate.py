@@ -2,11 +2,13 @@
 
 A study takes hours on the reference machine: the user sees the plan and its duration first (and `--dry-run`
 stops there). Where a setting's pilot is not complete yet, the plan shows the pilot and, as an upper bound,
-the arms at --max-seeds seeds that would follow if it passes. The estimate uses the rates measured by the runs
-already in results.jsonl, so it improves as a table fills; without any, a built-in rate of this project's
-machine.
+the arms at --max-seeds seeds that would follow if it passes. The estimate uses the durations of the runs of
+the same setting and arm already in results.jsonl, so it improves as a table fills; without any, built-in
+rates of this project's machine.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from mgn.compare.arms import Arm
 from mgn.compare.ledger import read_results
@@ -23,9 +25,10 @@ from mgn.compare.plan import (
 )
 
 # MobileOne-S0, 64 px, 2 cores: s per training sample (captions or not), s per evaluated sample (student; the
-# guided teacher's evaluation and caption reliance read the test set four times more), s of start-up per stage
+# guided teacher reads the test set once more, each image encoded once for its three captions), s of start-up
+# per stage
 FALLBACK_RATE = {True: 0.0125, False: 0.009}
-EVAL_RATE, TEACHER_EVAL_RATE, STARTUP = 0.0025, 0.011, 20
+EVAL_RATE, TEACHER_EVAL_RATE, STARTUP = 0.0025, 0.0035, 20
 
 
 def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], settings: dict[str, Setting],
@@ -33,8 +36,8 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
     base = options.base
     lines = [(f"MGN compare: {len(cells)} runs planned so far ({len(cells) - len(pending)} already in "
               f"{options.out / 'results.jsonl'}), {base['train']['epochs']} epochs per arm, base "
-              f"{base['model']['image_model']} at {base['model']['image_size']} px, captions of "
-              f"{base['model']['seq_len']} tokens"), "  " + RULE]
+              f"{base['model']['image_model']} at {base['model']['image_size']} px where a setting names no "
+              f"other, captions of {base['model']['seq_len']} tokens"), "  " + RULE]
     upper = []
     for name, setting in settings.items():
         mine = [c for c in cells if c.setting == setting]
@@ -74,21 +77,25 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
 
 
 def estimate(cells: list[Cell], options: Options) -> float:
-    """Seconds: training samples x epochs at the rate measured in results.jsonl (or a built-in rate for this
-    project's 2-core reference machine), plus start-up and evaluation (validation and test, the guided
-    teacher's reliance); guided arms cost more per sample."""
-    per_sample = {}
+    """Seconds. A cell whose setting and arm already have runs in results.jsonl costs their median (training
+    plus evaluation: one run slowed by a neighbour does not move it). Any other costs this project's built-in
+    rates for its 2-core reference machine, scaled by the setting's pixels: training samples x epochs,
+    start-up per stage, evaluation (validation and test; the guided teacher's evaluation and caption
+    reliance)."""
+    recorded: dict[tuple[str, str], list[float]] = {}
     for row in read_results(options.out / "results.jsonl"):
-        per_sample.setdefault(row["arm"], []).append(row["train_seconds"] / row["train_samples_seen"])
+        recorded.setdefault((row["setting"], row["arm"]), []).append(row["train_seconds"]
+                                                                    + row.get("eval_seconds", 0.0))
     total = 0.0
     for cell in cells:
+        if (cell.setting.name, cell.arm.name) in recorded:
+            total += float(np.median(recorded[cell.setting.name, cell.arm.name]))
+            continue
         configs = cell.stage_configs(options.work)
-        rate = per_sample.get(cell.arm.name)
         # the rates are the base image size's: a setting drawn larger costs its share more pixels
         pixels = (configs[0].model.image_size / options.base["model"]["image_size"]) ** 2
         evaluated = _samples(cell.setting.test_shards) + _samples(cell.setting.validation_shards)
-        total += (pixels * samples_seen(cell, options.work) * (sum(rate) / len(rate) if rate else
-                                                                FALLBACK_RATE[configs[0].uses_captions])
+        total += (pixels * samples_seen(cell, options.work) * FALLBACK_RATE[configs[0].uses_captions]
                   + STARTUP * len(configs) + pixels * EVAL_RATE * evaluated
                   + (pixels * TEACHER_EVAL_RATE * _samples(cell.setting.test_shards)
                      if any(c.uses_captions for c in configs) else 0))

@@ -95,14 +95,17 @@ def predict(ckpt: Checkpoint, batches: Iterable[dict], *, device: torch.device, 
 
 
 @torch.inference_mode()
-def caption_reliance(objective, batches: Iterable[dict], *, device: torch.device) -> dict:
-    """How much the guided (teacher) prediction follows the caption rather than the image.
+def teacher_and_reliance(objective, batches: Iterable[dict], *,
+                         device: torch.device) -> tuple[Predictions, dict]:
+    """The guided teacher's predictions, and how much they follow the caption rather than the image.
 
-    Teacher accuracy with each image's own caption, with the caption of an image of another label
-    (sample i of label y gets the caption of the i-th sample whose label is not y, cyclically), and with
-    an empty caption (every text position masked, as caption dropout does), plus the share of
-    predictions the swap changes. A teacher that reads the image barely moves; one that reads the
-    label off the caption falls below chance when captions are swapped. `batches` is read twice.
+    Predictions: the (unfused) student and the teacher with each image's own caption. Reliance: teacher
+    accuracy with the own caption, with the caption of an image of another label (sample i of label y gets the
+    caption of the i-th sample whose label is not y, cyclically), and with an empty caption (every text
+    position masked, as caption dropout does), plus the share of predictions the swap changes. A teacher that
+    reads the image barely moves; one that reads the label off the caption falls below chance when captions
+    are swapped. `batches` is read twice: once for the captions, once for the images, each encoded once for
+    its three captions (the image encoder is most of an evaluation's cost).
     """
     captions, labels = {}, {}
     for batch in batches:  # pass 1: every sample's caption tokens and label
@@ -119,28 +122,30 @@ def caption_reliance(objective, batches: Iterable[dict], *, device: torch.device
             raise ValueError("caption swap needs test samples of at least two labels")
         mine = [k for k in keys if labels[k] == label]
         donor_of.update({k: others[i % len(others)] for i, k in enumerate(mine)})
-    own_correct = swapped_correct = empty_correct = changed = 0
+    counts = {"own": 0, "swapped": 0, "empty": 0, "changed": 0}
     objective = objective.to(device, memory_format=devices.memory_format(device)).eval()
     inputs = ModelInputs(*image_normalisation(objective.cfg.model), device)
-    for batch in batches:  # pass 2: the same images under three captions
-        image = inputs.image(batch["image"])
+
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:  # pass 2: each image under three captions
         truth = batch["label"].to(device)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        swapped_ids = torch.stack([captions[donor_of[k]][0] for k in batch["key"]]).to(device)
-        swapped_mask = torch.stack([captions[donor_of[k]][1] for k in batch["key"]]).to(device)
-        own = objective.predict(image, input_ids=ids, attention_mask=mask).teacher.argmax(-1)
-        swapped = objective.predict(image, input_ids=swapped_ids,
-                                    attention_mask=swapped_mask).teacher.argmax(-1)
-        empty = objective.predict(image, input_ids=ids,
-                                  attention_mask=torch.zeros_like(mask)).teacher.argmax(-1)
-        own_correct += int((own == truth).sum())
-        swapped_correct += int((swapped == truth).sum())
-        empty_correct += int((empty == truth).sum())
-        changed += int((own != swapped).sum())
+        swapped = {"input_ids": torch.stack([captions[donor_of[k]][0] for k in batch["key"]]).to(device),
+                   "attention_mask": torch.stack([captions[donor_of[k]][1] for k in batch["key"]]).to(device)}
+        own, other, empty = objective.predict_captions(inputs.image(batch["image"]), [
+            {"input_ids": ids, "attention_mask": mask}, swapped,
+            {"input_ids": ids, "attention_mask": torch.zeros_like(mask)}])
+        said = {name: out.teacher.argmax(-1) for name, out in (("own", own), ("swapped", other),
+                                                                ("empty", empty))}
+        for name in ("own", "swapped", "empty"):
+            counts[name] += int((said[name] == truth).sum())
+        counts["changed"] += int((said["own"] != said["swapped"]).sum())
+        return own.student, own.teacher
+
+    preds = collect(batches, forward, objective.cfg.model.num_classes)
     n = len(labels)
-    return {"samples": n, "teacher_accuracy": own_correct / n,
-            "swapped_caption_accuracy": swapped_correct / n,
-            "empty_caption_accuracy": empty_correct / n, "changed_by_swap": changed / n}
+    return preds, {"samples": n, "teacher_accuracy": counts["own"] / n,
+                   "swapped_caption_accuracy": counts["swapped"] / n,
+                   "empty_caption_accuracy": counts["empty"] / n, "changed_by_swap": counts["changed"] / n}
 
 
 # --- reporting --------------------------------------------------------------------------------------------

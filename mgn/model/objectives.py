@@ -137,9 +137,16 @@ class Guided(Objective):
 
     @torch.no_grad()
     def predict(self, image, **caption) -> Prediction:
+        return self.predict_captions(image, [caption])[0]
+
+    @torch.no_grad()
+    def predict_captions(self, image, captions: list[dict]) -> list[Prediction]:
+        """One prediction per caption set for the same images, the image encoded once: the caption-reliance
+        check reads each image under three captions, and the encoder is most of the cost."""
         embedding = self.student.encoder(image)
-        out = self.guided(embedding, **caption)
-        return Prediction(student=self.student.head(embedding), teacher=out.logits, attention=out.attention)
+        student = self.student.head(embedding)
+        outs = [self.guided(embedding, **caption) for caption in captions]
+        return [Prediction(student=student, teacher=out.logits, attention=out.attention) for out in outs]
 
 
 @objective("distill")
