@@ -81,3 +81,22 @@ def test_pairing_is_verified_seed_by_seed_and_a_mismatch_is_named():
     rows[-1]["start"] = {"student_sha256": "other", "first_batch_keys": ["k2"]}
     result = pairing(rows)
     assert not result["verified"] and result["mismatches"] == ["seed 2: guided vs baseline"]
+
+
+def test_the_finding_names_the_largest_gain_a_tie_leaves_possible_and_the_arms_that_reach_half_the_control():
+    arms = {**ARMS, "oracle-caption": Arm("oracle-caption", "a control", (), control=True),
+            "distill": Arm("distill", "about distill", ())}
+    rows = []
+    for seed in range(5):
+        base = 0.60 + 0.01 * seed
+        rows += [row("baseline", seed, base), row("oracle-caption", seed, base + 0.04 + 0.002 * seed),
+                 row("guided", seed, base + (0.004 if seed % 2 else -0.004)),  # a tie
+                 row("tram", seed, base + 0.03 + 0.001 * seed),  # 3 of the control's 4.4 points: over half
+                 row("distill", seed, base + 0.01 + 0.001 * seed)]  # better, but under half
+    summary = summarize(rows, arms, ["scarce/scratch"], {}, {})
+    guided = summary["settings"]["scarce/scratch"]["arms"]["guided"]["vs_baseline"]["accuracy"]
+    assert guided["reading"] == "no different"
+    finding = summary["finding"]
+    assert f"gains above {100 * guided['ci95'][1]:+.1f} points are ruled out" in finding
+    assert "better: tram, distill" in finding
+    assert "at least half of oracle-caption's gain with the interval above zero: tram." in finding

@@ -365,7 +365,9 @@ def interval_text(p: dict | None) -> str:
 
 def finding(summary: dict) -> str:
     """The result in words: per setting whether it can judge (a control wins), the paper's guided arm against
-    the baseline, and any other arm that wins or loses."""
+    the baseline (a tie with the largest gain its interval leaves possible: "no different" is not "no gain"),
+    any other arm that wins or loses, and, where a reachable control wins, which arms reach the aim worth
+    reporting: at least half the control's gain with the interval above zero."""
     parts = []
     for setting, entry in summary["settings"].items():
         arms, primary = entry["arms"], primary_key(entry)
@@ -382,7 +384,9 @@ def finding(summary: dict) -> str:
             text += (f"the guided student (paper's MGN + image-only term) is {relation} the plain fine-tune "
                      f"({interval_text(guided)} accuracy points"
                      f"{' on the true labels' if primary == 'accuracy_true' else ''}, 95% CI, "
-                     f"{len(guided['seeds'])} paired seeds)")
+                     f"{len(guided['seeds'])} paired seeds"
+                     + (f"; gains above {_points(guided['ci95'][1])} points are ruled out"
+                        if guided["reading"] == "no different" else "") + ")")
         elif len(arms) <= 1 and (entry.get("pilot") or {}).get("reason"):
             text += f"the baseline alone (pilot: {entry['pilot']['reason']})"
         else:
@@ -393,5 +397,11 @@ def finding(summary: dict) -> str:
             named = {kind: ", ".join(a for a, r in readings.items() if r == kind) or "none"
                      for kind in ("better", "worse")}
             text += f"; of {len(readings)} other arm(s), better: {named['better']}, worse: {named['worse']}"
+        if entry.get("can_judge"):
+            aim = [a for a, item in arms.items()
+                   if not item["control"] and item.get("share_of_control", 0) >= 0.5
+                   and (item.get("vs_baseline", {}).get(primary) or {}).get("reading") == "better"]
+            text += (f"; at least half of {entry['best_control']}'s gain with the interval above zero: "
+                     f"{', '.join(aim) or 'no arm'}")
         parts.append(text)
     return "Finding: " + "; ".join(parts) + "."
