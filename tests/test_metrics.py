@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mgn.eval.metrics import classification_metrics, recall_at_precision
+from mgn.eval.metrics import classification_metrics, precision_recall_curve, recall_at_precision
 
 # Ten samples, positive = 1. At the argmax (score > 0.5): TP 4 (idx 4,5,7,8), FP 1 (idx 3), FN 1 (idx 6), TN
 # 4.
@@ -87,3 +87,37 @@ def test_one_class_present_gives_nan_ranking_metrics_not_an_error():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="expected labels"):
         classification_metrics(LABELS[:5], PROBS)
+
+
+def test_labels_outside_the_classes_are_rejected_not_counted_elsewhere():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        classification_metrics(np.array([0, 1, -1]), PROBS[:3])
+
+
+def test_random_sets_with_ties_and_more_classes_give_scikit_learns_values_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k, n = int(rng.choice([2, 3])), int(rng.integers(2, 120))
+        labels = rng.integers(0, k, n)
+        if k == 3 and len(np.unique(labels)) < 3:
+            continue  # scikit-learn's one-vs-rest AUROC refuses a class absent from the labels
+        logits = np.round(rng.normal(size=(n, k)) + rng.random() * 2 * np.eye(k)[labels], 1)  # rounded: ties
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        preds, binary = probs.argmax(1), k == 2
+        m = classification_metrics(labels, probs, target_precision=0.8)
+        average = "binary" if binary else "macro"
+        assert m["precision"] == skm.precision_score(labels, preds, average=average, zero_division=0)
+        assert m["recall"] == skm.recall_score(labels, preds, average=average, zero_division=0)
+        assert m["f1"] == skm.f1_score(labels, preds, average=average, zero_division=0)
+        assert m["accuracy"] == skm.accuracy_score(labels, preds)
+        if len(np.unique(labels)) < 2:
+            assert math.isnan(m["auroc"])
+        elif binary:
+            assert m["auroc"] == skm.roc_auc_score(labels, probs[:, 1])
+            assert m["pr_auc"] == skm.average_precision_score(labels, probs[:, 1])
+            precision, recall, thresholds = skm.precision_recall_curve(labels, probs[:, 1])
+            ours = precision_recall_curve(labels == 1, probs[:, 1])
+            assert all(np.array_equal(a, b) for a, b in zip(ours, (precision, recall, thresholds)))
+        else:
+            assert m["auroc"] == skm.roc_auc_score(labels, probs, multi_class="ovr")
+            assert m["pr_auc"] == skm.average_precision_score(np.eye(k)[labels], probs, average="macro")

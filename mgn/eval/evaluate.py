@@ -33,7 +33,7 @@ from mgn.data.loader import build_loader
 from mgn.data.decode import ModelInputs, image_normalisation
 from mgn.model.finite import require_finite
 from mgn.run_paths import RunPaths
-from mgn.eval.metrics import classification_metrics
+from mgn.eval.metrics import classification_metrics, precision_recall_curve
 from mgn.eval.predictions import NO_SAMPLES, Predictions, collect, merge
 from mgn.io.sources import open_shard
 from mgn.io.shard_sets import expand_shards, sample_fields
@@ -228,7 +228,6 @@ def plot_pr_curves(preds: Predictions, report: dict, path: Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     for role, key, probs in ((model_name, "student", preds.student), ("teacher (guided)", "teacher",
@@ -414,11 +413,10 @@ def _log_tensorboard(log_dir: Path, report: dict, preds: Predictions, step: int)
 def _versions() -> dict:
     import platform
 
-    import sklearn
     import timm
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "scikit-learn": sklearn.__version__}
+            "numpy": np.__version__}
 
 
 def _finite(value):
