@@ -350,7 +350,7 @@ def test_a_worker_whose_samples_never_decode_stops_the_run_instead_of_hanging(tm
 
 def test_members_the_run_does_not_read_never_reach_the_shuffle_buffer(tmp_path):
     # A 50 MB member beside each image was held by every shuffle buffer slot: 1.40 -> 1.73 GB for ten samples.
-    from mgn.data.loader import SampleLimits, _read_pieces, _Stats
+    from mgn.data.worker import SampleLimits, _read_pieces, _Stats
     from mgn.data.epoch_plan import Piece
 
     video = b"\0" * (2 << 20)
