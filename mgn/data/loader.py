@@ -4,8 +4,8 @@ for eval.
 Which samples each rank and worker reads is the epoch plan (mgn/data/epoch_plan.py); what a sample becomes is
 the decoder (mgn/data/decode.py). This module runs them: each training worker (mgn/data/worker.py) reads its
 range of raw samples (mgn/io/tar.py), shuffles them in a buffer, decodes to RGB, applies the train transform,
-batches and tokenizes, and its range holds exactly its batches' worth of samples; the rank's shortfall in the last
-global batch is filled by reading the range again, reshuffled. `TrainLoader.balance` reports the repeated
+batches and tokenizes, and its range holds exactly its batches' worth of samples; the rank's shortfall in the
+last global batch is filled by reading the range again, reshuffled. `TrainLoader.balance` reports the repeated
 and never-seen shares per epoch.
 
 The order is a function of (seed, epoch, rank, num_workers), and augmentation is seeded per sample (seed,
