@@ -45,7 +45,9 @@ def main() -> int:
     again = evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
                          spec.get("validation_shards") or None)
     seconds = time.perf_counter() - start
-    differ = [k for k in FIGURES if k in rows[0] and again.get(k) != rows[0][k]]
+    # compared as JSON text, as results.jsonl holds them: NaN (an AUROC with one class) equals NaN
+    differ = [k for k in FIGURES if k in rows[0]
+              and json.dumps(again.get(k), sort_keys=True) != json.dumps(rows[0][k], sort_keys=True)]
     compared = [k for k in FIGURES if k in rows[0]]
     report = {"key": spec["key"], "eval_seconds": round(seconds, 1),
               "row_eval_seconds": rows[0]["eval_seconds"], "row_code": rows[0]["code"],

@@ -175,22 +175,28 @@ def test_a_setting_that_fails_the_pilot_runs_no_other_arm(tmp_path, capsys):
                                                                                                forced)
 
 
-def test_the_estimate_takes_the_median_of_the_setting_and_arms_recorded_runs(tmp_path):
+def test_the_estimate_takes_the_medians_of_the_setting_and_arms_recorded_runs(tmp_path):
     from mgn.compare.arms import load_arms
-    from mgn.compare.estimate import estimate
+    from mgn.compare.estimate import STARTUP, estimate
     from mgn.compare.ledger import append_result, read_results
-    from mgn.compare.plan import Cell
+    from mgn.compare.plan import Cell, samples_seen
 
     options, settings = _pilot_ledger(tmp_path, {"clean/standin": [0.8] * 3, "noisy/standin": [0.8]},
                                       {"clean/standin": 0.86, "noisy/standin": 0.86})
     ledger = options.out / "results.jsonl"
-    rows = read_results(ledger)
-    for row, seconds in zip(rows[:3], (100.0, 900.0, 120.0)):  # one run slowed by a neighbour
+    for row, seconds in zip(read_results(ledger)[:3], (100.0, 900.0, 120.0)):  # one run slowed by a neighbour
         append_result(ledger, {**row, "key": row["key"] + "-timed", "train_seconds": seconds,
                                "eval_seconds": 30.0})
     clean = Cell(settings["clean/standin"], load_arms()["baseline"], 7, options.base)
-    # the median of 100, 100, 100 (the pilot rows: 100 s training, no evaluation time), 130, 150, 930
-    assert estimate([clean], options) == pytest.approx(115.0)
+    # rates: the median of 100, 100, 100 (the pilot rows), 100, 120, 900 s for 15,000 samples seen; the
+    # evaluation: the median of the rows that timed it
+    seen = samples_seen(clean, options.work)
+    assert estimate([clean], options) == pytest.approx(100.0 / 15000 * seen + STARTUP + 30.0)
+    longer = dataclasses.replace(options, base={**options.base,
+                                                "train": {**options.base["train"], "epochs": 40}})
+    clean_longer = Cell(settings["clean/standin"], load_arms()["baseline"], 7, longer.base)
+    assert samples_seen(clean_longer, options.work) == 4 * seen  # 40 epochs instead of 10: a rate follows
+    assert estimate([clean_longer], longer) == pytest.approx(100.0 / 15000 * 4 * seen + STARTUP + 30.0)
     guided = Cell(settings["clean/standin"], load_arms()["guided"], 0, options.base)
     assert estimate([guided], options) > estimate([clean], options)  # no guided run yet: the built-in rates
 

@@ -370,3 +370,13 @@ def test_caption_reliance_of_a_teacher_that_only_reads_captions():
     assert result["teacher_accuracy"] == 1.0 and result["swapped_caption_accuracy"] == 0.0
     assert result["changed_by_swap"] == 1.0
     assert result["empty_caption_accuracy"] == pytest.approx((labels == 0).float().mean().item())
+
+
+def test_a_teacher_with_non_finite_weights_is_refused_before_it_is_scored():
+    from mgn.eval.evaluate import teacher_and_reliance
+    from mgn.model.finite import NonFiniteError
+
+    reader = _CaptionReader()
+    reader.register_buffer("scale", torch.tensor([float("nan")]))
+    with pytest.raises(NonFiniteError, match="the guided teacher"):
+        teacher_and_reliance(reader, labelled_batches(), device=torch.device("cpu"))

@@ -77,28 +77,33 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
 
 
 def estimate(cells: list[Cell], options: Options) -> float:
-    """Seconds. A cell whose setting and arm already have runs in results.jsonl costs their median (training
-    plus evaluation: one run slowed by a neighbour does not move it). Any other costs this project's built-in
-    rates for its 2-core reference machine, scaled by the setting's pixels: training samples x epochs,
-    start-up per stage, evaluation (validation and test; the guided teacher's evaluation and caption
-    reliance)."""
-    recorded: dict[tuple[str, str], list[float]] = {}
+    """Seconds: training samples x epochs at a rate per training sample, start-up per stage, and evaluation
+    (validation and test; the guided teacher's evaluation and caption reliance). Where the setting and arm
+    already have runs in results.jsonl, the rate and the evaluation are their medians (one run slowed by a
+    neighbour does not move them; a rate, so a change of epochs or data size still counts); elsewhere this
+    project's built-in rates for its 2-core reference machine, scaled by the setting's pixels."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    evaluations: dict[tuple[str, str], list[float]] = {}
     for row in read_results(options.out / "results.jsonl"):
-        recorded.setdefault((row["setting"], row["arm"]), []).append(row["train_seconds"]
-                                                                    + row.get("eval_seconds", 0.0))
+        key = (row["setting"], row["arm"])
+        rates.setdefault(key, []).append(row["train_seconds"] / row["train_samples_seen"])
+        if "eval_seconds" in row:
+            evaluations.setdefault(key, []).append(row["eval_seconds"])
     total = 0.0
     for cell in cells:
-        if (cell.setting.name, cell.arm.name) in recorded:
-            total += float(np.median(recorded[cell.setting.name, cell.arm.name]))
-            continue
+        key = (cell.setting.name, cell.arm.name)
         configs = cell.stage_configs(options.work)
-        # the rates are the base image size's: a setting drawn larger costs its share more pixels
+        # the built-in rates are the base image size's: a setting drawn larger costs its share more pixels
         pixels = (configs[0].model.image_size / options.base["model"]["image_size"]) ** 2
-        evaluated = _samples(cell.setting.test_shards) + _samples(cell.setting.validation_shards)
-        total += (pixels * samples_seen(cell, options.work) * FALLBACK_RATE[configs[0].uses_captions]
-                  + STARTUP * len(configs) + pixels * EVAL_RATE * evaluated
-                  + (pixels * TEACHER_EVAL_RATE * _samples(cell.setting.test_shards)
-                     if any(c.uses_captions for c in configs) else 0))
+        rate = (float(np.median(rates[key])) if key in rates
+                else pixels * FALLBACK_RATE[configs[0].uses_captions])
+        if key in evaluations:
+            evaluation = float(np.median(evaluations[key]))
+        else:
+            test = _samples(cell.setting.test_shards)
+            teacher = TEACHER_EVAL_RATE * test if any(c.uses_captions for c in configs) else 0.0
+            evaluation = pixels * (EVAL_RATE * (test + _samples(cell.setting.validation_shards)) + teacher)
+        total += rate * samples_seen(cell, options.work) + STARTUP * len(configs) + evaluation
     return total
 
 

@@ -7,8 +7,9 @@ shard, so uneven shards neither idle a rank nor make it repeat a small shard man
 batches per rank is fixed up front: ceil(samples / (batch_size x world_size)), the same on every rank and
 for any `num_workers`; each worker's range holds exactly its batches' worth of samples, so only the last
 global batch of an epoch can be short: its missing places (fewer than batch_size x world_size) are filled
-by reading the rank's range again (mgn/data/loader.py). `EpochPlan.balance` gives the repeated and never-seen
-shares. Evaluation uses `split_samples` alone: the same cut, in order, without shuffling or repetition.
+by reading the rank's range again (mgn/data/worker.py, `_read_pieces`). `EpochPlan.balance` gives the
+repeated and never-seen shares. Evaluation uses `split_samples` alone: the same cut, in order, without
+shuffling or repetition.
 
 Plain arithmetic on (shards, sizes, seed, epoch, world size, workers), no I/O and no torch: every rank
 computes the same plan without talking to the others, and a resumed run computes the one it left.

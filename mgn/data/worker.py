@@ -5,7 +5,8 @@ adds them up and stops a run with too many bad samples).
 The pipeline is `ShardStream`, the DataLoader's dataset: in every pass it reads what its assignment's current
 `Work` names (mgn/data/loader.py), one stream per worker. Bad samples (a duplicate key, too many bytes, an
 unreadable tar, an image that does not decode) are skipped and counted per shard, never raised, unless a
-worker's whole range is unreadable: then `BadDataError` ends the run.
+worker's whole range is unreadable (`BadDataError`) or a URL shard gives no byte at all (ShardOpenError,
+mgn/io/sources.py): either ends the run.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@
     predict(ckpt, batches) -> Predictions     fused student on every sample; teacher and unfused student too
                                              (mgn/eval/predictions.py: the loop the trainer's evaluation
                                              shares)
-    summarize(preds, ...)  -> report dict     scikit-learn metrics (mgn.eval.metrics), kept-by-student ratios
+    summarize(preds, ...)  -> report dict     the metrics (mgn.eval.metrics), kept-by-student ratios
+    teacher_and_reliance(objective, batches) the guided teacher's predictions, and how far it follows captions
     run(...)               -> report dict     the whole of `python evaluate.py`: table, eval.json,
     pr_curve.png
 
@@ -107,6 +108,7 @@ def teacher_and_reliance(objective, batches: Iterable[dict], *,
     are swapped. `batches` is read twice: once for the captions, once for the images, each encoded once for
     its three captions (the image encoder is most of an evaluation's cost).
     """
+    require_finite(objective, "the guided teacher")
     captions, labels = {}, {}
     for batch in batches:  # pass 1: every sample's caption tokens and label
         for key, ids, mask, label in zip(batch["key"], batch["input_ids"], batch["attention_mask"],

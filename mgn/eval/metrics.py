@@ -21,6 +21,14 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
     probs = np.asarray(probs, dtype=np.float64)
     if labels.ndim != 1 or probs.ndim != 2 or len(labels) != len(probs):
         raise ValueError(f"expected labels [N] and probs [N, K], got {labels.shape} and {probs.shape}")
+    if not np.isfinite(probs).all():  # a NaN would sort as a score and argmax pick it: no made-up metric
+        raise ValueError(f"{int((~np.isfinite(probs)).any(1).sum())} of {len(probs)} samples have NaN or "
+                         "infinite probabilities: the model's outputs are not finite")
+    if labels.dtype.kind not in "iu":
+        if not np.array_equal(labels, np.round(labels)):
+            raise ValueError(f"labels must be whole class numbers, got {labels.dtype} values like "
+                             f"{labels[:3].tolist()}")
+        labels = labels.astype(np.int64)
     num_classes = probs.shape[1]
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")

@@ -14,7 +14,7 @@ Accepted names, as webdataset spells them:
   limit (gopen's commands could not be stopped with their children, nor their stderr kept for the error line).
 
 A stream is read from the start: there is no index in a tar and no byte ranges are asked for, so a reader
-whose samples start mid-shard reads the samples before them and drops them (mgn/data/loader.py,
+whose samples start mid-shard reads the samples before them and drops them (mgn/data/worker.py,
 `_piece_samples`).
 
 Failures, and how the reader treats them:
