@@ -201,6 +201,24 @@ def test_the_estimate_takes_the_medians_of_the_setting_and_arms_recorded_runs(tm
     assert estimate([guided], options) > estimate([clean], options)  # no guided run yet: the built-in rates
 
 
+def test_the_table_names_each_settings_feature_grid(tmp_path):
+    from mgn.compare.arms import load_arms
+    from mgn.compare.ledger import read_results
+    from mgn.compare.runner import bench, pilot_outcomes
+    from mgn.compare.significance import summarize
+    from mgn.compare.tables import markdown
+
+    options, settings = _pilot_ledger(tmp_path, {"clean/standin": [0.80, 0.81, 0.79]},
+                                      {"clean/standin": 0.86})
+    rows = read_results(options.out / "results.jsonl")
+    for row in rows:  # what the runs record beside the validation score
+        row["student"] = {m: 0.8 for m in ("accuracy", "precision", "recall", "f1", "auroc", "pr_auc")}
+    info = bench(options, settings, pilot_outcomes(options, settings, rows))
+    assert info["clean/standin"]["model"] == {"image_model": "mobileone_s0", "image_size": 64, "grid": [2, 2]}
+    table = markdown(summarize(rows, load_arms(), ["clean/standin"], {}, {}, bench=info), "header")
+    assert "Image encoder mobileone_s0 at 64 px: a 2 × 2 feature grid, the 4 cells" in table
+
+
 def test_seeds_from_power_follow_the_noncentral_t():
     from mgn.compare.pilot import seeds_for
     from mgn.compare.significance import mde

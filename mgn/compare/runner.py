@@ -24,6 +24,8 @@ from mgn.compare.plan import (
 )
 from mgn.compare.prepare import prepare, read_ceilings, read_groups
 from mgn.compare.report import write_verdict
+from mgn.config import ModelConfig
+from mgn.model.networks import grid_size
 
 
 def run(options: Options) -> dict:
@@ -123,14 +125,23 @@ def _validation_ceiling(ceilings: dict | None, true_labels: bool = False) -> flo
 
 
 def bench(options: Options, settings: dict[str, Setting], outcomes: dict[str, pilot.PilotOutcome]) -> dict:
-    """What the verdict shows beside the arms, per setting: the ceilings, the test set's groups (worst-group
-    accuracy), the pilot, and why arms ran where the pilot did not pass."""
+    """What the verdict shows beside the arms, per setting: the image encoder and its feature grid (the cells
+    the guided attention chooses among), the ceilings, the test set's groups (worst-group accuracy), the
+    pilot, and why arms ran where the pilot did not pass."""
     ceilings, groups = read_ceilings(settings), read_groups(settings)
-    return {name: {"ceiling": ceilings.get(name), "groups": groups.get(name),
+    return {name: {"model": encoder_grid(options, settings[name]),
+                   "ceiling": ceilings.get(name), "groups": groups.get(name),
                    "true_labels": settings[name].true_labels, "pilot": outcomes[name].to_dict(),
                    "ignored_pilot": options.ignore_pilot if options.ignore_pilot and not outcomes[name].passed
                    and outcomes[name].seeds_to_run else None}
             for name in settings}
+
+
+def encoder_grid(options: Options, setting: Setting) -> dict:
+    """The setting's image encoder, image size and feature grid (h, w): computed on the meta device, no
+    weights."""
+    model = ModelConfig(**{**options.base["model"], **dict(setting.model)})
+    return {"image_model": model.image_model, "image_size": model.image_size, "grid": list(grid_size(model))}
 
 
 def check_captions(arms: dict, settings: dict[str, Setting], options: Options) -> None:

@@ -213,7 +213,8 @@ def summarize(rows: list[dict], arms: dict, settings: list[str], references: dic
         mine = [r for r in rows if r["setting"] == setting]
         base_time = [r["train_seconds"] for r in mine if r["arm"] == BASELINE]
         info = bench.get(setting, {})
-        entry = {"references": references.get(setting, {}), "arms": {}, "ceiling": info.get("ceiling"),
+        entry = {"references": references.get(setting, {}), "arms": {}, "model": info.get("model"),
+                 "ceiling": info.get("ceiling"),
                  "pilot": info.get("pilot"), "ignored_pilot": info.get("ignored_pilot"),
                  "primary": "accuracy_true" if info.get("true_labels") else "accuracy"}
         test_ceiling = (entry["ceiling"] or {}).get("test")

@@ -57,6 +57,11 @@ def setting_lines(entry: dict) -> list[str]:
     """What a setting's table stands on: its ceiling, pilot, whether it can judge, its references, its
     pairing."""
     refs, lines = entry["references"], []
+    if entry.get("model"):
+        m = entry["model"]
+        h, w = m["grid"]
+        lines.append(f"Image encoder {m['image_model']} at {m['image_size']} px: a {h} × {w} feature grid, "
+                     f"the {h * w} cells the guided attention (and the oracle-attention box) choose among.")
     ceiling = entry.get("ceiling") or {}
     if ceiling.get("test"):
         c, v = ceiling["test"], ceiling.get("validation") or {}
