@@ -217,6 +217,7 @@ def test_the_table_names_each_settings_feature_grid(tmp_path):
     assert info["clean/standin"]["model"] == {"image_model": "mobileone_s0", "image_size": 64, "grid": [2, 2]}
     table = markdown(summarize(rows, load_arms(), ["clean/standin"], {}, {}, bench=info), "header")
     assert "Image encoder mobileone_s0 at 64 px: a 2 × 2 feature grid, the 4 cells" in table
+    assert "`oracle-caption` would train the baseline again and is not run" in table  # clean: none flipped
 
 
 def test_seeds_from_power_follow_the_noncentral_t():

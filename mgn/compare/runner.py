@@ -13,6 +13,7 @@ from mgn.compare.estimate import describe_plan, estimate
 from mgn.compare.executors import run_locally, run_on_slurm
 from mgn.compare.ledger import read_results
 from mgn.compare.plan import (
+    DATASETS,
     Cell,
     Options,
     Setting,
@@ -129,12 +130,14 @@ def bench(options: Options, settings: dict[str, Setting], outcomes: dict[str, pi
     the guided attention chooses among), the ceilings, the test set's groups (worst-group accuracy), the
     pilot, and why arms ran where the pilot did not pass."""
     ceilings, groups = read_ceilings(settings), read_groups(settings)
-    return {name: {"model": encoder_grid(options, settings[name]),
+    return {name: {"model": encoder_grid(options, setting),
+                   # oracle-caption would be the baseline again (plan.chosen_arms leaves it out)
+                   "no_label_flipped": setting.synthetic and not DATASETS[setting.data].noisy_labels,
                    "ceiling": ceilings.get(name), "groups": groups.get(name),
-                   "true_labels": settings[name].true_labels, "pilot": outcomes[name].to_dict(),
+                   "true_labels": setting.true_labels, "pilot": outcomes[name].to_dict(),
                    "ignored_pilot": options.ignore_pilot if options.ignore_pilot and not outcomes[name].passed
                    and outcomes[name].seeds_to_run else None}
-            for name in settings}
+            for name, setting in settings.items()}
 
 
 def encoder_grid(options: Options, setting: Setting) -> dict:

@@ -214,6 +214,7 @@ def summarize(rows: list[dict], arms: dict, settings: list[str], references: dic
         base_time = [r["train_seconds"] for r in mine if r["arm"] == BASELINE]
         info = bench.get(setting, {})
         entry = {"references": references.get(setting, {}), "arms": {}, "model": info.get("model"),
+                 "no_label_flipped": info.get("no_label_flipped"),
                  "ceiling": info.get("ceiling"),
                  "pilot": info.get("pilot"), "ignored_pilot": info.get("ignored_pilot"),
                  "primary": "accuracy_true" if info.get("true_labels") else "accuracy"}

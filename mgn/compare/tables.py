@@ -62,6 +62,9 @@ def setting_lines(entry: dict) -> list[str]:
         h, w = m["grid"]
         lines.append(f"Image encoder {m['image_model']} at {m['image_size']} px: a {h} × {w} feature grid, "
                      f"the {h * w} cells the guided attention (and the oracle-attention box) choose among.")
+    if entry.get("no_label_flipped"):
+        lines.append("No stored label is flipped in this data: the caption's label is the stored one, so "
+                     "`oracle-caption` would train the baseline again and is not run.")
     ceiling = entry.get("ceiling") or {}
     if ceiling.get("test"):
         c, v = ceiling["test"], ceiling.get("validation") or {}
