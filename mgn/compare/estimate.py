@@ -42,7 +42,7 @@ def describe_plan(options: Options, cells: list[Cell], pending: list[Cell], sett
     for name, setting in settings.items():
         mine = [c for c in cells if c.setting == setting]
         init = setting.image_pretrained or "random init"
-        model = {**base["model"], **dict(setting.model)}
+        model = setting.model_fields(base)
         lines.append(f"  {name:<22} train {setting.train_shards} ({setting.train_samples} samples), init "
                      f"{init}; {model['image_model']} at {model['image_size']} px")
         lines.append(f"  {'':<22} pilot: {line(outcomes[name])}")

@@ -158,6 +158,16 @@ class Setting:
         return self.synthetic and DATASETS[self.data].true_labels
 
     @property
+    def no_label_flipped(self) -> bool:
+        """Synthetic data whose stored labels are all the true ones: the caption's label is then the stored
+        one, and oracle-caption would train the baseline again (chosen_arms leaves it out)."""
+        return self.synthetic and not DATASETS[self.data].noisy_labels
+
+    def model_fields(self, base: dict) -> dict:
+        """The model section every arm of this setting trains with: the base's, with the setting's own."""
+        return {**base["model"], **dict(self.model)}
+
+    @property
     def judged_role(self) -> str:
         """The scores of a results row that the pilot and --choose read: the true labels' where the setting
         is judged on them (noisy-pi), else the stored labels'."""
@@ -268,7 +278,7 @@ def chosen_arms(options: Options, arms: dict[str, Arm], setting: Setting) -> lis
         chosen = [a for a in chosen if a not in controls]
     else:
         chosen += [a for a in controls if a not in chosen]
-        if not DATASETS[setting.data].noisy_labels:  # the caption's label is the stored one: a baseline again
+        if setting.no_label_flipped:
             chosen = [a for a in chosen if not learns_the_captions_label(arms[a])]
     return ["baseline", *[a for a in chosen if a != "baseline"]]
 

@@ -13,7 +13,6 @@ from mgn.compare.estimate import describe_plan, estimate
 from mgn.compare.executors import run_locally, run_on_slurm
 from mgn.compare.ledger import read_results
 from mgn.compare.plan import (
-    DATASETS,
     Cell,
     Options,
     Setting,
@@ -131,8 +130,7 @@ def bench(options: Options, settings: dict[str, Setting], outcomes: dict[str, pi
     pilot, and why arms ran where the pilot did not pass."""
     ceilings, groups = read_ceilings(settings), read_groups(settings)
     return {name: {"model": encoder_grid(options, setting),
-                   # oracle-caption would be the baseline again (plan.chosen_arms leaves it out)
-                   "no_label_flipped": setting.synthetic and not DATASETS[setting.data].noisy_labels,
+                   "no_label_flipped": setting.no_label_flipped,
                    "ceiling": ceilings.get(name), "groups": groups.get(name),
                    "true_labels": setting.true_labels, "pilot": outcomes[name].to_dict(),
                    "ignored_pilot": options.ignore_pilot if options.ignore_pilot and not outcomes[name].passed
@@ -143,7 +141,7 @@ def bench(options: Options, settings: dict[str, Setting], outcomes: dict[str, pi
 def encoder_grid(options: Options, setting: Setting) -> dict:
     """The setting's image encoder, image size and feature grid (h, w): computed on the meta device, no
     weights."""
-    model = ModelConfig(**{**options.base["model"], **dict(setting.model)})
+    model = ModelConfig(**setting.model_fields(options.base))
     return {"image_model": model.image_model, "image_size": model.image_size, "grid": list(grid_size(model))}
 
 

@@ -98,7 +98,7 @@ def precision_recall_curve(truth: np.ndarray, scores: np.ndarray):
     curve for the positive class `truth`."""
     fps, tps, thresholds = _positives_above_each_score(truth, scores)
     called = tps + fps
-    precision = np.where(called != 0, tps / np.where(called != 0, called, 1.0), 0.0)
+    precision = _divide(tps, called)
     recall = tps / tps[-1] if tps[-1] != 0 else np.ones_like(tps)
     return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
 
