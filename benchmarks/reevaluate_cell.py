@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgn.compare.cell import evaluate_run  # noqa: E402
+from mgn.compare.cell import evaluate_cell  # noqa: E402
 from mgn.compare.ledger import read_results  # noqa: E402
-from mgn.config import Config  # noqa: E402
 
 FIGURES = ("test_samples", "student", "student_true", "validation", "teacher", "reliance", "per_sample")
 
@@ -39,11 +38,8 @@ def main() -> int:
     if not rows:
         print(f"reevaluate_cell.py: error: {args.results} has no row {spec['key']!r}", file=sys.stderr)
         return 2
-    configs = [Config.from_dict(raw) for raw in spec["configs"]]
-    guided = [c for c in configs if c.uses_captions]
     start = time.perf_counter()
-    again = evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
-                         spec.get("validation_shards") or None)
+    again = evaluate_cell(spec)
     seconds = time.perf_counter() - start
     # compared as JSON text, as results.jsonl holds them: NaN (an AUROC with one class) equals NaN
     differ = [k for k in FIGURES if k in rows[0]

@@ -73,11 +73,9 @@ def run_cell(spec: dict) -> dict | None:
     if distributed.detect_world().rank != 0:
         return None
     start = time.perf_counter()
-    guided = [c for c in configs if c.uses_captions]
     row = {"key": spec["key"], "setting": spec["setting"], "arm": spec["arm"], "seed": spec["seed"],
            "fingerprint": spec["fingerprint"], "train_seconds": round(train_seconds, 2),
-           **evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
-                          spec.get("validation_shards") or None, keep_predictions=True),
+           **evaluate_cell(spec, keep_predictions=True),
            "start": json.loads(configs[0].paths.start.read_text()),
            "run_dirs": [str(c.run_dir) for c in configs], "code": code_version()}
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -112,6 +110,15 @@ def _finished(cfg: Config) -> bool:
     except (OSError, ValueError):
         return False
     return not done.get("preempted") and _saved_config_matches(cfg) is True
+
+
+def evaluate_cell(spec: dict, *, keep_predictions: bool = False) -> dict:
+    """A trained cell's evaluation (evaluate_run): the last stage's student; the teacher of the last stage
+    that read captions, if any; the setting's validation shards."""
+    configs = [Config.from_dict(raw) for raw in spec["configs"]]
+    guided = [c for c in configs if c.uses_captions]
+    return evaluate_run(configs[-1].run_dir, guided[-1].run_dir if guided else None,
+                        spec.get("validation_shards") or None, keep_predictions=keep_predictions)
 
 
 def evaluate_run(student_run: Path, teacher_run: Path | None, validation_shards: str | None = None, *,
